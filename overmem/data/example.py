@@ -1,0 +1,40 @@
+"""The one record type every dataset is turned into."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+AnswerKind = Literal["numeric", "math", "choice"]
+
+# Paper, appendix B.3: the prompt used for both training and evaluation.
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One reasoning problem.
+
+    `response` is the reference solution whose perplexity we track; `answer` is the final
+    answer that generations are checked against, in the form `kind` expects
+    (a number for "numeric", a LaTeX/plain expression for "math", a letter for "choice").
+    """
+
+    id: str
+    question: str
+    response: str
+    answer: str
+    kind: AnswerKind = "numeric"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def format_prompt(question: str, template: str = PROMPT_TEMPLATE, preamble: str = "") -> str:
+    """Render the prompt; `preamble` (robustness analysis) is prepended to the instruction."""
+    instruction = f"{preamble}{question}" if preamble else question
+    return template.format(instruction=instruction)
