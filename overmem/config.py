@@ -1,0 +1,191 @@
+"""Typed run configuration: YAML in, validated objects out, `key.path=value` overrides.
+
+Defaults follow the paper's Table 6 (Ruan et al. 2025, appendix B.2): AdamW, linear schedule,
+100 warmup steps, 10 epochs, effective batch 128, LoRA r=64 / alpha=128 / dropout 0.05 on
+q,k,v,up,down projections; tracked splits as in appendix B.1 (MetaTrain, MetaTest, GSM8K test).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """What to finetune: a hub id, a local Hugging Face folder, or a `.gguf` file."""
+
+    name_or_path: str = "meta-llama/Llama-3.1-8B"
+    tokenizer: str | None = Field(None, description="tokenizer source if not the model's own")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class LoraSettings(_Strict):
+    r: int = Field(64, gt=0)
+    alpha: float = Field(128, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+
+
+class TrainConfig(_Strict):
+    method: Literal["full", "lora"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    loss: Literal["ce"] = "ce"
+    optimizer: str = "adamw_torch"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: str = "linear"
+    warmup_steps: int = Field(100, ge=0)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0, description="effective batch size (per step)")
+    micro_batch_size: int = Field(8, gt=0, description="examples per forward pass")
+    max_length: int = Field(512, gt=8)
+    seed: int = 42
+    save_every_steps: int | None = Field(None, gt=0, description="extra checkpoints every K steps")
+    report_to: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> TrainConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+class DataConfig(_Strict):
+    """Training data and tracked splits.
+
+    `train` is a dataset spec (`name:split[a:b]` or a file). The monitored training subset
+    ("train" split) and the validation set ("validation") follow the paper's B.1: the first
+    from the training set, the second from the unseen remainder of the same source
+    (`validation_source`, defaulting to the training source without its slice).
+    """
+
+    train: str = "metamathqa:train[:100000]"
+    field_map: dict[str, str] | None = None
+    data_dir: str | None = None
+    monitor_size: int = Field(1319, gt=0)
+    validation: str | None = Field(None, description="explicit validation spec instead of B.1")
+    validation_size: int = Field(1319, gt=0)
+    tests: dict[str, str] = Field(default_factory=lambda: {"gsm8k": "gsm8k:test"})
+    test_size: int | None = Field(None, gt=0, description="seeded subsample of each test set")
+    seed: int = 0
+
+    @field_validator("tests")
+    @classmethod
+    def _no_reserved_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name in ("train", "validation"):
+                raise ValueError(f"test split name {name!r} is reserved; pick another name")
+        return v
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(16, gt=0)
+    stop_at_answer: bool = True
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(16, gt=0, description="examples per teacher-forced scoring pass")
+    accuracy: bool = Field(True, description="generate and check answers (else perplexity only)")
+    bootstrap: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
+class PhaseConfig(_Strict):
+    split: str | None = Field(None, description="split the phases are read from (default: first test)")
+    eps: float = Field(0.5, gt=0)
+    delta: float = Field(0.05, ge=0)
+
+
+class SelectionConfig(_Strict):
+    valid_split: str = "validation"
+    ppl_band: float = Field(0.05, ge=0)
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    phases: PhaseConfig = Field(default_factory=PhaseConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    out_dir: str | None = None
+    quiet: bool = False
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what to fix."""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`1e-4`, `[a, b]`, `true`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: field '{field}': {first['msg']}{extra}"
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

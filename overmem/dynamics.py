@@ -1,0 +1,137 @@
+"""Per-checkpoint, per-split learning dynamics: perplexity of references and accuracy.
+
+Two perplexities are kept and named apart:
+- `ppl`: mean over examples of each example's perplexity (what the paper's figures show);
+- `ppl_token`: exp(total NLL / total tokens), the token-weighted version.
+Accuracy comes with a percentile-bootstrap confidence interval over examples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import EvalConfig, GenerationConfig
+from .data.answers import is_correct
+from .data.example import Example, format_prompt
+from .generation import generate
+from .results import RunDir, append_jsonl, write_jsonl
+from .scoring import score_examples
+
+
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values`."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) -> dict[str, Any]:
+    """Aggregate per-example rows into the split's figures."""
+    ppls = [s["ppl"] for s in samples if s["n_tokens"]]
+    nll = sum(s["nll_sum"] for s in samples)
+    tokens = sum(s["n_tokens"] for s in samples)
+    row: dict[str, Any] = {
+        "n": len(samples),
+        "ppl": float(np.mean(ppls)) if ppls else float("nan"),
+        "ppl_token": math.exp(nll / tokens) if tokens else float("nan"),
+        "nll_token": nll / tokens if tokens else float("nan"),
+        "n_tokens": tokens,
+        "accuracy": None,
+        "accuracy_ci_low": None,
+        "accuracy_ci_high": None,
+    }
+    if samples and "correct" in samples[0]:
+        correct = [float(s["correct"]) for s in samples]
+        low, high = bootstrap_ci(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
+        row.update(accuracy=float(np.mean(correct)), accuracy_ci_low=low, accuracy_ci_high=high)
+    return row
+
+
+def evaluate_examples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    eval_cfg: EvalConfig,
+    gen_cfg: GenerationConfig,
+    max_length: int,
+    desc: str = "",
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Per-example rows: reference NLL, token count, perplexity, and (if enabled) the greedy
+    generation, the answer extracted from it and whether it is correct."""
+    with tqdm(total=len(examples), desc=f"score {desc}", disable=quiet, leave=False) as bar:
+        scores = score_examples(
+            model, tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length, progress=bar.update
+        )
+    rows = [
+        {"id": ex.id, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens, "ppl": s.ppl, "answer": ex.answer}
+        for ex, s in zip(examples, scores)
+    ]
+    if eval_cfg.accuracy:
+        with tqdm(total=len(examples), desc=f"generate {desc}", disable=quiet, leave=False) as bar:
+            texts = generate(
+                model,
+                tokenizer,
+                [format_prompt(ex.question) for ex in examples],
+                max_new_tokens=gen_cfg.max_new_tokens,
+                batch_size=gen_cfg.batch_size,
+                stop_at_answer=gen_cfg.stop_at_answer,
+                progress=bar.update,
+            )
+        for row, ex, (text,) in zip(rows, examples, texts):
+            extracted, ok = is_correct(text, ex.answer, ex.kind)
+            row.update(generation=text, extracted=extracted, correct=ok)
+    return rows
+
+
+def evaluate_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: Mapping[str, Sequence[Example]],
+    run: RunDir,
+    *,
+    checkpoint: str,
+    epoch: float | None,
+    step: int,
+    eval_cfg: EvalConfig,
+    gen_cfg: GenerationConfig,
+    max_length: int,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Evaluate every split not yet in `run`'s dynamics; returns the new rows.
+
+    The per-example file is written (atomically) before the dynamics row is appended, so an
+    interruption leaves either both or a samples file that the next resume overwrites.
+    """
+    done = run.done()
+    new_rows = []
+    for split, examples in splits.items():
+        if (checkpoint, split) in done:
+            continue
+        t0 = time.perf_counter()
+        samples = evaluate_examples(
+            model, tokenizer, examples, eval_cfg=eval_cfg, gen_cfg=gen_cfg, max_length=max_length,
+            desc=f"{checkpoint}/{split}", quiet=quiet,
+        )
+        write_jsonl(run.samples(checkpoint, split), samples)
+        row = {"checkpoint": checkpoint, "epoch": epoch, "step": step, "split": split}
+        row.update(split_summary(samples, eval_cfg))
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        append_jsonl(run.dynamics, row)
+        new_rows.append(row)
+        if not quiet:
+            acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+            tqdm.write(f"{checkpoint:>12} {split:>12}  ppl {row['ppl']:.3f}  acc {acc}  (n={row['n']})")
+    return new_rows

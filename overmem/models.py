@@ -1,0 +1,108 @@
+"""Load models and tokenizers: hub ids, local Hugging Face folders, GGUF files, checkpoints.
+
+GGUF files are dequantized by transformers on load; we then clear the quantizer flags it
+leaves behind so the model trains and saves like any other (see REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: `repo` is a hub id or folder, `gguf_file` a file inside it."""
+
+    repo: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def parse(cls, name_or_path: str) -> ModelSource:
+        path = Path(name_or_path).expanduser()
+        if name_or_path.endswith(".gguf"):
+            if not path.is_file():
+                raise FileNotFoundError(f"model file not found: {name_or_path}")
+            return cls(str(path.parent.resolve()), path.name)
+        looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+        if looks_local and not path.is_dir():
+            raise FileNotFoundError(f"model folder not found: {name_or_path}")
+        if looks_local and not (path / "config.json").exists() and not is_adapter(path):
+            raise FileNotFoundError(f"{name_or_path}: not a model folder (no config.json)")
+        return cls(str(path) if looks_local else name_or_path)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    src = ModelSource.parse(cfg.tokenizer or cfg.name_or_path)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(
+        src.repo, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+    )
+    if tok.pad_token is None:
+        # Padding positions are masked out everywhere, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _clear_quantizer(model: PreTrainedModel) -> None:
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None) -> PreTrainedModel:
+    """Load the base model in `cfg.dtype` on `device` (default: CUDA if present)."""
+    src = ModelSource.parse(cfg.name_or_path)
+    dtype = resolve_dtype(cfg.dtype)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        src.repo, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype, **kwargs
+    )
+    if src.gguf_file:
+        _clear_quantizer(model)
+    return model.to(device or default_device())
+
+
+def load_checkpoint(
+    path: str | Path, base_cfg: ModelConfig, device: torch.device | None = None
+) -> PreTrainedModel:
+    """Load a saved checkpoint: a full model folder, or a PEFT adapter over the base model."""
+    path = Path(path)
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = load_model(base_cfg, device)
+        return PeftModel.from_pretrained(base, str(path))
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: neither a model folder nor a PEFT adapter")
+    cfg = base_cfg.model_copy(update={"name_or_path": str(path)})
+    return load_model(cfg, device)
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model an adapter folder was trained on, as recorded by PEFT."""
+    cfg = Path(path) / "adapter_config.json"
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None

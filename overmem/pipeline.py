@@ -1,0 +1,264 @@
+"""The library entry points behind the CLI: run, scan, evaluate, finalize.
+
+`run` reads like the table of contents of a finetuning study: prepare the splits, evaluate the
+base model as epoch 0, finetune while evaluating every epoch checkpoint, then detect phases,
+select a checkpoint and draw the figure. Every step skips work already on disk.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, RunConfig, dump_config
+from .data.example import Example
+from .dynamics import evaluate_checkpoint, evaluate_examples, split_summary
+from .models import adapter_base, is_adapter, load_checkpoint, load_model, load_tokenizer
+from .results import RunDir, atomic_write_text, write_json, write_jsonl
+
+# Settings that change what a run computes; a resumed run must agree on all of them.
+_RESUME_KEYS = ("model", "train", "data")
+
+
+@dataclass
+class Splits:
+    """The training set and the tracked splits (name -> examples)."""
+
+    train: list[Example]
+    tracked: dict[str, list[Example]]
+
+
+def prepare_splits(cfg: RunConfig) -> Splits:
+    """Training data plus the paper's tracked splits (B.1): a monitored training subset
+    `train`, a `validation` set from the unseen remainder of the training source (or an
+    explicit spec), and each test set."""
+    from .data.datasets import load_dataset_spec, make_monitor_splits, parse_spec
+
+    d = cfg.data
+    common = {"data_dir": d.data_dir, "field_map": d.field_map}
+    spec = parse_spec(d.train)
+    if d.validation is None:
+        if spec.start not in (None, 0) or spec.stop is None:
+            raise ConfigError(
+                f"data.train {d.train!r}: to draw the validation set from the unseen remainder, "
+                "give the training slice as name:split[:N]; or set data.validation"
+            )
+        source_spec = spec.__class__(**{**spec.__dict__, "start": None, "stop": None})
+        source = load_dataset_spec(source_spec, **common)
+        train, monitor, valid = make_monitor_splits(
+            source, train_size=spec.stop, monitor_size=d.monitor_size, valid_size=d.validation_size, seed=d.seed
+        )
+    else:
+        train = load_dataset_spec(spec, **common)
+        monitor = _sample(train, d.monitor_size, d.seed)
+        valid = load_dataset_spec(d.validation, sample=d.validation_size, seed=d.seed, **common)
+    tracked = {"train": monitor, "validation": valid}
+    for name, test_spec in d.tests.items():
+        tracked[name] = load_dataset_spec(test_spec, sample=d.test_size, seed=d.seed, **common)
+    if not train:
+        raise ConfigError(f"data.train {d.train!r}: no examples")
+    return Splits(train, tracked)
+
+
+def _sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+    import random
+
+    if n >= len(examples):
+        return list(examples)
+    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in idx]
+
+
+def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
+    import yaml
+
+    if not run.config.exists():
+        return
+    old = yaml.safe_load(run.config.read_text()) or {}
+    new = json.loads(cfg.model_dump_json())
+    for key in _RESUME_KEYS:
+        if old.get(key) != new.get(key):
+            raise ConfigError(
+                f"{run.config}: the existing run was made with a different '{key}' section; "
+                "use a new --out folder to start a new run"
+            )
+
+
+def _free(*objs: Any) -> None:
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(cfg: RunConfig) -> RunDir:
+    """Finetune and track every checkpoint; resumes an existing run folder."""
+    from .train.trainer import finetune
+
+    if not cfg.out_dir:
+        raise ConfigError("out_dir: no output folder given (use --out or set out_dir)")
+    run_dir = RunDir(cfg.out_dir)
+    _check_resumable(run_dir, cfg)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir.config, dump_config(cfg))
+
+    splits = prepare_splits(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model)
+    ev = dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet)
+    evaluate_checkpoint(model, tokenizer, splits.tracked, run_dir, checkpoint="epoch-0", epoch=0, step=0, **ev)
+
+    if not all((run_dir.checkpoints / f"epoch-{e}").exists() for e in range(1, cfg.train.epochs + 1)):
+        # Evaluate each checkpoint while the trained model is still in memory.
+        def track(name: str, m: Any, state: Any) -> None:
+            evaluate_checkpoint(
+                m, tokenizer, splits.tracked, run_dir, checkpoint=name,
+                epoch=round(state.epoch, 4), step=state.global_step, **ev,
+            )
+
+        finetune(cfg, model, tokenizer, splits.train, run_dir, on_checkpoint=track)
+    _free(model)
+    scan_checkpoints(run_dir, cfg, splits.tracked, include_base=False)
+    finalize(run_dir, cfg)
+    return run_dir
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    path: Path
+    epoch: float | None
+    step: int
+
+
+def _ckpt_meta(path: Path) -> tuple[float | None, int]:
+    meta = path / "overmem.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        return m["epoch"], m["step"]
+    state = path / "trainer_state.json"  # a Hugging Face Trainer checkpoint-STEP folder
+    if state.exists():
+        s = json.loads(state.read_text())
+        return s.get("epoch"), s.get("global_step", 0)
+    return None, 0
+
+
+def find_checkpoints(folder: str | Path) -> list[Checkpoint]:
+    """Checkpoints in an overmem run (`checkpoints/epoch-N`, `step-K`) or a Trainer output
+    folder (`checkpoint-STEP`), ordered by step."""
+    folder = Path(folder)
+    root = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    if not root.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    found = []
+    for p in root.iterdir():
+        if not p.is_dir() or not re.fullmatch(r"(epoch|step|checkpoint)-\d+|merge\(.*\)", p.name):
+            continue
+        if not ((p / "config.json").exists() or is_adapter(p)):
+            continue
+        epoch, step = _ckpt_meta(p)
+        if epoch is None and p.name.startswith("epoch-"):
+            epoch = float(p.name.split("-")[1])
+        found.append(Checkpoint(p.name, p, epoch, step))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no checkpoints (epoch-N, step-K or checkpoint-STEP folders) found")
+    return sorted(found, key=lambda c: (c.step, c.epoch or 0.0, c.name))
+
+
+def scan_checkpoints(
+    run_dir: RunDir, cfg: RunConfig, tracked: Mapping[str, Sequence[Example]], *, include_base: bool = True,
+    folder: str | Path | None = None,
+) -> None:
+    """Evaluate every checkpoint (and the base as epoch 0) not yet in the dynamics."""
+    ev = dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet)
+    done = run_dir.done()
+    todo = [c for c in find_checkpoints(folder or run_dir.root)
+            if any((c.name, s) not in done for s in tracked)] if (folder or run_dir.checkpoints.exists()) else []
+    tokenizer = None
+    if include_base and any(("epoch-0", s) not in done for s in tracked):
+        tokenizer = load_tokenizer(cfg.model)
+        base = load_model(cfg.model)
+        evaluate_checkpoint(base, tokenizer, tracked, run_dir, checkpoint="epoch-0", epoch=0, step=0, **ev)
+        _free(base)
+    for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet):
+        model = load_checkpoint(ckpt.path, cfg.model)
+        tok = tokenizer or load_tokenizer(cfg.model)
+        evaluate_checkpoint(model, tok, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step, **ev)
+        _free(model)
+
+
+def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
+    """Track checkpoints that already exist (an overmem run or a Trainer output folder)."""
+    folder = Path(folder)
+    adapters = [c for c in find_checkpoints(folder) if is_adapter(c.path)]
+    if adapters and cfg.model.name_or_path == RunConfig().model.name_or_path:
+        base = adapter_base(adapters[0].path)
+        if base:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": base})})
+    run_dir = RunDir(cfg.out_dir or folder)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    if not run_dir.config.exists():
+        atomic_write_text(run_dir.config, dump_config(cfg))
+    splits = prepare_splits(cfg)
+    scan_checkpoints(run_dir, cfg, splits.tracked, folder=folder)
+    finalize(run_dir, cfg)
+    return run_dir
+
+
+def evaluate_model(
+    cfg: RunConfig, data: str, out: str | Path, *, adapter: str | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """Evaluate one model (optionally with an adapter) on one dataset spec.
+
+    Writes `out` (the split's figures, same fields as a dynamics row) and the per-example
+    rows beside it (`<out stem>.samples.jsonl`).
+    """
+    from .data.datasets import load_dataset_spec
+
+    examples = load_dataset_spec(data, data_dir=cfg.data.data_dir, field_map=cfg.data.field_map,
+                                 sample=cfg.data.test_size, seed=cfg.data.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_checkpoint(adapter, cfg.model) if adapter else load_model(cfg.model)
+    samples = evaluate_examples(model, tokenizer, examples, eval_cfg=cfg.eval, gen_cfg=cfg.generation,
+                                max_length=cfg.train.max_length, desc=data, quiet=cfg.quiet)
+    row = {"checkpoint": name or adapter or cfg.model.name_or_path, "epoch": None, "step": 0, "split": data}
+    row.update(split_summary(samples, cfg.eval))
+    out = Path(out)
+    write_jsonl(out.with_name(out.stem + ".samples.jsonl"), samples)
+    write_json(out, row)
+    return row
+
+
+def finalize(run_dir: RunDir, cfg: RunConfig) -> dict[str, Any]:
+    """Phases, checkpoint selection and the dynamics figure, from `dynamics.jsonl` alone."""
+    from .phases import PhaseRule, detect_phases
+    from .plotting import plot_dynamics
+    from .selection import select_checkpoint, write_selection
+
+    rows = run_dir.read_dynamics()
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    tests = [s for s in splits if s not in ("train", "validation")]
+    phase_split = cfg.phases.split or (tests[0] if tests else splits[-1])
+    report = detect_phases(rows, split=phase_split, rule=PhaseRule(eps=cfg.phases.eps, delta=cfg.phases.delta))
+    write_json(run_dir.root / "phases.json", report.to_dict())
+    out: dict[str, Any] = {"phases": report}
+    if cfg.selection.valid_split in splits:
+        sel = select_checkpoint(rows, valid_split=cfg.selection.valid_split, test_splits=tests,
+                                ppl_band=cfg.selection.ppl_band)
+        write_selection(sel, run_dir.root / "selection.json")
+        out["selection"] = sel
+    out["figures"] = plot_dynamics(rows, run_dir.root, phase_report=report)
+    return out
+
+
+def iter_rows(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    yield from RunDir(run_dir).read_dynamics()

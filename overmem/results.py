@@ -1,0 +1,120 @@
+"""Run-folder layout and the plain files every result lives in.
+
+```
+RUN/
+  config.yaml                 resolved config
+  checkpoints/epoch-N/        model or adapter folders (plain transformers / PEFT)
+  dynamics.jsonl              one row per checkpoint x split
+  samples/<checkpoint>/<split>.jsonl   one row per example
+  phases.json  selection.json  dynamics.png  dynamics.svg
+```
+Writes are atomic (temp file + rename) and `dynamics.jsonl` is append-only with one complete
+line per write, so a killed run never leaves a partial result that a resume would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+DYNAMICS = "dynamics.jsonl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL file written by overmem; a torn last line (killed writer) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break  # interrupted append: the row was never complete
+            raise ValueError(f"{path} line {i + 1}: invalid JSON; delete the line to continue") from None
+    return rows
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one row as a single write; repairs a torn last line left by a killed writer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
+        if torn:
+            write_jsonl(path, read_jsonl(path))
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row, default=_jsonable) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunDir:
+    """Paths inside one run folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.root / "trainer_state"
+
+    @property
+    def dynamics(self) -> Path:
+        return self.root / DYNAMICS
+
+    def samples(self, checkpoint: str, split: str) -> Path:
+        return self.root / "samples" / checkpoint / f"{split}.jsonl"
+
+    def read_dynamics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.dynamics)
+
+    def done(self) -> set[tuple[str, str]]:
+        """(checkpoint, split) pairs already evaluated."""
+        return {(r["checkpoint"], r["split"]) for r in self.read_dynamics()}

@@ -1,0 +1,172 @@
+"""Finetuning with the Hugging Face Trainer: loss on response tokens only, `full` or `lora`,
+a loadable checkpoint at every epoch (and optionally every K steps), resumable."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from ..config import RunConfig, TrainConfig
+from ..data.example import Example
+from ..results import RunDir
+from ..scoring import IGNORE, encode_example, pad_right
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch-{epoch}"
+
+
+def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
+    """Wrap the model for the finetuning method (`full` trains every weight)."""
+    if cfg.method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.lora.target_modules if t not in present]
+    if missing:
+        raise ValueError(
+            f"train.lora.target_modules: {missing} not found in the model; "
+            f"linear layers include {sorted(n for n in present if n.endswith('proj'))}"
+        )
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+class ResponseOnlyCollator:
+    """Right-pads a batch; prompt and padding positions carry label -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        return {
+            "input_ids": pad_right(ids, self.pad_id),
+            "labels": pad_right([f["labels"] for f in features], IGNORE),
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+        }
+
+
+def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path) -> None:
+    """Save weights (safetensors) and tokenizer to `dest` via a temporary folder + rename."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+class EpochCheckpointCallback(TrainerCallback):
+    """Writes `checkpoints/epoch-N` (and `step-K` every `every_steps`) as plain model folders."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        tokenizer: PreTrainedTokenizerBase,
+        every_steps: int | None = None,
+        after_save: Callable[[str, PreTrainedModel, Any], None] | None = None,
+    ):
+        self.run = run
+        self.tokenizer = tokenizer
+        self.every_steps = every_steps
+        self.after_save = after_save
+
+    def _save(self, name: str, model: PreTrainedModel, state: Any) -> None:
+        dest = self.run.checkpoints / name
+        if not dest.exists():
+            save_model_atomic(model, self.tokenizer, dest)
+            (dest / "overmem.json").write_text(
+                f'{{"epoch": {state.epoch:.4f}, "step": {state.global_step}}}\n'
+            )
+        if self.after_save:
+            self.after_save(name, model, state)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._save(epoch_name(round(state.epoch)), model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_steps and state.global_step % self.every_steps == 0:
+            self._save(f"step-{state.global_step}", model, state)
+
+
+def training_args(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> TrainingArguments:
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and next(model.parameters()).dtype == torch.bfloat16
+    return TrainingArguments(
+        output_dir=str(run.trainer_state),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps,
+        num_train_epochs=t.epochs,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=1,
+        save_strategy="epoch",
+        save_total_limit=1,
+        report_to=t.report_to or "none",
+        disable_tqdm=cfg.quiet,
+        remove_unused_columns=False,
+        use_cpu=not on_gpu,
+        bf16=bf16,
+        dataloader_num_workers=0,
+    )
+
+
+def latest_trainer_checkpoint(run: RunDir) -> str | None:
+    ckpts = sorted(run.trainer_state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def finetune(
+    cfg: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_examples: Sequence[Example],
+    run: RunDir,
+    on_checkpoint: Callable[[str, PreTrainedModel, Any], None] | None = None,
+) -> Trainer:
+    """Train `model` on `train_examples`, saving `checkpoints/epoch-N` after every epoch.
+
+    `on_checkpoint(name, model, state)` runs after each save (the run evaluates there, while
+    the model is in memory). Resumes from the last trainer checkpoint in the run folder.
+    """
+    model = apply_method(model, cfg.train)
+    features = []
+    for ex in train_examples:
+        ids, labels = encode_example(tokenizer, ex, max_length=cfg.train.max_length, add_eos=True)
+        features.append({"input_ids": ids, "labels": labels})
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(
+        model=model,
+        args=training_args(cfg, run, model),
+        train_dataset=features,
+        data_collator=ResponseOnlyCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[EpochCheckpointCallback(run, tokenizer, cfg.train.save_every_steps, on_checkpoint)],
+    )
+    trainer.train(resume_from_checkpoint=latest_trainer_checkpoint(run))
+    return trainer

@@ -1,0 +1,81 @@
+"""Shared fixtures: a character-level tokenizer and tiny random Llama models, built in seconds."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from overmem.data.example import Example
+
+DATA_DIR = Path(os.environ.get("OVERMEM_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    return make_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, char_tokenizer) -> Path:
+    """A saved tiny random Llama + tokenizer folder, loadable with plain transformers."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(len(char_tokenizer)).save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
+
+
+def toy_examples(n: int, prefix: str = "toy", offset: int = 0) -> list[Example]:
+    """Small GSM8K-style problems with correct references."""
+    out = []
+    for i in range(offset, offset + n):
+        a, b = 2 + i % 7, 3 + (i * 5) % 11
+        out.append(Example(
+            id=f"{prefix}/{i}",
+            question=f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+            response=f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+            answer=str(a + b),
+        ))
+    return out
+
+
+@pytest.fixture()
+def toy_jsonl(tmp_path) -> dict[str, Path]:
+    """GSM8K-shaped JSONL files (question / answer fields) for train and test."""
+    import json
+
+    files = {}
+    for name, n, off in (("train", 24, 0), ("test", 8, 100)):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"question": e.question, "answer": e.response}) + "\n"
+                             for e in toy_examples(n, name, off)))
+        files[name] = p
+    return files

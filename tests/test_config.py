@@ -1,0 +1,54 @@
+import pytest
+import yaml
+
+from overmem.config import ConfigError, RunConfig, dump_config, load_config
+
+
+def test_defaults_follow_table6():
+    c = RunConfig()
+    assert (c.train.batch_size, c.train.warmup_steps, c.train.epochs, c.train.scheduler) == (128, 100, 10, "linear")
+    assert (c.train.lora.r, c.train.lora.alpha, c.train.lora.dropout) == (64, 128, 0.05)
+    assert c.train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert c.train.grad_accum == 16
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  name_or_path: some/model\ntrain:\n  lr: 1.0e-5\n  method: full\n")
+    c = load_config(p, ["train.lr=3e-4", "train.lora.target_modules=[q_proj, v_proj]", "data.tests={a: gsm8k:test}"])
+    assert c.model.name_or_path == "some/model"
+    assert c.train.lr == pytest.approx(3e-4) and c.train.method == "full"
+    assert c.train.lora.target_modules == ["q_proj", "v_proj"]
+    assert c.data.tests == {"a": "gsm8k:test"}
+    again = RunConfig.model_validate(yaml.safe_load(dump_config(c)))
+    assert again == c
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("train:\n  lr: -1\n", "train.lr"),
+        ("train:\n  method: qlora\n", "train.method"),
+        ("train:\n  batch_size: 10\n  micro_batch_size: 4\n", "train"),
+        ("trian:\n  lr: 1\n", "trian"),
+        ("data:\n  tests: {train: gsm8k:test}\n", "data.tests"),
+    ],
+)
+def test_invalid_values_name_the_field(tmp_path, text, field):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert str(p) in msg and f"field '{field}" in msg and "\n" not in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["train.lr"])

@@ -1,0 +1,36 @@
+import torch
+
+from overmem.generation import AnswerLineStop, generate, truncate_after_answer
+from tests.conftest import make_tiny_llama
+
+
+def test_batched_greedy_equals_one_at_a_time(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer), seed=1)
+    prompts = ["Q: 1+1?\nA:", "A much longer question about apples and pears?\nA:", "Hi", "x = 3; y = 4\n"]
+    batched = generate(model, char_tokenizer, prompts, max_new_tokens=12, batch_size=4, stop_at_answer=False)
+    for p, (text,) in zip(prompts, batched):
+        (single,) = generate(model, char_tokenizer, [p], max_new_tokens=12, batch_size=1, stop_at_answer=False)[0:1]
+        assert text == single[0]
+        assert len(char_tokenizer(text, add_special_tokens=False)["input_ids"]) <= 12
+
+
+def test_sampling_is_seeded(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer), seed=2)
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.0, num_samples=3, seed=7, stop_at_answer=False)
+    a = generate(model, char_tokenizer, ["abc", "defgh"], **kw)
+    b = generate(model, char_tokenizer, ["abc", "defgh"], **kw)
+    assert a == b and len(a[0]) == 3
+    assert len(set(a[0])) > 1  # a random tiny model samples different continuations
+
+
+def test_answer_line_stop(char_tokenizer):
+    prompt = char_tokenizer("Q?\n")["input_ids"]
+    stop = AnswerLineStop(char_tokenizer, prompt_width=len(prompt))
+    done = char_tokenizer("Q?\n" + "So 3.\n#### 18\n")["input_ids"]
+    pending = char_tokenizer("Q?\n" + "So 3.\n#### 18")["input_ids"]
+    early = char_tokenizer("Q?\n" + "So 3.\n####\n")["input_ids"]
+    assert stop(torch.tensor([done]), None).tolist() == [True]
+    assert stop(torch.tensor([pending]), None).tolist() == [False]
+    assert stop(torch.tensor([early]), None).tolist() == [False]
+    assert truncate_after_answer("a\n#### 5\nmore text") == "a\n#### 5"
+    assert truncate_after_answer("no answer line") == "no answer line"
