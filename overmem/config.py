@@ -112,8 +112,9 @@ class EvalConfig(_Strict):
 
 class PhaseConfig(_Strict):
     split: str | None = Field(None, description="split the phases are read from (default: first test)")
-    eps: float = Field(0.5, gt=0)
-    delta: float = Field(0.05, ge=0)
+    eps: float = Field(0.5, gt=0, description="over-memorized once ppl >= (1+eps) x its minimum so far")
+    delta: float = Field(0.05, ge=0, description="... while accuracy stays within delta of its best so far")
+    learn_frac: float = Field(0.8, gt=0, le=1, description="learned once accuracy >= learn_frac x best")
 
 
 class SelectionConfig(_Strict):

@@ -248,10 +248,12 @@ def finalize(run_dir: RunDir, cfg: RunConfig) -> dict[str, Any]:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     tests = [s for s in splits if s not in ("train", "validation")]
     phase_split = cfg.phases.split or (tests[0] if tests else splits[-1])
-    report = detect_phases(rows, split=phase_split, rule=PhaseRule(eps=cfg.phases.eps, delta=cfg.phases.delta))
+    rule = PhaseRule(eps=cfg.phases.eps, delta=cfg.phases.delta, learn_frac=cfg.phases.learn_frac)
+    report = detect_phases(rows, split=phase_split, rule=rule)
     write_json(run_dir.root / "phases.json", report.to_dict())
     out: dict[str, Any] = {"phases": report}
-    if cfg.selection.valid_split in splits:
+    valid = [r for r in rows if r["split"] == cfg.selection.valid_split]
+    if any(r.get("accuracy") is not None for r in valid):
         sel = select_checkpoint(rows, valid_split=cfg.selection.valid_split, test_splits=tests,
                                 ppl_band=cfg.selection.ppl_band)
         write_selection(sel, run_dir.root / "selection.json")

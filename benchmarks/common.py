@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmark scripts: a tiny random Llama and GSM8K-like examples."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.conftest import make_char_tokenizer, toy_examples  # noqa: F401  (re-exported)
+
+
+def tiny_llama(vocab_size: int, hidden: int = 256, layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def paired_median_times(
+    baseline: Callable[[], object], candidate: Callable[[], object], repeats: int = 5
+) -> tuple[float, float]:
+    """Median wall times of two functions, run alternately so that load from other processes
+    affects both alike; one warm-up call each."""
+    baseline(), candidate()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, acc in ((baseline, times[0]), (candidate, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])

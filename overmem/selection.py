@@ -1,0 +1,219 @@
+"""Choose the checkpoint to keep (paper sec. 6.1, Table 4).
+
+The paper compares selecting by validation perplexity (picks an early checkpoint, weaker in-
+domain), by validation accuracy (picks a late, over-memorized one, weaker out of domain) and by
+the last checkpoint, and recommends "the highest validation accuracy within a certain range of
+validation perplexity". Here that range is relative:
+
+    recommended = argmax validation accuracy over checkpoints with
+                  valid_ppl <= (1 + ppl_band) * min valid_ppl
+
+Ties on accuracy go to the lower validation perplexity (the less memorized model), then to the
+earlier checkpoint (less training). The minimum is taken over checkpoints where both validation
+perplexity and accuracy were measured. `last`, `min_valid_ppl` (ties: earlier) and `max_valid_acc`
+(ties: earlier) are reported beside it, each with the test figures of every test split, so a
+run's `selection.json` reproduces Table 4. Only training-curve checkpoints (epoch not None) are
+candidates; off-curve rows such as merges are listed in `others` for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .phases import VALID_SPLIT, split_curve, split_names, split_rows, test_split_names
+from .results import atomic_write_text
+
+CRITERIA: tuple[str, ...] = ("recommended", "last", "min_valid_ppl", "max_valid_acc")
+_TOL = 1e-9  # a ppl exactly on the band edge is inside it
+
+
+class SplitFigures(BaseModel):
+    """A checkpoint's figures on one split (None where not evaluated)."""
+
+    n: int | None = None
+    ppl: float | None = None
+    ppl_token: float | None = None
+    accuracy: float | None = None
+    accuracy_ci_low: float | None = None
+    accuracy_ci_high: float | None = None
+
+
+class Choice(BaseModel):
+    """The checkpoint one criterion picks, with why and how it does on every tracked split."""
+
+    criterion: str
+    checkpoint: str
+    epoch: float | None
+    step: int | None
+    valid: SplitFigures
+    tests: dict[str, SplitFigures]
+    mean_test_accuracy: float | None = Field(description="unweighted mean over test splits with accuracy")
+    reason: str
+
+
+class SelectionResult(BaseModel):
+    """Every criterion's choice; `choices` is keyed by criterion in `CRITERIA` order."""
+
+    valid_split: str
+    test_splits: list[str]
+    ppl_band: float
+    choices: dict[str, Choice]
+    others: list[Choice] = Field(description="off-curve checkpoints (e.g. merges), for comparison")
+
+    @property
+    def recommended(self) -> Choice:
+        return self.choices["recommended"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (what `RUN/selection.json` holds); NaN becomes null."""
+        return json.loads(self.model_dump_json())
+
+
+def select_checkpoint(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    valid_split: str = VALID_SPLIT,
+    test_splits: Sequence[str] | None = None,
+    ppl_band: float = 0.05,
+) -> SelectionResult:
+    """Apply every selection criterion to the dynamics rows of one run.
+
+    `test_splits` defaults to every split other than "train" and `valid_split`. Raises
+    ValueError if the validation split is missing, has no accuracy, or a test split is missing.
+    """
+    if ppl_band < 0:
+        raise ValueError(f"ppl_band must be >= 0, got {ppl_band}")
+    present = split_names(rows)
+    if valid_split not in present:
+        raise ValueError(
+            f"validation split {valid_split!r} not in the dynamics rows; splits present: {present}. "
+            "Track a validation set or pass valid_split=..."
+        )
+    curve = split_curve(rows, valid_split)
+    scored = [r for r in curve if r.get("accuracy") is not None]
+    if not scored:
+        raise ValueError(
+            f"validation split {valid_split!r} has no accuracy at any training checkpoint (generation "
+            "skipped?); selection needs validation accuracy: evaluate it with accuracy enabled"
+        )
+    tests = list(test_splits) if test_splits is not None else test_split_names(rows, valid_split)
+    missing = [s for s in tests if s not in present]
+    if missing:
+        raise ValueError(f"test split(s) {missing} not in the dynamics rows; splits present: {present}")
+    by_split = {s: {r["checkpoint"]: r for r in split_rows(rows, s)} for s in tests}
+
+    def choice(criterion: str, row: Mapping[str, Any], reason: str) -> Choice:
+        figures = {s: _figures(by_split[s].get(row["checkpoint"])) for s in tests}
+        accs = [f.accuracy for f in figures.values() if f.accuracy is not None]
+        return Choice(
+            criterion=criterion, checkpoint=row["checkpoint"], epoch=row.get("epoch"), step=row.get("step"),
+            valid=_figures(row), tests=figures, mean_test_accuracy=mean(accs) if accs else None, reason=reason,
+        )
+
+    order = {r["checkpoint"]: i for i, r in enumerate(curve)}
+    ppl_min = min(r["ppl"] for r in scored)
+    limit = (1 + ppl_band) * ppl_min
+    band = [r for r in scored if r["ppl"] <= limit + _TOL]
+    rec = min(band, key=lambda r: (-r["accuracy"], r["ppl"], order[r["checkpoint"]]))
+    low = min(curve, key=lambda r: (r["ppl"], order[r["checkpoint"]]))
+    top = min(scored, key=lambda r: (-r["accuracy"], order[r["checkpoint"]]))
+    last = curve[-1]
+    choices = [
+        choice(
+            "recommended", rec,
+            f"highest validation accuracy {rec['accuracy']:.3f} among the {len(band)} checkpoint(s) with validation "
+            f"ppl <= {limit:.4g} ({1 + ppl_band:g} x the minimum {ppl_min:.4g}): "
+            + ", ".join(r["checkpoint"] for r in band),
+        ),
+        choice("last", last, f"last checkpoint of the run (epoch {last['epoch']:g}, step {last.get('step')})"),
+        choice("min_valid_ppl", low, f"lowest validation perplexity {low['ppl']:.4g}"),
+        choice(
+            "max_valid_acc", top,
+            f"highest validation accuracy {top['accuracy']:.3f}; its validation ppl is "
+            f"{top['ppl'] / low['ppl']:.2f}x the minimum",
+        ),
+    ]
+    others = [
+        choice("off_curve", r, "not on the training curve (epoch None, e.g. a merge); shown for comparison")
+        for r in split_rows(rows, valid_split)
+        if r.get("epoch") is None
+    ]
+    return SelectionResult(
+        valid_split=valid_split, test_splits=tests, ppl_band=ppl_band,
+        choices={c.criterion: c for c in choices}, others=others,
+    )
+
+
+def _figures(row: Mapping[str, Any] | None) -> SplitFigures:
+    if row is None:
+        return SplitFigures()
+    return SplitFigures(**{k: row.get(k) for k in SplitFigures.model_fields})
+
+
+def write_selection(result: SelectionResult, path: str | Path) -> Path:
+    """Write `result` as JSON atomically (temp file + os.replace); returns the path."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_selection(path: str | Path) -> SelectionResult:
+    """Read a `selection.json` written by `write_selection`."""
+    return SelectionResult.model_validate_json(Path(path).read_text())
+
+
+def format_selection(result: SelectionResult) -> str:
+    """Text table in the spirit of the paper's Table 4 (accuracies in percent, 95% CI in brackets)."""
+    header = ["criterion", "checkpoint", "epoch", f"{result.valid_split} ppl", f"{result.valid_split} acc"]
+    for s in result.test_splits:
+        header += [f"{s} acc [CI]", f"{s} ppl"]
+    with_mean = len(result.test_splits) > 1
+    if with_mean:
+        header.append("mean test acc")
+    body = []
+    for c in [*result.choices.values(), *result.others]:
+        epoch = "-" if c.epoch is None else f"{c.epoch:g}"
+        cells = [c.criterion, c.checkpoint, epoch, _num(c.valid.ppl), _pct(c.valid.accuracy)]
+        for s in result.test_splits:
+            f = c.tests[s]
+            cells += [_pct_ci(f), _num(f.ppl)]
+        if with_mean:
+            cells.append(_pct(c.mean_test_accuracy))
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    # names left-aligned, numbers right-aligned
+    lines = [
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines += [f"{c.criterion}: {c.checkpoint} - {c.reason}" for c in result.choices.values()]
+    return "\n".join(lines)
+
+
+def format_selection_json(data: Mapping[str, Any]) -> str:
+    """`format_selection` for the dict of a `selection.json` file."""
+    return format_selection(SelectionResult.model_validate(data))
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _pct_ci(f: SplitFigures) -> str:
+    if f.accuracy is None:
+        return "-"
+    if f.accuracy_ci_low is None or f.accuracy_ci_high is None:
+        return _pct(f.accuracy)
+    return f"{_pct(f.accuracy)} [{_pct(f.accuracy_ci_low)}, {_pct(f.accuracy_ci_high)}]"
