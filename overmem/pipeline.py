@@ -40,10 +40,15 @@ def prepare_splits(cfg: RunConfig) -> Splits:
     """Training data plus the paper's tracked splits (B.1): a monitored training subset
     `train`, a `validation` set from the unseen remainder of the training source (or an
     explicit spec), and each test set."""
-    from .data.datasets import load_dataset_spec, make_monitor_splits, parse_spec
+    from .data.datasets import load_dataset_spec, make_monitor_splits, parse_spec, sample_examples
 
     d = cfg.data
-    common = {"data_dir": d.data_dir, "field_map": d.field_map}
+
+    def load(text: str, **kw: Any) -> list[Example]:
+        spec = parse_spec(text, seed=d.seed)
+        field_map = d.field_map if spec.is_file else None  # a field map describes files only
+        return load_dataset_spec(spec, data_dir=d.data_dir, field_map=field_map, **kw)
+
     spec = parse_spec(d.train)
     if d.validation is None:
         if spec.start not in (None, 0) or spec.stop is None:
@@ -51,30 +56,23 @@ def prepare_splits(cfg: RunConfig) -> Splits:
                 f"data.train {d.train!r}: to draw the validation set from the unseen remainder, "
                 "give the training slice as name:split[:N]; or set data.validation"
             )
-        source_spec = spec.__class__(**{**spec.__dict__, "start": None, "stop": None})
-        source = load_dataset_spec(source_spec, **common)
+        source = load(str(spec.unsliced()))
         train, monitor, valid = make_monitor_splits(
-            source, train_size=spec.stop, monitor_size=d.monitor_size, valid_size=d.validation_size, seed=d.seed
+            source, train_size=spec.stop, monitor_size=min(d.monitor_size, spec.stop),
+            valid_size=d.validation_size, seed=d.seed,
         )
     else:
-        train = load_dataset_spec(spec, **common)
-        monitor = _sample(train, d.monitor_size, d.seed)
-        valid = load_dataset_spec(d.validation, sample=d.validation_size, seed=d.seed, **common)
+        train = load(d.train)
+        monitor = sample_examples(train, min(d.monitor_size, len(train)), d.seed)
+        valid = load(d.validation)
+        valid = sample_examples(valid, min(d.validation_size, len(valid)), d.seed)
     tracked = {"train": monitor, "validation": valid}
     for name, test_spec in d.tests.items():
-        tracked[name] = load_dataset_spec(test_spec, sample=d.test_size, seed=d.seed, **common)
+        test = load(test_spec)
+        tracked[name] = sample_examples(test, min(d.test_size or len(test), len(test)), d.seed)
     if not train:
         raise ConfigError(f"data.train {d.train!r}: no examples")
     return Splits(train, tracked)
-
-
-def _sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
-    import random
-
-    if n >= len(examples):
-        return list(examples)
-    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in idx]
 
 
 def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
