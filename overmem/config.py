@@ -41,7 +41,11 @@ class LoraSettings(_Strict):
 class TrainConfig(_Strict):
     method: Literal["full", "lora"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    loss: Literal["ce"] = "ce"
+    loss: Literal["ce", "mar", "focal"] = "ce"
+    loss_gamma: float | None = Field(
+        None, ge=0, description="focal exponent: mar is 1 (fixed), focal defaults to 2"
+    )
+    loss_detach_weight: bool = Field(True, description="treat the (1-p)^gamma weight as a constant")
     optimizer: str = "adamw_torch"
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -63,6 +67,19 @@ class TrainConfig(_Strict):
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _gamma_fits_loss(self) -> TrainConfig:
+        if self.loss == "mar" and self.loss_gamma not in (None, 1.0):
+            raise ValueError("train.loss_gamma: MAR is gamma = 1; use loss: focal for another gamma")
+        if self.loss == "ce" and self.loss_gamma:
+            raise ValueError("train.loss_gamma: only used with loss: mar or focal")
+        return self
+
+    @property
+    def gamma(self) -> float:
+        """The focal exponent of the chosen loss (0 for plain cross-entropy)."""
+        return {"ce": 0.0, "mar": 1.0}.get(self.loss, 2.0 if self.loss_gamma is None else self.loss_gamma)
 
     @property
     def grad_accum(self) -> int:

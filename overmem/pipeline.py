@@ -98,10 +98,18 @@ def _free(*objs: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def _quiet_libraries(quiet: bool) -> None:
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def run(cfg: RunConfig) -> RunDir:
     """Finetune and track every checkpoint; resumes an existing run folder."""
     from .train.trainer import finetune
 
+    _quiet_libraries(cfg.quiet)
     if not cfg.out_dir:
         raise ConfigError("out_dir: no output folder given (use --out or set out_dir)")
     run_dir = RunDir(cfg.out_dir)
@@ -196,6 +204,7 @@ def scan_checkpoints(
 
 def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
     """Track checkpoints that already exist (an overmem run or a Trainer output folder)."""
+    _quiet_libraries(cfg.quiet)
     folder = Path(folder)
     adapters = [c for c in find_checkpoints(folder) if is_adapter(c.path)]
     if adapters and cfg.model.name_or_path == RunConfig().model.name_or_path:
@@ -220,9 +229,10 @@ def evaluate_model(
     Writes `out` (the split's figures, same fields as a dynamics row) and the per-example
     rows beside it (`<out stem>.samples.jsonl`).
     """
-    from .data.datasets import load_dataset_spec
+    from .data.datasets import load_dataset_spec, parse_spec
 
-    examples = load_dataset_spec(data, data_dir=cfg.data.data_dir, field_map=cfg.data.field_map,
+    spec = parse_spec(data, seed=cfg.data.seed)
+    examples = load_dataset_spec(spec, data_dir=cfg.data.data_dir, field_map=cfg.data.field_map if spec.is_file else None,
                                  sample=cfg.data.test_size, seed=cfg.data.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_checkpoint(adapter, cfg.model) if adapter else load_model(cfg.model)

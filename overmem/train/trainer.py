@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import (
     PreTrainedModel,
+    PrinterCallback,
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
@@ -21,6 +22,7 @@ from ..config import RunConfig, TrainConfig
 from ..data.example import Example
 from ..results import RunDir
 from ..scoring import IGNORE, encode_example, pad_right
+from .losses import weighted_token_ce
 
 
 def epoch_name(epoch: int) -> str:
@@ -48,6 +50,31 @@ def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+class OvermemTrainer(Trainer):
+    """Trainer whose loss is computed here for `mar` / `focal` (plain `ce` uses the model's own).
+
+    The loss is normalised by the response tokens of the whole accumulated batch
+    (`num_items_in_batch`), hence `loss_is_scaled_for_ga`.
+    """
+
+    def __init__(self, *args: Any, loss_cfg: TrainConfig, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = loss_cfg
+        if loss_cfg.loss != "ce":
+            self.loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_cfg.loss == "ce":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        loss = weighted_token_ce(
+            outputs.logits, labels, gamma=self.loss_cfg.gamma,
+            detach_weight=self.loss_cfg.loss_detach_weight, num_items=num_items_in_batch,
+        )
+        return (loss, outputs) if return_outputs else loss
 
 
 class ResponseOnlyCollator:
@@ -160,7 +187,8 @@ def finetune(
         ids, labels = encode_example(tokenizer, ex, max_length=cfg.train.max_length, add_eos=True)
         features.append({"input_ids": ids, "labels": labels})
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(
+    trainer = OvermemTrainer(
+        loss_cfg=cfg.train,
         model=model,
         args=training_args(cfg, run, model),
         train_dataset=features,
@@ -168,5 +196,7 @@ def finetune(
         processing_class=tokenizer,
         callbacks=[EpochCheckpointCallback(run, tokenizer, cfg.train.save_every_steps, on_checkpoint)],
     )
+    if cfg.quiet:
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     trainer.train(resume_from_checkpoint=latest_trainer_checkpoint(run))
     return trainer
