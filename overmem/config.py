@@ -32,14 +32,18 @@ class ModelConfig(_Strict):
 
 
 class LoraSettings(_Strict):
+    """Adapter settings; `alpha` and `target_modules` default to the method's Table 6 preset."""
+
     r: int = Field(64, gt=0)
-    alpha: float = Field(128, gt=0)
+    alpha: float | None = Field(None, gt=0, description="default: 128 (lora, wide_lora), 64 (pissa, milora)")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    target_modules: list[str] | None = Field(None, description="default: q,k,v,up,down (+o,gate for wide_lora)")
 
 
 class TrainConfig(_Strict):
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora", "pissa", "milora", "wide_lora"] = Field(
+        "lora", description="wide_lora = the paper's 'LoRA+' (extra o_proj, gate_proj targets)"
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     loss: Literal["ce", "mar", "focal"] = "ce"
     loss_gamma: float | None = Field(
@@ -47,6 +51,9 @@ class TrainConfig(_Strict):
     )
     loss_detach_weight: bool = Field(True, description="treat the (1-p)^gamma weight as a constant")
     optimizer: str = "adamw_torch"
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="PEFT's LoRA+ optimizer: B matrices learn this many times faster"
+    )
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     scheduler: str = "linear"

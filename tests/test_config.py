@@ -2,13 +2,17 @@ import pytest
 import yaml
 
 from overmem.config import ConfigError, RunConfig, dump_config, load_config
+from overmem.train.methods import lora_alpha, lora_targets
 
 
 def test_defaults_follow_table6():
     c = RunConfig()
     assert (c.train.batch_size, c.train.warmup_steps, c.train.epochs, c.train.scheduler) == (128, 100, 10, "linear")
-    assert (c.train.lora.r, c.train.lora.alpha, c.train.lora.dropout) == (64, 128, 0.05)
-    assert c.train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert (c.train.lora.r, c.train.lora.dropout) == (64, 0.05)
+    assert (lora_alpha(c.train), lora_targets(c.train)) == (128, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    wide = c.train.model_copy(update={"method": "wide_lora"})
+    assert lora_targets(wide)[-2:] == ["o_proj", "gate_proj"] and lora_alpha(wide) == 128
+    assert lora_alpha(c.train.model_copy(update={"method": "milora"})) == 64
     assert c.train.grad_accum == 16
 
 

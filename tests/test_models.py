@@ -5,7 +5,7 @@ import torch
 
 from overmem.config import ModelConfig, TrainConfig
 from overmem.models import ModelSource, load_checkpoint, load_model, load_tokenizer
-from overmem.train.trainer import apply_method
+from overmem.train.methods import apply_method
 
 
 def test_model_source_parsing(tmp_path, tiny_model_dir):

@@ -23,33 +23,11 @@ from ..data.example import Example
 from ..results import RunDir
 from ..scoring import IGNORE, encode_example, pad_right
 from .losses import weighted_token_ce
+from .methods import INIT_ADAPTER, apply_method, changes_base, create_optimizer, save_initial_adapter
 
 
 def epoch_name(epoch: int) -> str:
     return f"epoch-{epoch}"
-
-
-def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
-    """Wrap the model for the finetuning method (`full` trains every weight)."""
-    if cfg.method == "full":
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in cfg.lora.target_modules if t not in present]
-    if missing:
-        raise ValueError(
-            f"train.lora.target_modules: {missing} not found in the model; "
-            f"linear layers include {sorted(n for n in present if n.endswith('proj'))}"
-        )
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
 
 
 class OvermemTrainer(Trainer):
@@ -92,11 +70,13 @@ class ResponseOnlyCollator:
         }
 
 
-def save_model_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path) -> None:
+def save_model_atomic(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path, **save_kwargs: Any
+) -> None:
     """Save weights (safetensors) and tokenizer to `dest` via a temporary folder + rename."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -111,16 +91,18 @@ class EpochCheckpointCallback(TrainerCallback):
         tokenizer: PreTrainedTokenizerBase,
         every_steps: int | None = None,
         after_save: Callable[[str, PreTrainedModel, Any], None] | None = None,
+        save_kwargs: dict[str, Any] | None = None,
     ):
         self.run = run
         self.tokenizer = tokenizer
         self.every_steps = every_steps
         self.after_save = after_save
+        self.save_kwargs = save_kwargs or {}
 
     def _save(self, name: str, model: PreTrainedModel, state: Any) -> None:
         dest = self.run.checkpoints / name
         if not dest.exists():
-            save_model_atomic(model, self.tokenizer, dest)
+            save_model_atomic(model, self.tokenizer, dest, **self.save_kwargs)
             (dest / "overmem.json").write_text(
                 f'{{"epoch": {state.epoch:.4f}, "step": {state.global_step}}}\n'
             )
@@ -182,6 +164,13 @@ def finetune(
     the model is in memory). Resumes from the last trainer checkpoint in the run folder.
     """
     model = apply_method(model, cfg.train)
+    save_kwargs = {}
+    if changes_base(cfg.train):
+        # Checkpoints store B A - B0 A0 as plain LoRA over the original base (see methods.py).
+        init_dir = run.checkpoints / INIT_ADAPTER
+        if not init_dir.exists():
+            save_initial_adapter(model, init_dir)
+        save_kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
     features = []
     for ex in train_examples:
         ids, labels = encode_example(tokenizer, ex, max_length=cfg.train.max_length, add_eos=True)
@@ -194,7 +183,8 @@ def finetune(
         train_dataset=features,
         data_collator=ResponseOnlyCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[EpochCheckpointCallback(run, tokenizer, cfg.train.save_every_steps, on_checkpoint)],
+        callbacks=[EpochCheckpointCallback(run, tokenizer, cfg.train.save_every_steps, on_checkpoint, save_kwargs)],
+        optimizers=(create_optimizer(model, cfg.train), None),
     )
     if cfg.quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off

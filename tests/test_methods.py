@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from overmem.config import ModelConfig, TrainConfig, load_config
+from overmem.models import load_checkpoint, load_model, load_tokenizer
+from overmem.results import RunDir
+from overmem.train.methods import apply_method, create_optimizer
+from overmem.train.trainer import finetune
+from tests.conftest import toy_examples
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_milora_adapter_is_the_minor_singular_components(tiny_model_dir):
+    base = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    expected_logits = _logits(base, ids)
+    cfg = TrainConfig(method="milora", lora={"r": 4, "dropout": 0.0})
+    model = apply_method(base, cfg)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    W = original["model.layers.0.self_attn.q_proj.weight"].double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    minor = U[:, -4:] @ torch.diag(S[-4:]) @ Vh[-4:]  # the 4 smallest singular components
+    s = layer.scaling["default"]
+    assert s == pytest.approx(64 / 4)
+    delta = s * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+    assert torch.allclose(delta, minor, atol=1e-5)
+    assert torch.allclose(layer.get_base_layer().weight.double(), W - minor, atol=1e-5)
+    assert torch.allclose(_logits(model, ids), expected_logits, atol=1e-5)
+
+
+def test_pissa_keeps_the_function(tiny_model_dir):
+    base = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    ids = torch.tensor([[1, 21, 31, 41]])
+    expected = _logits(base, ids)
+    model = apply_method(base, TrainConfig(method="pissa", lora={"r": 4, "dropout": 0.0}))
+    assert torch.allclose(_logits(model, ids), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "wide_lora", "pissa", "milora"])
+def test_every_method_trains_saves_and_reloads_over_the_original_base(tiny_model_dir, tmp_path, method):
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"train.method={method}", "train.epochs=1", "train.lr=5e-3",
+        "train.batch_size=4", "train.micro_batch_size=4", "train.warmup_steps=0", "train.lora.r=4",
+        "train.lora.dropout=0.0", f"out_dir={tmp_path}", "quiet=true",
+    ])
+    trainer = finetune(cfg, load_model(cfg.model), load_tokenizer(cfg.model), toy_examples(8), RunDir(tmp_path))
+    trained = trainer.model.eval()
+    ids = torch.tensor([[1, 22, 33, 44, 55, 66]])
+    base_logits = _logits(load_model(cfg.model), ids)
+    reloaded = load_checkpoint(tmp_path / "checkpoints" / "epoch-1", cfg.model).eval()
+    assert not torch.allclose(_logits(trained, ids), base_logits, atol=1e-4), "training changed nothing"
+    assert torch.allclose(_logits(reloaded, ids), _logits(trained, ids), atol=1e-4)
+    targets = {n.split(".")[-1] for n, _ in trained.named_modules() if n.endswith(("o_proj", "gate_proj"))
+               and hasattr(dict(trained.named_modules())[n], "lora_A")}
+    assert bool(targets) == (method == "wide_lora")
+
+
+def test_loraplus_optimizer_gives_b_a_larger_lr(tiny_model_dir):
+    model = apply_method(load_model(ModelConfig(name_or_path=str(tiny_model_dir))),
+                         TrainConfig(method="lora", lora={"r": 4}, lr=1e-3, loraplus_lr_ratio=16))
+    opt = create_optimizer(model, TrainConfig(method="lora", lr=1e-3, loraplus_lr_ratio=16))
+    lrs = sorted({g["lr"] for g in opt.param_groups if g["params"]})
+    assert lrs == [pytest.approx(1e-3), pytest.approx(16e-3)]
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        create_optimizer(model, TrainConfig(method="full", loraplus_lr_ratio=16))
