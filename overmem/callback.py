@@ -1,0 +1,128 @@
+"""`OverMemorizationCallback`: over-memorization tracking inside your own training script.
+
+Works with `transformers.Trainer` and TRL's `SFTTrainer`:
+
+```python
+from overmem.callback import OverMemorizationCallback
+
+cb = OverMemorizationCallback(tokenizer, {"validation": valid, "test": test}, "runs/my-sft",
+                              on_onset="stop")
+trainer = SFTTrainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+cb.bind(trainer)   # optional: log through the trainer's loggers (TensorBoard, W&B, MLflow)
+trainer.train()
+```
+At every epoch end (or every evaluation, `every="evaluate"`) it scores the tracked splits, writes
+the same `dynamics.jsonl` as `overmem run`, logs `overmem/<split>/ppl` and `.../accuracy`, runs
+the phase rule and, at the onset of over-memorization, warns, and optionally stops training
+(`on_onset="stop"`) and records the checkpoint to keep in `keep.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+from .config import EvalConfig, GenerationConfig
+from .data.example import Example
+from .dynamics import evaluate_checkpoint
+from .phases import PhaseRule, detect_phases
+from .results import RunDir, write_json
+
+logger = logging.getLogger("overmem")
+
+
+class OverMemorizationCallback(TrainerCallback):
+    """Evaluate tracked splits during training and react to over-memorization.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        splits: name -> examples; the phase rule reads `phase_split` (default: the last one).
+        out_dir: folder for `dynamics.jsonl`, `samples/` and `keep.json`.
+        every: "epoch" (each epoch end) or "evaluate" (each time the Trainer evaluates).
+        on_onset: "warn" (log a warning), "stop" (also stop training) or "mark" (only record).
+        include_base: evaluate the model before training as `epoch-0`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        splits: Mapping[str, Sequence[Example]],
+        out_dir: str | Path,
+        *,
+        eval_cfg: EvalConfig | None = None,
+        gen_cfg: GenerationConfig | None = None,
+        max_length: int = 1024,
+        phase_split: str | None = None,
+        rule: PhaseRule | None = None,
+        every: Literal["epoch", "evaluate"] = "epoch",
+        on_onset: Literal["warn", "stop", "mark"] = "warn",
+        include_base: bool = True,
+        quiet: bool = True,
+    ):
+        if not splits:
+            raise ValueError("OverMemorizationCallback: give at least one split to track")
+        self.tokenizer = tokenizer
+        self.splits = dict(splits)
+        self.run = RunDir(out_dir)
+        self.eval_cfg = eval_cfg or EvalConfig()
+        self.gen_cfg = gen_cfg or GenerationConfig()
+        self.max_length = max_length
+        self.phase_split = phase_split or list(self.splits)[-1]
+        self.rule = rule or PhaseRule()
+        self.every = every
+        self.on_onset = on_onset
+        self.include_base = include_base
+        self.quiet = quiet
+        self.onset: str | None = None
+        self._trainer: Any = None
+
+    def bind(self, trainer: Any) -> OverMemorizationCallback:
+        """Log metrics through `trainer.log`, so every `report_to` integration records them."""
+        self._trainer = trainer
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.include_base and state.global_step == 0:
+            self._track(model, "epoch-0", 0.0, 0, control)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.every == "epoch":
+            self._track(model, f"epoch-{round(state.epoch)}", state.epoch, state.global_step, control)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.every == "evaluate":
+            self._track(model, f"step-{state.global_step}", state.epoch, state.global_step, control)
+
+    def _track(self, model: Any, name: str, epoch: float | None, step: int, control: Any) -> None:
+        new = evaluate_checkpoint(
+            model, self.tokenizer, self.splits, self.run, checkpoint=name,
+            epoch=None if epoch is None else round(float(epoch), 4), step=step,
+            eval_cfg=self.eval_cfg, gen_cfg=self.gen_cfg, max_length=self.max_length, quiet=self.quiet,
+        )
+        metrics = {}
+        for row in new:
+            metrics[f"overmem/{row['split']}/ppl"] = row["ppl"]
+            if row["accuracy"] is not None:
+                metrics[f"overmem/{row['split']}/accuracy"] = row["accuracy"]
+        if metrics and self._trainer is not None:
+            self._trainer.log(metrics)
+        self._check_onset(control)
+
+    def _check_onset(self, control: Any) -> None:
+        report = detect_phases(self.run.read_dynamics(), split=self.phase_split, rule=self.rule)
+        if report.onset is None or self.onset is not None:
+            return
+        self.onset = report.onset
+        labels = report.labels
+        healthy = [c for c, label in labels.items() if label == "healthy"]
+        keep = healthy[-1] if healthy else None
+        write_json(self.run.root / "keep.json", {"onset": self.onset, "keep": keep, "phases": report.to_dict()})
+        if self.on_onset in ("warn", "stop"):
+            logger.warning("over-memorization onset at %s (split %s); checkpoint to keep: %s",
+                           self.onset, self.phase_split, keep)
+        if self.on_onset == "stop":
+            control.should_training_stop = True
