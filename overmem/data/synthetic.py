@@ -1,0 +1,582 @@
+"""Synthetic arithmetic word problems in GSM8K's format, with many valid reasoning paths.
+
+Why this task exists: over-memorization (Ruan et al. 2025, sec. 3 and app. C) appears when the
+training references show one of several equally valid ways to solve a problem. Finetuning makes the
+model trust each training example's path; on a test problem the reference path then becomes
+improbable (perplexity rises) while the answer stays right. So every problem here can be solved in
+many ways and its reference solution shows one, drawn at random:
+
+- structure (a `Plan`): the order in which the changes are applied, whether gains and losses are
+  first summed separately ("grouped"), and when the products are computed;
+- surface (`render_solution`): the order of commutative operands, the phrasing of every step
+  (about ten equally valid sentences each), and an optional closing sentence.
+
+A problem is a person and an item kind, a starting amount and a few gains and losses; each amount is
+a plain number or a product ("4 boxes of 6 cookies"). The answer is the signed sum.
+
+Splits (registered as dataset "synthetic"; sizes in `SPLIT_SIZES`):
+  train, validation, test, nonmembers  same distribution (`STANDARD`), structurally disjoint
+                                        problems (hash buckets of the problem, see `_bucket`)
+  members                               the first `SPLIT_SIZES["members"]` train problems
+  ood_steps       6-7 amounts instead of 3-4
+  ood_wording     question sentences from a disjoint set of templates
+  ood_numbers     larger numbers (disjoint ranges: 3-digit answers, 2-digit factors)
+  ood_distractor  1-2 irrelevant sentences with numbers inserted in the question
+The OOD splits draw from the test bucket, so none of them shares a problem with train.
+`pretrain_stream` draws from buckets no split uses (used by `overmem.tiny` for the base model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from overmem.data.datasets import register_dataset
+from overmem.data.example import Example
+
+DEFAULT_SEED = 20250806
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary of the world
+# ---------------------------------------------------------------------------------------------
+
+# (name, subject pronoun, object pronoun)
+PEOPLE = [
+    ("Ava", "she", "her"), ("Ben", "he", "him"), ("Cleo", "she", "her"), ("Dan", "he", "him"),
+    ("Emma", "she", "her"), ("Finn", "he", "him"), ("Gina", "she", "her"), ("Hugo", "he", "him"),
+    ("Iris", "she", "her"), ("Jack", "he", "him"), ("Kate", "she", "her"), ("Leo", "he", "him"),
+    ("Mia", "she", "her"), ("Noah", "he", "him"), ("Olivia", "she", "her"), ("Paul", "he", "him"),
+    ("Rosa", "she", "her"), ("Sam", "he", "him"), ("Tina", "she", "her"), ("Omar", "he", "him"),
+]
+FRIENDS = ["Grandma", "a neighbor", "the teacher", "a friend", "Uncle Joe", "a cousin"]
+# (item, container)
+ITEMS = [
+    ("apples", "bags"), ("marbles", "jars"), ("stickers", "sheets"), ("cookies", "boxes"),
+    ("pencils", "packs"), ("cards", "decks"), ("eggs", "cartons"), ("books", "shelves"),
+    ("shells", "buckets"), ("coins", "purses"), ("beads", "strings"), ("flowers", "vases"),
+]
+OTHER_ITEMS = ["pears", "hats", "kites", "stamps", "toys", "plums"]
+
+# ---------------------------------------------------------------------------------------------
+# Question templates. STANDARD and OOD wordings are disjoint sets of sentences.
+# Placeholders: {name} {Pron} {pron} {obj} {friend} {item} {cont} {n} {a} {b}
+# ---------------------------------------------------------------------------------------------
+
+QUESTION_TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "standard": {
+        "start": ["{name} has {n} {item}.", "{name} starts with {n} {item}."],
+        "start_prod": ["{name} has {a} {cont} with {b} {item} in each.",
+                       "{name} starts with {a} {cont} of {b} {item}."],
+        "gain": ["{Pron} buys {n} more {item}.", "{Friend} gives {obj} {n} {item}.",
+                 "{Pron} finds {n} {item}."],
+        "gain_prod": ["{Pron} buys {a} {cont} of {b} {item}.",
+                      "{Friend} gives {obj} {a} {cont} with {b} {item} each."],
+        "loss": ["{Pron} gives {n} {item} to {friend}.", "{Pron} loses {n} {item}.",
+                 "{Pron} sells {n} {item}."],
+        "loss_prod": ["{Pron} gives away {a} {cont} of {b} {item}.",
+                      "{Pron} sells {a} {cont} with {b} {item} each."],
+        "ask": ["How many {item} does {name} have now?",
+                "How many {item} does {name} have at the end?"],
+    },
+    "ood": {
+        "start": ["At first, {name} owns {n} {item}.",
+                  "There are {n} {item} in the collection of {name}."],
+        "start_prod": ["{name} owns {a} {cont}, and every one holds {b} {item}."],
+        "gain": ["Later, {pron} picks up another {n} {item}.",
+                 "{Pron} receives {n} {item} as a gift."],
+        "gain_prod": ["{Pron} gets {a} {cont} containing {b} {item} apiece."],
+        "loss": ["{Pron} donates {n} {item}.", "{Friend} takes {n} {item} from {obj}."],
+        "loss_prod": ["{Pron} hands over {a} {cont} holding {b} {item} each."],
+        "ask": ["What is the number of {item} that {name} ends up with?",
+                "Count the {item} {name} is holding after all this."],
+    },
+}
+
+DISTRACTORS = [
+    "{Friend} has {n} {other}.", "{name} is {n} years old.", "The shop is {n} blocks away.",
+    "{Pron} also owns {n} {other}, but keeps them at home.",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Solution step phrasings (shared by every split: this is what the model must produce).
+# {expr} is a calculation like "3 + 4 = <<3+4=7>>7".
+# ---------------------------------------------------------------------------------------------
+
+STEP_TEMPLATES: dict[str, list[str]] = {
+    "mul": [
+        "The {cont} hold {expr} {item}.",
+        "That is {expr} {item} in the {cont}.",
+        "The {cont} have {expr} {item}.",
+        "In the {cont} there are {expr} {item}.",
+        "Multiplying gives {expr} {item}.",
+        "Those {cont} mean {expr} {item}.",
+        "So the {cont} give {expr} {item}.",
+        "Each group counts, so {expr} {item}.",
+    ],
+    "add": [
+        "{name} now has {expr} {item}.",
+        "Now {pron} has {expr} {item}.",
+        "Together that makes {expr} {item}.",
+        "Adding them gives {expr} {item}.",
+        "That brings the total to {expr} {item}.",
+        "So there are {expr} {item}.",
+        "After that, {pron} has {expr} {item}.",
+        "The total is now {expr} {item}.",
+        "Then {pron} has {expr} {item}.",
+        "This gives {expr} {item}.",
+    ],
+    "sub": [
+        "{name} is left with {expr} {item}.",
+        "Then {pron} has {expr} {item} left.",
+        "Taking them away leaves {expr} {item}.",
+        "That leaves {expr} {item}.",
+        "After that, {pron} has {expr} {item}.",
+        "Subtracting gives {expr} {item}.",
+        "So {pron} has {expr} {item} left.",
+        "Now only {expr} {item} remain.",
+        "This leaves {name} with {expr} {item}.",
+    ],
+    "gains": [
+        "{Pron} gets {expr} {item} in all.",
+        "All the {item} coming in add up to {expr}.",
+        "The {item} {pron} gets total {expr}.",
+        "First add what {pron} gets: {expr} {item}.",
+        "Adding everything {pron} gets: {expr} {item}.",
+        "In total {pron} gets {expr} {item}.",
+    ],
+    "losses": [
+        "{Pron} gives up {expr} {item} in all.",
+        "The {item} going out total {expr}.",
+        "In total {expr} {item} are gone.",
+        "Now add what {pron} loses: {expr} {item}.",
+        "Altogether {expr} {item} leave.",
+        "The losses add up to {expr} {item}.",
+    ],
+    "net": [
+        "So {pron} has {expr} {item} left.",
+        "That leaves {expr} {item}.",
+        "The difference is {expr} {item}.",
+        "{name} ends up with {expr} {item}.",
+        "Subtracting gives {expr} {item}.",
+        "Then {pron} keeps {expr} {item}.",
+    ],
+    "end": [
+        "", "", "So {name} has {ans} {item} now.", "The answer is {ans}.",
+        "{name} ends with {ans} {item}.", "In the end there are {ans} {item}.",
+    ],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems, settings, plans
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Term:
+    """One amount in a problem. `kind` is "start", "gain" or "loss"; the amount is `a`, or
+    `a * b` when `b` is set (a containers of b items)."""
+
+    kind: str
+    a: int
+    b: int | None = None
+
+    @property
+    def value(self) -> int:
+        return self.a * self.b if self.b is not None else self.a
+
+    @property
+    def sign(self) -> int:
+        return -1 if self.kind == "loss" else 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The structure of a problem; `question` is its rendered text."""
+
+    person: tuple[str, str, str]
+    item: str
+    container: str
+    friend: str
+    terms: tuple[Term, ...]
+    question: str
+
+    @property
+    def answer(self) -> int:
+        return sum(t.sign * t.value for t in self.terms)
+
+    def key(self) -> str:
+        """Identity of the problem without its wording (used for disjoint splits)."""
+        terms = ",".join(f"{t.kind}:{t.a}:{t.b}" for t in self.terms)
+        return f"{self.person[0]}|{self.item}|{terms}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Difficulty knobs of the generator.
+
+    n_terms: range of amounts (start included); start/plain/factor ranges are inclusive;
+    product_prob: chance an amount is a product; loss_prob: chance a change is a loss;
+    wording: "standard" or "ood" question templates; distractors: range of irrelevant sentences.
+    """
+
+    n_terms: tuple[int, int] = (3, 4)
+    start_range: tuple[int, int] = (5, 40)
+    plain_range: tuple[int, int] = (1, 20)
+    factor_range: tuple[int, int] = (2, 9)
+    product_prob: float = 0.35
+    loss_prob: float = 0.4
+    wording: str = "standard"
+    distractors: tuple[int, int] = (0, 0)
+
+
+STANDARD = Settings()
+SPLIT_SETTINGS: dict[str, Settings] = {
+    "train": STANDARD,
+    "validation": STANDARD,
+    "test": STANDARD,
+    "members": STANDARD,
+    "nonmembers": STANDARD,
+    "ood_steps": replace(STANDARD, n_terms=(6, 7)),
+    "ood_wording": replace(STANDARD, wording="ood"),
+    "ood_numbers": replace(STANDARD, start_range=(100, 300), plain_range=(21, 99),
+                           factor_range=(11, 19)),
+    "ood_distractor": replace(STANDARD, distractors=(1, 2)),
+}
+SPLIT_SIZES: dict[str, int] = {
+    "train": 2000, "validation": 200, "test": 500, "members": 200, "nonmembers": 200,
+    "ood_steps": 200, "ood_wording": 200, "ood_numbers": 200, "ood_distractor": 200,
+}
+SPLITS = tuple(SPLIT_SETTINGS)
+
+# Problems are assigned to splits by a hash of their structure (`Problem.key`), so two splits
+# never share a problem whatever their seeds. Buckets out of 20:
+_BUCKETS: dict[str, range] = {
+    "pretrain": range(0, 10),
+    "train": range(10, 14),
+    "validation": range(14, 15),
+    "test": range(15, 17),
+    "nonmembers": range(17, 18),
+    "spare": range(18, 20),
+}
+
+
+def _bucket(problem: Problem) -> int:
+    digest = hashlib.sha1(problem.key().encode()).hexdigest()
+    return int(digest[:8], 16) % 20
+
+
+def _split_bucket(split: str) -> range:
+    if split in ("train", "members"):
+        return _BUCKETS["train"]
+    if split in ("validation", "nonmembers", "pretrain"):
+        return _BUCKETS[split]
+    return _BUCKETS["test"]  # test and every OOD split
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The structure of one solution path.
+
+    strategy "sequential": start with the starting amount, apply the other amounts one at a time
+    in `order` (indices into `terms`); "grouped": sum the gains (incl. the start) in the order they
+    appear in `order`, sum the losses likewise, then subtract.
+    `products`: the order in which product amounts are computed up front, or None to compute
+    each one just before it is used (sequential only).
+    """
+
+    strategy: str
+    order: tuple[int, ...]
+    products: tuple[int, ...] | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating problems
+# ---------------------------------------------------------------------------------------------
+
+
+def _fill(template: str, problem: Problem, **extra: object) -> str:
+    name, pron, obj = problem.person
+    fields = dict(name=name, Pron=pron.capitalize(), pron=pron, obj=obj, item=problem.item,
+                  cont=problem.container, friend=problem.friend,
+                  Friend=problem.friend[0].upper() + problem.friend[1:])
+    fields.update({k: str(v) for k, v in extra.items()})
+    return template.format(**fields)
+
+
+def _sample_terms(settings: Settings, rng: random.Random) -> tuple[Term, ...]:
+    n = rng.randint(*settings.n_terms)
+    while True:
+        terms = []
+        for i in range(n):
+            kind = "start" if i == 0 else ("loss" if rng.random() < settings.loss_prob else "gain")
+            if rng.random() < settings.product_prob:
+                terms.append(Term(kind, rng.randint(*settings.factor_range),
+                                  rng.randint(*settings.factor_range)))
+            else:
+                lo, hi = settings.start_range if kind == "start" else settings.plain_range
+                terms.append(Term(kind, rng.randint(lo, hi)))
+        # The story must make sense: never give away more than one has.
+        running = 0
+        ok = True
+        for t in terms:
+            running += t.sign * t.value
+            ok = ok and running >= 0
+        if ok:
+            return tuple(terms)
+
+
+def _render_question(problem: Problem, settings: Settings, rng: random.Random) -> str:
+    templates = QUESTION_TEMPLATES[settings.wording]
+    sentences = []
+    for t in problem.terms:
+        key = t.kind + ("_prod" if t.b is not None else "")
+        if t.b is None:
+            sentences.append(_fill(rng.choice(templates[key]), problem, n=t.a))
+        else:
+            sentences.append(_fill(rng.choice(templates[key]), problem, a=t.a, b=t.b))
+    for template in rng.sample(DISTRACTORS, rng.randint(*settings.distractors)):
+        other = rng.choice(OTHER_ITEMS)
+        text = _fill(template, problem, n=rng.randint(*settings.plain_range),
+                     other=other)
+        sentences.insert(rng.randint(1, len(sentences)), text)
+    sentences.append(_fill(rng.choice(templates["ask"]), problem))
+    return " ".join(sentences)
+
+
+def sample_problem(settings: Settings, rng: random.Random) -> Problem:
+    """Draw one problem (structure and question text) under `settings`."""
+    item, container = rng.choice(ITEMS)
+    person = rng.choice(PEOPLE)
+    friend = rng.choice(FRIENDS)
+    terms = _sample_terms(settings, rng)
+    problem = Problem(person, item, container, friend, terms, question="")
+    return replace(problem, question=_render_question(problem, settings, rng))
+
+
+def _problem_stream(split: str, settings: Settings, seed: int) -> Iterator[Problem]:
+    """Problems of `split`'s bucket, without repeats, deterministic in (split, seed)."""
+    rng = random.Random(f"{seed}:{split}")
+    buckets = _split_bucket(split)
+    seen: set[str] = set()
+    while True:
+        problem = sample_problem(settings, rng)
+        if _bucket(problem) in buckets and problem.key() not in seen:
+            seen.add(problem.key())
+            yield problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Solution paths
+# ---------------------------------------------------------------------------------------------
+
+
+def _sequential_ok(terms: tuple[Term, ...], order: tuple[int, ...]) -> bool:
+    running = terms[0].value
+    for i in order:
+        running += terms[i].sign * terms[i].value
+        if running < 0:
+            return False
+    return True
+
+
+def enumerate_plans(problem: Problem) -> list[Plan]:
+    """Every structural solution path of `problem` (surface choices come on top, see
+    `render_solution`). Grows factorially with the number of amounts: meant for tests and
+    small problems."""
+    terms = problem.terms
+    rest = range(1, len(terms))
+    prods = [i for i, t in enumerate(terms) if t.b is not None]
+    prod_orders: list[tuple[int, ...] | None] = [tuple(p) for p in itertools.permutations(prods)]
+    plans = []
+    for order in itertools.permutations(rest):
+        if _sequential_ok(terms, order):
+            for p in prod_orders + ([None] if prods else []):
+                plans.append(Plan("sequential", order, p))
+    if any(t.kind == "loss" for t in terms):
+        for order in itertools.permutations(range(len(terms))):
+            for p in prod_orders:
+                plans.append(Plan("grouped", order, p))
+    return plans
+
+
+def sample_plan(problem: Problem, rng: random.Random) -> Plan:
+    """One structural path, uniform over strategies then over orders."""
+    terms = problem.terms
+    prods = [i for i, t in enumerate(terms) if t.b is not None]
+    has_loss = any(t.kind == "loss" for t in terms)
+    strategy = "grouped" if has_loss and rng.random() < 0.5 else "sequential"
+    products: tuple[int, ...] | None = tuple(rng.sample(prods, len(prods)))
+    if strategy == "grouped":
+        return Plan(strategy, tuple(rng.sample(range(len(terms)), len(terms))), products)
+    if prods and rng.random() < 0.5:
+        products = None
+    while True:
+        order = tuple(rng.sample(range(1, len(terms)), len(terms) - 1))
+        if _sequential_ok(terms, order):
+            return Plan(strategy, order, products)
+
+
+def _calc(op: str, operands: list[int]) -> tuple[str, int]:
+    """'3 + 4 = <<3+4=7>>7' and its value."""
+    if op == "+":
+        value = sum(operands)
+    elif op == "-":
+        value = operands[0] - sum(operands[1:])
+    else:
+        value = 1
+        for x in operands:
+            value *= x
+    shown = f" {op} ".join(map(str, operands))
+    note = op.join(map(str, operands))
+    return f"{shown} = <<{note}={value}>>{value}", value
+
+
+def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
+    """Write `plan` out as a GSM8K-style solution; phrasing of every step, the order of
+    commutative operands and the closing sentence are drawn from `rng`."""
+    terms = problem.terms
+    lines: list[str] = []
+
+    def say(kind: str, expr: str) -> None:
+        lines.append(_fill(rng.choice(STEP_TEMPLATES[kind]), problem, expr=expr))
+
+    def product(i: int) -> None:
+        a, b = terms[i].a, terms[i].b
+        operands = [a, b] if rng.random() < 0.5 else [b, a]
+        say("mul", _calc("*", operands)[0])
+
+    def commutative_sum(values: list[int]) -> list[int]:
+        return values if rng.random() < 0.5 else values[::-1]
+
+    if plan.products is not None:
+        for i in plan.products:
+            product(i)
+    if plan.strategy == "sequential":
+        if plan.products is None and terms[0].b is not None:
+            product(0)
+        running = terms[0].value
+        for i in plan.order:
+            if plan.products is None and terms[i].b is not None:
+                product(i)
+            if terms[i].kind == "loss":
+                expr, running = _calc("-", [running, terms[i].value])
+                say("sub", expr)
+            else:
+                expr, running = _calc("+", commutative_sum([running, terms[i].value]))
+                say("add", expr)
+    else:
+        gains = [terms[i].value for i in plan.order if terms[i].kind != "loss"]
+        losses = [terms[i].value for i in plan.order if terms[i].kind == "loss"]
+        total_in, total_out = gains[0], losses[0]
+        if len(gains) > 1:
+            expr, total_in = _calc("+", gains)
+            say("gains", expr)
+        if len(losses) > 1:
+            expr, total_out = _calc("+", losses)
+            say("losses", expr)
+        expr, _ = _calc("-", [total_in, total_out])
+        say("net", expr)
+    closing = _fill(rng.choice(STEP_TEMPLATES["end"]), problem, ans=problem.answer)
+    if closing:
+        lines.append(closing)
+    lines.append(f"#### {problem.answer}")
+    return "\n".join(lines)
+
+
+def sample_solution(problem: Problem, rng: random.Random) -> str:
+    """One valid solution drawn at random over structure and surface."""
+    return render_solution(problem, sample_plan(problem, rng), rng)
+
+
+def sample_solutions(problem: Problem, n: int, seed: int = 0) -> list[str]:
+    """`n` independently drawn valid solutions (may repeat)."""
+    rng = random.Random(seed)
+    return [sample_solution(problem, rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a solution (used by tests and usable as a stricter grader than the final answer)
+# ---------------------------------------------------------------------------------------------
+
+_NOTE = re.compile(r"<<([0-9+\-*/ ]+)=(-?\d+)>>(-?\d+)")
+_FINAL = re.compile(r"^#### (-?\d+)$", re.MULTILINE)
+
+
+def check_solution(solution: str) -> tuple[bool, int | None]:
+    """(every calculator note is correct and its result is what follows it, final answer).
+    The final answer must equal the last note's result when there are notes."""
+    results = []
+    for expr, value, shown in _NOTE.findall(solution):
+        if not re.fullmatch(r"\d+([+\-*]\d+)*", expr):
+            return False, None
+        if eval(expr) != int(value) or value != shown:  # expr is digits and + - * only
+            return False, None
+        results.append(int(value))
+    finals = _FINAL.findall(solution)
+    if len(finals) != 1 or not solution.endswith(f"#### {finals[0]}"):
+        return False, None
+    final = int(finals[0])
+    if results and results[-1] != final:
+        return False, final
+    return True, final
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and the dataset registration
+# ---------------------------------------------------------------------------------------------
+
+
+def to_example(problem: Problem, split: str, index: int, rng: random.Random) -> Example:
+    """Attach one randomly drawn reference solution and wrap as an Example."""
+    return Example(
+        id=f"synthetic-{split}-{index}",
+        question=problem.question,
+        response=sample_solution(problem, rng),
+        answer=str(problem.answer),
+        kind="numeric",
+        meta={"split": split, "n_terms": len(problem.terms), "key": problem.key()},
+    )
+
+
+def generate_problems(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -> list[Problem]:
+    """The first `n` problems of `split` (default `SPLIT_SIZES[split]`); a prefix of a longer
+    request, so `generate_problems("train", 100)` is the first 100 train problems."""
+    if split not in SPLIT_SETTINGS:
+        raise ValueError(f"unknown synthetic split {split!r}; choose from {SPLITS}")
+    n = SPLIT_SIZES[split] if n is None else n
+    source = "train" if split == "members" else split
+    return list(itertools.islice(_problem_stream(source, SPLIT_SETTINGS[split], seed), n))
+
+
+def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -> list[Example]:
+    """Examples of `split` with one random reference path each (deterministic in the seed).
+    "members" are the first train examples, with the same reference solutions."""
+    source = "train" if split == "members" else split
+    problems = generate_problems(split, n, seed)
+    rng = random.Random(f"{seed}:{source}:solutions")
+    return [to_example(p, source, i, rng) for i, p in enumerate(problems)]
+
+
+def pretrain_stream(seed: int = 0, settings: Settings = STANDARD) -> Iterator[Example]:
+    """Endless problems, each with a fresh random solution, from buckets no split uses."""
+    rng = random.Random(f"{seed}:pretrain:solutions")
+    for i, problem in enumerate(_problem_stream("pretrain", settings, seed)):
+        yield to_example(problem, "pretrain", i, rng)
+
+
+@register_dataset(
+    "synthetic",
+    kind="numeric",
+    splits=SPLITS,
+    description="Seeded arithmetic word problems in GSM8K format whose reference solution is one "
+    "of many valid paths; train/validation/test, OOD variants, MIA member/non-member pools.",
+)
+def load_synthetic(split: str, data_dir: Path | None = None) -> list[Example]:
+    """Registered loader: `split` at its default size and seed; `data_dir` is unused."""
+    return generate_split(split)

@@ -1,0 +1,225 @@
+"""A tiny Llama and its tokenizer for the synthetic task, and a cached "pretrained base".
+
+Everything here produces ordinary Hugging Face objects, so the rest of overmem treats the tiny
+model exactly like a hub model: `AutoTokenizer.from_pretrained(folder)` and
+`AutoModelForCausalLM.from_pretrained(folder)` load what `get_tiny_base()` returns.
+
+Tokenizer: byte-level BPE trained on generator text, with every digit its own token (so
+arithmetic is done digit by digit) and the two fixed parts of the paper's prompt template as
+single added tokens (the prompt costs 2 tokens instead of ~40: sequences are short, training fast).
+It round-trips any text exactly. A BOS token is prepended by the post-processor; EOS is not added
+automatically: training code appends `tokenizer.eos_token_id` to the response (see `encode_example`).
+
+Base model: pretraining on an endless stream of generated problems (`synthetic.pretrain_stream`,
+disjoint from every split), each with a fresh random solution path. It learns the arithmetic and
+spreads its probability over all valid phrasings and orders, the state a real pretrained LLM is in
+before finetuning. Cached under `$OVERMEM_CACHE` (default `~/.cache/overmem`) in
+`tiny-base-<hash of the settings>/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from overmem.data import synthetic
+from overmem.data.example import PROMPT_TEMPLATE, Example, format_prompt
+
+BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+# The fixed text around the instruction, each made one token.
+PROMPT_HEAD, PROMPT_TAIL = PROMPT_TEMPLATE.split("{instruction}")
+
+# Words, single digits, runs of punctuation, whitespace: BPE merges only inside these pieces.
+_PIECES = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+"
+
+
+def _tokenizer_corpus(n_problems: int, seed: int) -> list[str]:
+    """Generator text from every setting (so OOD words are in the vocabulary too)."""
+    rng = random.Random(seed)
+    texts = []
+    for settings in synthetic.SPLIT_SETTINGS.values():
+        for _ in range(n_problems // len(synthetic.SPLIT_SETTINGS)):
+            problem = synthetic.sample_problem(settings, rng)
+            texts.append(problem.question + "\n" + synthetic.sample_solution(problem, rng))
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 1024, n_problems: int = 2000, seed: int = 0
+                    ) -> PreTrainedTokenizerFast:
+    """Train the task tokenizer (deterministic in its arguments; ~1 s)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(n_problems, seed), trainer=trainer)
+    tok.add_tokens([AddedToken(PROMPT_HEAD, normalized=False, special=False),
+                    AddedToken(PROMPT_TAIL, normalized=False, special=False)])
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=1024)
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Size of the tiny Llama (the vocabulary size comes from the tokenizer)."""
+
+    hidden_size: int = 96
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 288
+    max_position_embeddings: int = 512
+
+
+def build_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
+                seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama of the given size, with the tokenizer's special ids."""
+    torch.manual_seed(seed)
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(llama)
+
+
+def encode_example(tokenizer: PreTrainedTokenizerFast, example: Example
+                   ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for supervised finetuning: BOS + prompt + response + EOS, with the
+    prompt positions labelled -100 so only response tokens carry loss."""
+    prompt = tokenizer(format_prompt(example.question))["input_ids"]
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    response = response + [tokenizer.eos_token_id]
+    return prompt + response, [-100] * len(prompt) + response
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `encode_example` outputs into tensors (B, T)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (x, y) in enumerate(batch):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The base-model stage. Constant LR after warmup, then a short linear cool-down."""
+
+    steps: int = 900
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    cooldown_steps: int = 150
+    weight_decay: float = 0.0
+    seed: int = 0
+    vocab_size: int = 1024
+    model: TinyModelConfig = TinyModelConfig()
+
+    def digest(self) -> str:
+        payload = json.dumps(asdict(self), sort_keys=True) + _GENERATOR_VERSION
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+# Bump when the generator or tokenizer changes in a way that invalidates cached bases.
+_GENERATOR_VERSION = "synthetic-v1"
+
+
+def _lr_factor(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    left = cfg.steps - step
+    return min(1.0, left / cfg.cooldown_steps) if cfg.cooldown_steps else 1.0
+
+
+def pretrain_base(out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
+                  progress: bool = True) -> Path:
+    """Train the base model on the pretraining stream and save model + tokenizer to `out_dir`
+    (safetensors). Returns `out_dir`."""
+    from tqdm.auto import tqdm
+
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    stream = synthetic.pretrain_stream(seed=cfg.seed)
+    model.train()
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretraining tiny base", disable=not progress)
+    losses = []
+    for _ in bar:
+        batch = collate([encode_example(tokenizer, next(stream)) for _ in range(cfg.batch_size)],
+                        tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    window = max(1, min(20, len(losses) // 5))  # mean of the last steps
+    info = {"config": asdict(cfg), "seconds": round(time.time() - start, 1),
+            "first_loss": losses[0], "last_loss": sum(losses[-window:]) / window}
+    (out_dir / "pretrain_info.json").write_text(json.dumps(info, indent=2))
+    return out_dir
+
+
+def cache_dir() -> Path:
+    """`$OVERMEM_CACHE`, or `~/.cache/overmem`."""
+    return Path(os.environ.get("OVERMEM_CACHE", Path.home() / ".cache" / "overmem"))
+
+
+def get_tiny_base(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> Path:
+    """Folder of the pretrained tiny base for `cfg`, training it first if not cached."""
+    folder = cache_dir() / f"tiny-base-{cfg.digest()}"
+    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    # Train into a private folder and rename, so a concurrent or interrupted run never leaves
+    # a half-written base behind.
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    pretrain_base(tmp, cfg, progress=progress)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+    return folder
+

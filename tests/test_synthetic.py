@@ -1,0 +1,186 @@
+"""The synthetic task: determinism, arithmetic validity of every path, disjoint splits, OOD."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from overmem.data import synthetic as syn
+
+N = 60  # problems per split checked; enough to hit every template many times
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list]:
+    return {s: syn.generate_split(s, N) for s in syn.SPLITS}
+
+
+def test_deterministic_under_seed():
+    a = syn.generate_split("train", 20, seed=7)
+    b = syn.generate_split("train", 20, seed=7)
+    c = syn.generate_split("train", 20, seed=8)
+    assert a == b
+    assert [e.question for e in a] != [e.question for e in c]
+
+
+def test_prefix_property():
+    # Asking for fewer examples gives a prefix of the longer list.
+    assert syn.generate_split("test", 10) == syn.generate_split("test", 30)[:10]
+
+
+def _notes(text: str) -> list[tuple[str, int, int]]:
+    return [(e, int(v), int(s)) for e, v, s in re.findall(r"<<([^=>]+)=(-?\d+)>>(-?\d+)", text)]
+
+
+def _assert_valid(solution: str, answer: int) -> None:
+    notes = _notes(solution)
+    assert notes, solution
+    for expr, value, shown in notes:
+        assert re.fullmatch(r"\d+(?:[+\-*]\d+)+", expr), expr
+        assert eval(expr) == value == shown, (expr, value, shown)  # digits and + - * only
+    # The visible text before each note repeats the note's expression with spaces.
+    for shown_expr, note_expr in re.findall(r"(\d+(?: [+\-*] \d+)+) = <<([^=]+)=", solution):
+        assert shown_expr.replace(" ", "") == note_expr
+    assert solution.splitlines()[-1] == f"#### {answer}"
+    assert notes[-1][1] == answer
+    assert syn.check_solution(solution) == (True, answer)
+
+
+@pytest.mark.parametrize("split", syn.SPLITS)
+def test_references_are_correct(splits, split):
+    for ex in splits[split]:
+        _assert_valid(ex.response, int(ex.answer))
+        assert ex.kind == "numeric" and ex.answer.lstrip("-").isdigit()
+
+
+def test_answer_is_signed_sum_of_question_numbers():
+    # Independent check of the answer from the structure.
+    for p in syn.generate_problems("test", N):
+        total = 0
+        for t in p.terms:
+            total += (-1 if t.kind == "loss" else 1) * (t.a * (t.b or 1))
+        assert p.answer == total >= 0
+
+
+def test_every_plan_and_phrasing_is_valid():
+    problems = syn.generate_problems("test", 25)
+    for p in problems:
+        plans = syn.enumerate_plans(p)
+        assert len(plans) >= 2  # more than one reasoning path
+        rng = random.Random(0)
+        for plan in plans:
+            for _ in range(3):
+                _assert_valid(syn.render_solution(p, plan, rng), p.answer)
+
+
+def test_sampled_plans_are_enumerated():
+    for p in syn.generate_problems("validation", 20):
+        plans = set(syn.enumerate_plans(p))
+        rng = random.Random(1)
+        for _ in range(20):
+            assert syn.sample_plan(p, rng) in plans
+
+
+def test_many_distinct_solutions_per_problem():
+    # Free choices must dominate the reference: many distinct texts for one problem.
+    for p in syn.generate_problems("test", 10):
+        sols = syn.sample_solutions(p, 40, seed=3)
+        assert len(set(sols)) >= 30
+        for s in sols:
+            _assert_valid(s, p.answer)
+
+
+def test_every_step_template_is_reachable():
+    rng = random.Random(0)
+    seen = set()
+    for p in syn.generate_problems("train", 300):
+        for _ in range(3):
+            seen.update(syn.sample_solution(p, rng).splitlines())
+    text = "\n".join(seen)
+    for kind, templates in syn.STEP_TEMPLATES.items():
+        for t in templates:
+            if not t:
+                continue
+            head = t.split("{")[0] or t.split("}")[1].split("{")[0]
+            assert head.strip() in text, (kind, t)
+
+
+def test_check_solution_rejects_errors():
+    assert syn.check_solution("a 3 + 4 = <<3+4=8>>8 b\n#### 8")[0] is False
+    assert syn.check_solution("a 3 + 4 = <<3+4=7>>8 b\n#### 8")[0] is False
+    assert syn.check_solution("a 3 + 4 = <<3+4=7>>7 b\n#### 8")[0] is False
+    assert syn.check_solution("a 3 + 4 = <<3+4=7>>7 b\n#### 7") == (True, 7)
+
+
+def test_splits_disjoint():
+    sizes = {"train": 400, "validation": 100, "test": 100, "nonmembers": 100}
+    keys = {s: {p.key() for p in syn.generate_problems(s, n)} for s, n in sizes.items()}
+    questions = {s: {e.question for e in syn.generate_split(s, n)} for s, n in sizes.items()}
+    names = list(sizes)
+    for i, a in enumerate(names):
+        assert len(keys[a]) == sizes[a]  # no repeats inside a split
+        for b in names[i + 1:]:
+            assert not keys[a] & keys[b], (a, b)
+            assert not questions[a] & questions[b], (a, b)
+    for ood in ("ood_steps", "ood_wording", "ood_numbers", "ood_distractor"):
+        ood_keys = {p.key() for p in syn.generate_problems(ood, 100)}
+        assert not ood_keys & keys["train"]
+
+
+def test_pretrain_stream_disjoint_from_splits():
+    stream = syn.pretrain_stream(seed=0)
+    keys = {next(stream).meta["key"] for _ in range(300)}
+    for s in ("train", "validation", "test", "nonmembers"):
+        assert not keys & {p.key() for p in syn.generate_problems(s, 100)}
+
+
+def test_members_are_train_and_nonmembers_are_not():
+    train = syn.generate_split("train", syn.SPLIT_SIZES["members"])
+    assert syn.generate_split("members", syn.SPLIT_SIZES["members"]) == train
+    train_q = {e.question for e in syn.generate_split("train", 400)}
+    assert not train_q & {e.question for e in syn.generate_split("nonmembers", 100)}
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+def test_ood_variants_differ_as_claimed(splits):
+    std_terms = {len(syn.generate_problems("test", N)[i].terms) for i in range(N)}
+    ood_terms = {len(p.terms) for p in syn.generate_problems("ood_steps", N)}
+    assert max(std_terms) < min(ood_terms)
+
+    # Larger numbers: every amount of the OOD split lies above the standard range of its kind.
+    std = syn.STANDARD
+    for p in syn.generate_problems("ood_numbers", N):
+        for t in p.terms:
+            if t.b is not None:
+                assert min(t.a, t.b) > std.factor_range[1]
+            else:
+                hi = std.start_range[1] if t.kind == "start" else std.plain_range[1]
+                assert t.a > hi
+
+    # Unseen wording: no question sentence of the OOD split appears among standard templates'
+    # sentences, and vice versa (compare sentences with numbers and names stripped).
+    def shapes(examples):
+        out = set()
+        for e in examples:
+            for sent in re.split(r"(?<=[.?])\s", e.question):
+                out.add(re.sub(r"\d+", "N", sent.split(" ", 1)[1]))
+        return out
+
+    assert not shapes(splits["ood_wording"]) & shapes(splits["test"])
+
+    # Distractors: extra sentences, but the answer is still the signed sum of the real amounts.
+    n_std = [len(re.split(r"(?<=[.?])\s", e.question)) for e in splits["test"]]
+    for p in syn.generate_problems("ood_distractor", N):
+        n_sent = len(re.split(r"(?<=[.?])\s", p.question))
+        assert n_sent >= len(p.terms) + 2  # terms + question + at least one distractor
+    assert max(n_std) == max(len(p.terms) for p in syn.generate_problems("test", N)) + 1
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="unknown synthetic split"):
+        syn.generate_split("nope")
