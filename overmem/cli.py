@@ -105,6 +105,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_checkpoints, merge_name
+
+    out = merge_checkpoints(
+        args.base, args.checkpoints, args.weights, out=args.out, exact_adapter=args.exact_adapter,
+        initial_adapter=args.initial_adapter, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(f"wrote {merge_name(args.checkpoints, args.weights)} to {out}")
+    return 0
+
+
 def _print_outcome(root: Path) -> None:
     import json
 
@@ -169,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("merge", help="merge checkpoints: base + sum_i w_i (theta_i - base)", epilog=_EPILOG,
+                       description="Merge two or more checkpoints (full models or LoRA adapters) into a dense "
+                       "model folder, exactly theta_base + sum_i w_i (theta_i - theta_base), streaming tensor by "
+                       "tensor (paper eq. 1). Put the output under RUN/checkpoints/ to have `overmem scan` track it.")
+    p.add_argument("--base", required=True, help="base model folder the checkpoints were trained from")
+    p.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders (two or more)")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per checkpoint (default: the mean)")
+    p.add_argument("--out", required=True, help="output model folder (written atomically)")
+    p.add_argument("--exact-adapter", action="store_true",
+                   help="also write an exact LoRA adapter by rank concatenation (all inputs LoRA over one base)")
+    p.add_argument("--initial-adapter", help="initial adapter of unconverted PiSSA/MiLoRA checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="offline quickstart on the built-in synthetic task", epilog=_EPILOG,
                        description="Pretrain (cached) and finetune a tiny model on the synthetic task on the CPU, "

@@ -154,8 +154,20 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     phases: PhaseConfig = Field(default_factory=PhaseConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    merge: list[list[str]] = Field(
+        default_factory=list,
+        description="checkpoint groups merged at the end of `run` and tracked, e.g. [[epoch-3, epoch-10]]",
+    )
     out_dir: str | None = None
     quiet: bool = False
+
+    @field_validator("merge")
+    @classmethod
+    def _groups_of_two(cls, v: list[list[str]]) -> list[list[str]]:
+        for group in v:
+            if len(group) < 2:
+                raise ValueError(f"merge group {group} needs two or more checkpoints")
+        return v
 
 
 class ConfigError(ValueError):

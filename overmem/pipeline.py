@@ -133,9 +133,28 @@ def run(cfg: RunConfig) -> RunDir:
 
         finetune(cfg, model, tokenizer, splits.train, run_dir, on_checkpoint=track)
     _free(model)
+    merge_groups(run_dir, cfg)
     scan_checkpoints(run_dir, cfg, splits.tracked, include_base=False)
     finalize(run_dir, cfg)
     return run_dir
+
+
+def merge_groups(run_dir: RunDir, cfg: RunConfig) -> list[Path]:
+    """Merge each `cfg.merge` group of epoch checkpoints into `checkpoints/merge(...)` (paper eq. 1,
+    equal weights), so that the merged models are tracked like checkpoints."""
+    from .merge import merge_checkpoints, merge_name
+
+    outs = []
+    for group in cfg.merge:
+        paths = [run_dir.checkpoints / name for name in group]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise ConfigError(f"merge: checkpoints not found: {', '.join(missing)}")
+        out = run_dir.checkpoints / merge_name(paths)
+        if not out.exists():
+            merge_checkpoints(cfg.model.name_or_path, paths, out=out, progress=not cfg.quiet)
+        outs.append(out)
+    return outs
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,10 @@ STEP_TEMPLATES: dict[str, list[str]] = {
 }
 
 
+# Independent optional decorations of each step sentence.
+STEP_OPENERS = ["", "", "So ", "Then ", "Now ", "Next, ", "Here ", "Well, ", "Thus ", "OK, ", "This way "]
+STEP_TAILS = ["", "", " now", " in all", " in total", " so far", " at this point", " altogether", " for now"]
+
 # ---------------------------------------------------------------------------------------------
 # Problems, settings, plans
 # ---------------------------------------------------------------------------------------------
@@ -225,11 +229,11 @@ class Settings:
     wording: "standard" or "ood" question templates; distractors: range of irrelevant sentences.
     """
 
-    n_terms: tuple[int, int] = (3, 4)
-    start_range: tuple[int, int] = (5, 40)
-    plain_range: tuple[int, int] = (1, 20)
-    factor_range: tuple[int, int] = (2, 9)
-    product_prob: float = 0.35
+    n_terms: tuple[int, int] = (2, 3)
+    start_range: tuple[int, int] = (2, 20)
+    plain_range: tuple[int, int] = (1, 9)
+    factor_range: tuple[int, int] = (2, 5)
+    product_prob: float = 0.15
     loss_prob: float = 0.4
     wording: str = "standard"
     distractors: tuple[int, int] = (0, 0)
@@ -242,10 +246,10 @@ SPLIT_SETTINGS: dict[str, Settings] = {
     "test": STANDARD,
     "members": STANDARD,
     "nonmembers": STANDARD,
-    "ood_steps": replace(STANDARD, n_terms=(6, 7)),
+    "ood_steps": replace(STANDARD, n_terms=(4, 5)),
     "ood_wording": replace(STANDARD, wording="ood"),
-    "ood_numbers": replace(STANDARD, start_range=(100, 300), plain_range=(21, 99),
-                           factor_range=(11, 19)),
+    "ood_numbers": replace(STANDARD, start_range=(40, 99), plain_range=(12, 40),
+                           factor_range=(6, 9)),
     "ood_distractor": replace(STANDARD, distractors=(1, 2)),
 }
 SPLIT_SIZES: dict[str, int] = {
@@ -437,6 +441,17 @@ def _calc(op: str, operands: list[int]) -> tuple[str, int]:
     return f"{shown} = <<{note}={value}>>{value}", value
 
 
+def _decorate(line: str, rng: random.Random) -> str:
+    """Add an optional opener and an optional tail to a step sentence, drawn independently, so
+    that several tokens of every line are free choices (not only the template's first word)."""
+    opener = rng.choice(STEP_OPENERS)
+    if opener:
+        starts_with_name = line.split(" ", 1)[0] in {p[0] for p in PEOPLE}
+        line = opener + (line if starts_with_name else line[0].lower() + line[1:])
+    tail = rng.choice(STEP_TAILS)
+    return line[:-1] + tail + "." if tail and line.endswith(".") else line
+
+
 def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
     """Write `plan` out as a GSM8K-style solution; phrasing of every step, the order of
     commutative operands and the closing sentence are drawn from `rng`."""
@@ -444,7 +459,7 @@ def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
     lines: list[str] = []
 
     def say(kind: str, expr: str) -> None:
-        lines.append(_fill(rng.choice(STEP_TEMPLATES[kind]), problem, expr=expr))
+        lines.append(_decorate(_fill(rng.choice(STEP_TEMPLATES[kind]), problem, expr=expr), rng))
 
     def product(i: int) -> None:
         a, b = terms[i].a, terms[i].b

@@ -1,0 +1,122 @@
+"""`overmem demo`: over-memorization reproduced on a laptop CPU, offline, in minutes.
+
+A tiny Llama is pretrained (once; cached) on a stream of synthetic word problems written in a
+plain format, then finetuned with the paper's instruction template on a small fixed set of
+problems for many epochs at a constant learning rate, while every epoch is tracked on a
+training subset, a validation set and a test set. Because every synthetic problem has many
+valid solution paths and its reference shows one at random, the finetuned model grows
+over-confident in the paths of its training examples: test accuracy stays high while the
+perplexity of the test references climbs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, apply_overrides, config_from_dict
+from .results import RunDir
+from .tiny import PretrainConfig, TinyModelConfig, get_tiny_base
+
+# The pretraining stage: its wall time is printed on the first run (cached afterwards).
+DEMO_PRETRAIN = PretrainConfig(
+    steps=600, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=100,
+    model=TinyModelConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
+)
+
+
+def demo_config(
+    base: Path, out_dir: str | Path, *, seed: int = 0, epochs: int = 30, quiet: bool = False,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """The finetuning stage: full finetuning, constant LR after a short warmup (no decay, so the
+    over-memorization stage is reached), 200 training problems, every epoch tracked."""
+    raw = {
+        "model": {"name_or_path": str(base), "dtype": "float32"},
+        "train": {
+            "method": "full", "lr": 1e-3, "scheduler": "constant_with_warmup", "warmup_steps": 10,
+            "epochs": epochs, "batch_size": 16, "micro_batch_size": 16, "max_length": 320, "seed": seed,
+        },
+        "data": {
+            "train": f"synthetic:train@200,seed={seed}",
+            "validation": "synthetic:validation", "validation_size": 100, "monitor_size": 50,
+            "tests": {"test": "synthetic:test"}, "test_size": 100, "seed": seed,
+        },
+        "generation": {"max_new_tokens": 160, "batch_size": 50},
+        "eval": {"batch_size": 50},
+        "out_dir": str(out_dir),
+        "quiet": quiet,
+    }
+    return config_from_dict(apply_overrides(raw, overrides or []), "demo config")
+
+
+@dataclass
+class DemoCheck:
+    """What the demo must show, read back from its own dynamics.jsonl."""
+
+    best_accuracy: float
+    last_accuracy: float
+    min_ppl: float
+    last_ppl: float
+    late_labels: list[str]
+
+    @property
+    def ppl_ratio(self) -> float:
+        return self.last_ppl / self.min_ppl
+
+    @property
+    def passed(self) -> dict[str, bool]:
+        return {
+            "best test accuracy >= 0.60": self.best_accuracy >= 0.60,
+            "last test ppl >= 2x its minimum": self.ppl_ratio >= 2.0,
+            "last test accuracy within 5 points of best": self.best_accuracy - self.last_accuracy <= 0.05,
+            "late epochs labelled over-memorized": bool(self.late_labels)
+            and all(label == "over_memorized" for label in self.late_labels),
+        }
+
+
+def check_demo(run_dir: str | Path, split: str = "test") -> DemoCheck:
+    rows = sorted((r for r in RunDir(run_dir).read_dynamics() if r["split"] == split), key=lambda r: r["epoch"])
+    phases = json.loads((Path(run_dir) / "phases.json").read_text())
+    labels = [c["label"] for c in phases["checkpoints"]]
+    return DemoCheck(
+        best_accuracy=max(r["accuracy"] for r in rows),
+        last_accuracy=rows[-1]["accuracy"],
+        min_ppl=min(r["ppl"] for r in rows),
+        last_ppl=rows[-1]["ppl"],
+        late_labels=labels[-max(1, len(labels) // 5):],
+    )
+
+
+def run_demo(
+    out_dir: str | Path = "demo-run", *, seed: int = 0, epochs: int = 30, quiet: bool = False,
+    pretrain: PretrainConfig = DEMO_PRETRAIN, overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Pretrain (cached) + finetune + track + phases + selection + figure; prints a summary.
+
+    `pretrain` and `overrides` (config `key=value`s) exist for shortened runs such as the tests'.
+    """
+    import torch
+
+    from .pipeline import run
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    base = get_tiny_base(pretrain, progress=not quiet)
+    t_base = time.perf_counter() - t0
+    cfg = demo_config(base, out_dir, seed=seed, epochs=epochs, quiet=quiet, overrides=overrides)
+    run_dir = run(cfg)
+    check = check_demo(run_dir.root)
+    wall = time.perf_counter() - t0
+    print()
+    print(f"overmem demo finished in {wall:.0f} s (base model: {t_base:.0f} s, cached in {base})")
+    print(f"test accuracy: best {check.best_accuracy:.2f}, last {check.last_accuracy:.2f}; "
+          f"test perplexity: min {check.min_ppl:.3f}, last {check.last_ppl:.3f} ({check.ppl_ratio:.2f}x)")
+    for what, ok in check.passed.items():
+        print(f"  [{'x' if ok else ' '}] {what}")
+    print(f"figure: {run_dir.root / 'dynamics.png'}  (and .svg)")
+    print(f"results: {run_dir.dynamics}, {run_dir.root / 'selection.json'}, {run_dir.root / 'phases.json'}")
+    return {"run_dir": run_dir.root, "check": check, "seconds": wall}
