@@ -114,12 +114,12 @@ def run(cfg: RunConfig) -> RunDir:
         raise ConfigError("out_dir: no output folder given (use --out or set out_dir)")
     run_dir = RunDir(cfg.out_dir)
     _check_resumable(run_dir, cfg)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir.config, dump_config(cfg))
-
+    # Everything that can fail on bad input happens before the run folder is created.
     splits = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir.config, dump_config(cfg))
     ev = dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet)
     evaluate_checkpoint(model, tokenizer, splits.tracked, run_dir, checkpoint="epoch-0", epoch=0, step=0, **ev)
 
@@ -231,10 +231,10 @@ def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
         if base:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": base})})
     run_dir = RunDir(cfg.out_dir or folder)
+    splits = prepare_splits(cfg)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     if not run_dir.config.exists():
         atomic_write_text(run_dir.config, dump_config(cfg))
-    splits = prepare_splits(cfg)
     scan_checkpoints(run_dir, cfg, splits.tracked, folder=folder)
     finalize(run_dir, cfg)
     return run_dir

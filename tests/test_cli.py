@@ -94,3 +94,27 @@ def test_errors_are_one_line(tmp_path, capsys, toy_jsonl, tiny_model_dir):
     err = capsys.readouterr().err
     assert "gsm8k" in err or "missing" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_data_spec_leaves_no_run_folder(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text("quiet: true\n")
+    code = main(["run", str(tmp_path / "c.yaml"), "--out", str(out), "--set", f"model.name_or_path={tiny_model_dir}",
+                 "--set", "data.train=gsm8:train[:10]", "--set", "data.validation=gsm8k:test"])
+    assert code == 2
+    assert "did you mean 'gsm8k'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_subcommand_has_help(capsys):
+    for cmd in ("run", "scan", "evaluate", "select", "plot", "merge", "demo"):
+        with pytest.raises(SystemExit) as exit_:
+            main([cmd, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: overmem " + cmd in capsys.readouterr().out
+
+
+def test_python_entry_points():
+    import overmem
+
+    assert callable(overmem.run) and callable(overmem.scan) and callable(overmem.load_config)
