@@ -68,7 +68,10 @@ def test_every_plan_and_phrasing_is_valid():
     problems = syn.generate_problems("test", 25)
     for p in problems:
         plans = syn.enumerate_plans(p)
-        assert len(plans) >= 2  # more than one reasoning path
+        # Problems with three or more amounts have several calculation orders; every problem
+        # (two amounts included) has many valid written solutions.
+        assert len(plans) >= 2 or len(p.terms) == 2
+        assert len(set(syn.sample_solutions(p, 10, seed=1))) >= 5
         rng = random.Random(0)
         for plan in plans:
             for _ in range(3):
@@ -104,7 +107,7 @@ def test_every_step_template_is_reachable():
             if not t:
                 continue
             head = t.split("{")[0] or t.split("}")[1].split("{")[0]
-            assert head.strip() in text, (kind, t)
+            assert head.strip().lower() in text.lower(), (kind, t)  # openers lower-case the start
 
 
 def test_check_solution_rejects_errors():
