@@ -37,7 +37,7 @@ def demo_config(
     raw = {
         "model": {"name_or_path": str(base), "dtype": "float32"},
         "train": {
-            "method": "full", "lr": 1e-3, "scheduler": "constant_with_warmup", "warmup_steps": 10,
+            "method": "full", "lr": 3e-4, "scheduler": "constant_with_warmup", "warmup_steps": 10,
             "epochs": epochs, "batch_size": 16, "micro_batch_size": 16, "max_length": 320, "seed": seed,
         },
         "data": {

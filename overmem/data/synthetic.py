@@ -230,7 +230,7 @@ class Settings:
     """
 
     n_terms: tuple[int, int] = (2, 3)
-    start_range: tuple[int, int] = (2, 20)
+    start_range: tuple[int, int] = (2, 9)
     plain_range: tuple[int, int] = (1, 9)
     factor_range: tuple[int, int] = (2, 5)
     product_prob: float = 0.15
