@@ -8,7 +8,7 @@ Tokenizer: byte-level BPE trained on generator text, with every digit its own to
 arithmetic is done digit by digit) and the two fixed parts of the paper's prompt template as
 single added tokens (the prompt costs 2 tokens instead of ~40: sequences are short, training fast).
 It round-trips any text exactly. A BOS token is prepended by the post-processor; EOS is not added
-automatically: training code appends `tokenizer.eos_token_id` to the response (see `encode_example`).
+automatically: training code appends `tokenizer.eos_token_id` to the response (`overmem.scoring.encode_example`).
 
 Base model: pretraining on an endless stream of generated problems (`synthetic.pretrain_stream`,
 disjoint from every split), each with a fresh random solution path. It learns the arithmetic and
@@ -31,10 +31,20 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers import trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from overmem.data import synthetic
-from overmem.data.example import PROMPT_TEMPLATE, Example, format_prompt
+from overmem.data.example import PROMPT_TEMPLATE
+from overmem.scoring import encode_example
+from overmem.train.trainer import ResponseOnlyCollator
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 # The fixed text around the instruction, each made one token.
@@ -115,33 +125,20 @@ def build_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
 # The pretraining stage writes problems in a plain format, not the paper's instruction template,
 # so that (as with a real base LLM) finetuning has to teach the template: the base model scores
 # low accuracy under the template at epoch 0, like the black stage of the paper's Figure 1.
-PRETRAIN_FORMAT = "Question: {question}\nSolution:\n"
+PRETRAIN_FORMAT = "Question: {instruction}\nSolution:\n"
 
 
-def encode_example(tokenizer: PreTrainedTokenizerFast, example: Example, pretraining: bool = False
-                   ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): BOS + prompt + response + EOS, with the prompt positions labelled
-    -100 so only response tokens carry loss. The prompt is the instruction template, or the
-    plain pretraining format."""
-    text = PRETRAIN_FORMAT.format(question=example.question) if pretraining else format_prompt(example.question)
-    prompt = tokenizer(text)["input_ids"]
-    response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    response = response + [tokenizer.eos_token_id]
-    return prompt + response, [-100] * len(prompt) + response
+class _PretrainStream(torch.utils.data.IterableDataset):
+    """Endless (input_ids, labels) features of the pretraining stream, in the plain format."""
 
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, max_length: int):
+        self.tokenizer, self.seed, self.max_length = tokenizer, seed, max_length
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int
-            ) -> dict[str, torch.Tensor]:
-    """Right-pad a list of `encode_example` outputs into tensors (B, T)."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id)
-    labels = torch.full((len(batch), width), -100)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (x, y) in enumerate(batch):
-        ids[row, : len(x)] = torch.tensor(x)
-        labels[row, : len(y)] = torch.tensor(y)
-        mask[row, : len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    def __iter__(self):
+        for ex in synthetic.pretrain_stream(seed=self.seed):
+            ids, labels = encode_example(self.tokenizer, ex, max_length=self.max_length, add_eos=True,
+                                         template=PRETRAIN_FORMAT)
+            yield {"input_ids": ids, "labels": labels}
 
 
 @dataclass(frozen=True)
@@ -164,50 +161,54 @@ class PretrainConfig:
 
 
 # Bump when the generator or tokenizer changes in a way that invalidates cached bases.
-_GENERATOR_VERSION = "synthetic-v1"
+_GENERATOR_VERSION = "synthetic-v2"
 
 
-def _lr_factor(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    left = cfg.steps - step
-    return min(1.0, left / cfg.cooldown_steps) if cfg.cooldown_steps else 1.0
+class _LossLog(TrainerCallback):
+    """Keeps the losses the Trainer logs (for `pretrain_info.json`)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
 
 
 def pretrain_base(out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
                   progress: bool = True) -> Path:
-    """Train the base model on the pretraining stream and save model + tokenizer to `out_dir`
-    (safetensors). Returns `out_dir`."""
-    from tqdm.auto import tqdm
+    """Train the base model on the pretraining stream with the Hugging Face Trainer (constant LR
+    after warmup, linear cool-down: the "warmup_stable_decay" schedule) and save model +
+    tokenizer to `out_dir` (safetensors). Returns `out_dir`."""
+    import tempfile
 
     tokenizer = build_tokenizer(cfg.vocab_size)
     model = build_model(cfg.model, tokenizer, seed=cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    stream = synthetic.pretrain_stream(seed=cfg.seed)
-    model.train()
+    log = _LossLog()
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="pretraining tiny base", disable=not progress)
-    losses = []
-    for _ in bar:
-        batch = collate([encode_example(tokenizer, next(stream), pretraining=True) for _ in range(cfg.batch_size)],
-                        tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.lr, weight_decay=cfg.weight_decay, adam_beta2=0.98, max_grad_norm=1.0,
+            warmup_steps=cfg.warmup_steps, lr_scheduler_type="warmup_stable_decay",
+            lr_scheduler_kwargs={"num_decay_steps": cfg.cooldown_steps},
+            logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed, use_cpu=True,
+            disable_tqdm=not progress, dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model, args=args,
+            train_dataset=_PretrainStream(tokenizer, cfg.seed, cfg.model.max_position_embeddings),
+            data_collator=ResponseOnlyCollator(tokenizer.pad_token_id), callbacks=[log],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    window = max(1, min(20, len(losses) // 5))  # mean of the last steps
+    window = max(1, min(20, len(log.losses) // 5))  # mean of the last steps
     info = {"config": asdict(cfg), "seconds": round(time.time() - start, 1),
-            "first_loss": losses[0], "last_loss": sum(losses[-window:]) / window}
+            "first_loss": log.losses[0], "last_loss": sum(log.losses[-window:]) / window}
     (out_dir / "pretrain_info.json").write_text(json.dumps(info, indent=2))
     return out_dir
 

@@ -52,13 +52,14 @@ def test_tokenizer_deterministic(tokenizer):
     assert tiny.build_tokenizer().get_vocab() == tokenizer.get_vocab()
 
 
-def test_encode_example_masks_prompt(tokenizer):
-    ex = syn.generate_split("train", 1)[0]
-    ids, labels = tiny.encode_example(tokenizer, ex)
-    n_prompt = len(tokenizer(format_prompt(ex.question))["input_ids"])
-    assert labels[:n_prompt] == [-100] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ids[n_prompt:-1]) == ex.response
+def test_pretraining_stream_uses_the_plain_format(tokenizer):
+    feature = next(iter(tiny._PretrainStream(tokenizer, seed=0, max_length=512)))
+    ids, labels = feature["input_ids"], feature["labels"]
+    n_prompt = labels.index(next(x for x in labels if x != -100))
+    prompt = tokenizer.decode(ids[:n_prompt], skip_special_tokens=True)
+    assert prompt.startswith("Question: ") and prompt.endswith("\nSolution:\n")
+    assert "### Instruction" not in prompt
+    assert ids[-1] == tokenizer.eos_token_id and labels[n_prompt:] == ids[n_prompt:]
 
 
 def test_save_load_through_auto_classes(tokenizer, tmp_path):
