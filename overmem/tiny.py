@@ -165,14 +165,23 @@ _GENERATOR_VERSION = "synthetic-v2"
 
 
 class _LossLog(TrainerCallback):
-    """Keeps the losses the Trainer logs (for `pretrain_info.json`)."""
+    """Keeps the losses the Trainer logs (for `pretrain_info.json`) and shows a progress bar
+    with the current loss (the Trainer's own bar would print every log line)."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
         self.losses: list[float] = []
+        self.bar = tqdm(total=steps, desc="pretraining tiny base", disable=not progress)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
 
 
 def pretrain_base(out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
@@ -184,7 +193,7 @@ def pretrain_base(out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
 
     tokenizer = build_tokenizer(cfg.vocab_size)
     model = build_model(cfg.model, tokenizer, seed=cfg.seed)
-    log = _LossLog()
+    log = _LossLog(cfg.steps, progress)
     start = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
@@ -193,7 +202,7 @@ def pretrain_base(out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
             warmup_steps=cfg.warmup_steps, lr_scheduler_type="warmup_stable_decay",
             lr_scheduler_kwargs={"num_decay_steps": cfg.cooldown_steps},
             logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed, use_cpu=True,
-            disable_tqdm=not progress, dataloader_num_workers=0,
+            disable_tqdm=True, dataloader_num_workers=0,
         )
         trainer = Trainer(
             model=model, args=args,
