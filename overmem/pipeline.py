@@ -90,9 +90,8 @@ def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
             )
 
 
-def _free(*objs: Any) -> None:
-    for o in objs:
-        del o
+def _release_memory() -> None:
+    """Return freed model memory (callers drop their references first)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -132,7 +131,8 @@ def run(cfg: RunConfig) -> RunDir:
             )
 
         finetune(cfg, model, tokenizer, splits.train, run_dir, on_checkpoint=track)
-    _free(model)
+    del model
+    _release_memory()
     merge_groups(run_dir, cfg)
     scan_checkpoints(run_dir, cfg, splits.tracked, include_base=False)
     finalize(run_dir, cfg)
@@ -213,12 +213,14 @@ def scan_checkpoints(
         tokenizer = load_tokenizer(cfg.model)
         base = load_model(cfg.model)
         evaluate_checkpoint(base, tokenizer, tracked, run_dir, checkpoint="epoch-0", epoch=0, step=0, **ev)
-        _free(base)
+        del base
+        _release_memory()
     for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet):
         model = load_checkpoint(ckpt.path, cfg.model)
         tok = tokenizer or load_tokenizer(cfg.model)
         evaluate_checkpoint(model, tok, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step, **ev)
-        _free(model)
+        del model
+        _release_memory()
 
 
 def scan(folder: str | Path, cfg: RunConfig) -> RunDir:

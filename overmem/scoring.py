@@ -8,7 +8,7 @@ concatenated, so the response tokens scored are exactly the tokens trained on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +91,22 @@ def score_batch(
     return [TokenScores(chunk.cpu()) for chunk in lp.split(counts)]
 
 
+def length_sorted_batches(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, batch_size: int, max_length: int
+) -> Iterator[tuple[list[int], list[list[int]], list[list[int]]]]:
+    """Encoded examples (prompt masked, no EOS) in batches of similar length, so each batch
+    carries little padding: yields (indices into `examples`, input ids, labels)."""
+    encoded = [encode_example(tokenizer, ex, max_length=max_length, add_eos=False) for ex in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, [encoded[i][0] for i in idx], [encoded[i][1] for i in idx]
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def score_examples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -100,20 +116,13 @@ def score_examples(
     max_length: int = 2048,
     progress: Callable[[int], None] | None = None,
 ) -> list[TokenScores]:
-    """Teacher-forced scores of each example's reference response, in input order.
-
-    Examples are sorted by length so each batch carries little padding.
-    """
+    """Teacher-forced scores of each example's reference response, in input order."""
     was_training = model.training
     model.eval()
-    encoded = [encode_example(tokenizer, ex, max_length=max_length, add_eos=False) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    out: list[TokenScores | None] = [None] * len(encoded)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        scores = score_batch(model, [encoded[i][0] for i in idx], [encoded[i][1] for i in idx], pad_id)
-        for i, s in zip(idx, scores):
+    out: list[TokenScores | None] = [None] * len(examples)
+    pad_id = pad_id_of(tokenizer)
+    for idx, ids, labels in length_sorted_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
+        for i, s in zip(idx, score_batch(model, ids, labels, pad_id)):
             out[i] = s
         if progress:
             progress(len(idx))

@@ -35,7 +35,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.example import Example
-from ..scoring import IGNORE, TokenScores, encode_example, pad_right
+from ..scoring import IGNORE, TokenScores, length_sorted_batches, pad_id_of, pad_right
 
 DEFAULT_KS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1, 0.2, ..., 1.0
 DEFAULT_K = 0.2  # the value of k the Min-K% papers report by default
@@ -146,16 +146,12 @@ def example_token_stats(
     """
     was_training = model.training
     model.eval()
-    encoded = [encode_example(tokenizer, ex, max_length=max_length, add_eos=False) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    out: list[TokenStats | None] = [None] * len(encoded)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids = pad_right([encoded[i][0] for i in idx], pad_id)
-        labels = pad_right([encoded[i][1] for i in idx], IGNORE)
-        for i, stats in zip(idx, token_stats(model, ids, labels, chunk_size=chunk_size)):
-            out[i] = stats
+    out: list[TokenStats | None] = [None] * len(examples)
+    pad_id = pad_id_of(tokenizer)
+    for idx, ids, labels in length_sorted_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
+        stats = token_stats(model, pad_right(ids, pad_id), pad_right(labels, IGNORE), chunk_size=chunk_size)
+        for i, st in zip(idx, stats):
+            out[i] = st
     model.train(was_training)
     return out  # type: ignore[return-value]
 
