@@ -116,6 +116,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis.suite import analyze, format_table, json_path, resolve_checkpoints
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: not a run folder (no config.yaml); make one with `overmem run` or `overmem scan`")
+    if args.data_dir:
+        args.overrides.append(f"data.data_dir={args.data_dir}")
+    if args.quiet:
+        args.overrides.append("quiet=true")
+    cfg = _run_config(run, args)
+    suite = [s.strip() for s in args.suite.split(",") if s.strip()]
+    docs = analyze(run, args.checkpoints, suite, cfg)
+    names = [t.name for t in resolve_checkpoints(run, args.checkpoints)]
+    for name, doc in docs.items():
+        print(format_table(doc, names))
+        print(f"wrote {json_path(run, name)}\n")
+    return 0
+
+
 def _print_outcome(root: Path) -> None:
     import json
 
@@ -196,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("analyze", help="behavioural analyses of chosen checkpoints", epilog=_EPILOG,
+                       description="OOD accuracy, robustness to prompt preambles, diversity, calibration, membership "
+                       "inference and pre-memorization accuracy (paper sec. 5, app. D) of checkpoints side by side; "
+                       "writes RUN/analysis/NAME.json and per-sample JSONL, and resumes. Settings: --set analysis.*")
+    p.add_argument("run", help="run folder (its config.yaml gives model and data)")
+    p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                   help="names under RUN/checkpoints (epoch-0 = base model) or model/adapter folders")
+    p.add_argument("--suite", default="ood,robustness,diversity,calibration,mia,premem",
+                   help="comma-separated analyses (default: all six)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set analysis.mia.size=200 (repeatable)")
+    p.add_argument("--data-dir", help="local data folder laid out like the datasets' own (env: OVERMEM_DATA_DIR)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze)
+
     p = sub.add_parser("demo", help="offline quickstart on the built-in synthetic task", epilog=_EPILOG,
                        description="Pretrain (cached) and finetune a tiny model on the synthetic task on the CPU, "
                        "tracking every epoch; shows over-memorization in minutes.")
@@ -203,6 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of one or more runs", epilog=_EPILOG,
+                       description="Dynamics with phases, checkpoint selection, token-level losses of a healthy and "
+                       "an over-memorized checkpoint, analyses, merges, timings, config and versions, in one HTML file "
+                       "that opens offline. Several runs (e.g. a learning-rate sweep) are overlaid and compared.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    p.add_argument("--out", help="HTML file (default: RUN/report.html of the first run)")
+    p.add_argument("--example", metavar="ID", help="test example shown first in the token view")
+    p.add_argument("--examples", type=int, default=6, metavar="N", help="test examples in the token view (default 6)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("doctor", help="versions, device, dtype support and optional extras", epilog=_EPILOG,
+                       description="What this machine can run: package versions, CUDA/MPS/CPU devices and memory, "
+                       "bf16/fp16 support (tested with a tiny op), CPU threads, and which optional extras are "
+                       "installed, with the command that installs the missing ones.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -210,6 +263,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=args.out, seed=args.seed, quiet=args.quiet)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.runs, args.out, example=args.example, n_examples=args.examples, quiet=args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from .doctor import diagnose, format_report
+
+    found = diagnose()
+    print(json.dumps(found, indent=2) if args.json else format_report(found))
     return 0
 
 

@@ -146,6 +146,84 @@ class SelectionConfig(_Strict):
     ppl_band: float = Field(0.05, ge=0)
 
 
+class _Sampled(_Strict):
+    """Settings shared by the analyses that sample: which data, how many queries, how to sample."""
+
+    data: str | None = Field(None, description="dataset spec (default: the run's first test set)")
+    size: int | None = Field(100, gt=0, description="seeded sample of queries (None: all)")
+    n_samples: int = Field(1, gt=0, description="sampled generations per query")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class OodSettings(_Strict):
+    sets: dict[str, str] | None = Field(
+        None, description="name -> dataset spec (default: the run's tests + synthetic OOD or the paper's benchmarks)")
+    id_sets: list[str] | None = Field(None, description="in-distribution set names, left out of the OOD average")
+    size: int | None = Field(None, gt=0, description="seeded sample per set (None: all)")
+
+
+class RobustnessSettings(_Strict):
+    data: str | None = Field(None, description="dataset spec (default: the run's first test set)")
+    size: int | None = Field(None, gt=0)
+    paper_preambles: bool = Field(True, description="include the paper's four preambles (sec. 5.2)")
+    preambles: dict[str, str] = Field(default_factory=dict, description="more preambles: name -> text")
+    position: Literal["response", "instruction"] = Field(
+        "response", description="where the preamble goes: opening the response, or before the question")
+
+
+class DiversitySettings(_Sampled):
+    n_samples: int = Field(8, ge=2, description="N sampled responses per query")
+    scorer: str = Field("policy_logprob", description="Best-of-N scorer: policy_logprob (offline default) "
+                        "or a reward model hub id / folder (sequence classification, one label)")
+    ead_max_n: int = Field(5, gt=0, description="EAD is averaged over n = 1..ead_max_n")
+    sbert: bool = Field(True, description="Sentence-BERT diversity (needs overmem[analysis])")
+    sbert_model: str | None = Field(None, description="sentence-transformers model (default: packaged MiniLM)")
+
+
+class CalibrationSettings(_Sampled):
+    size: int | None = Field(None, gt=0, description="seeded sample of queries (None: all)")
+    n_bins: int = Field(10, gt=0)
+
+
+class MiaSettings(_Strict):
+    members: str | None = Field(None, description="member spec (default: the run's training set)")
+    nonmembers: str | None = Field(None, description="non-member spec (default: the unseen rest of its source)")
+    size: int = Field(500, gt=0, description="members and non-members each, capped by availability")
+    ks: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)])
+    k: float = Field(0.2, gt=0, le=1, description="k of Min-K% / Min-K%++ in the table")
+
+    @field_validator("ks")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or not all(0 < k <= 1 for k in v):
+            raise ValueError("every k must lie in (0, 1]")
+        return v
+
+
+class PremSettings(_Sampled):
+    data: str | None = Field(None, description="training examples (default: the run's training set)")
+    size: int | None = Field(200, gt=0, description="seeded sample of training examples (None: all)")
+    n_samples: int = Field(5, gt=0)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    tau: float = Field(-2.4, description="memorized once log(log(ppl)) < tau: -2.4 GSM8K, -1.7 MATH")
+    compare_runs: list[str] = Field(default_factory=list, description="other run folders for the R^2")
+    test_split: str | None = Field(None, description="test split of the R^2 (default: the first test)")
+
+
+class AnalysisConfig(_Strict):
+    """`overmem analyze` settings; `seed` seeds every sample and every sampled generation."""
+
+    seed: int = 0
+    ood: OodSettings = Field(default_factory=OodSettings)
+    robustness: RobustnessSettings = Field(default_factory=RobustnessSettings)
+    diversity: DiversitySettings = Field(default_factory=DiversitySettings)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    mia: MiaSettings = Field(default_factory=MiaSettings)
+    premem: PremSettings = Field(default_factory=PremSettings)
+
+
 class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -154,6 +232,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     phases: PhaseConfig = Field(default_factory=PhaseConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     merge: list[list[str]] = Field(
         default_factory=list,
         description="checkpoint groups merged at the end of `run` and tracked, e.g. [[epoch-3, epoch-10]]",

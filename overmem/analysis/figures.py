@@ -1,0 +1,73 @@
+"""Figures of the analyses that have one: ROC curves (MIA), metric-against-k curves (diversity,
+pre-memorization). The reliability diagram lives in `calibration.py`. Each function saves PNG and
+SVG beside each other and returns both paths, PNG first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 120
+
+
+def _save(fig: Figure, path: str | Path) -> list[Path]:
+    fig.tight_layout()
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    paths = [base.with_suffix(".png"), base.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p, dpi=DPI)
+    return paths
+
+
+def plot_roc(
+    curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], float]]], path: str | Path
+) -> list[Path]:
+    """One panel per attack, one ROC curve per checkpoint: curves[attack][checkpoint] = (fpr, tpr, auroc).
+
+    Log-scaled FPR axis would hide the 5% point on small sets, so both axes are linear.
+    """
+    attacks = list(curves)
+    fig = Figure(figsize=(3.6 * len(attacks), 3.6))
+    FigureCanvasAgg(fig)
+    for i, attack in enumerate(attacks):
+        ax = fig.add_subplot(1, len(attacks), i + 1)
+        for ckpt, (fpr, tpr, auroc) in curves[attack].items():
+            ax.plot(fpr, tpr, label=f"{ckpt} (AUROC {auroc:.3f})")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="#7f7f7f", linewidth=0.8)
+        ax.axvline(0.05, linestyle=":", color="#7f7f7f", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(attack)
+        ax.set_xlabel("false positive rate")
+        if i == 0:
+            ax.set_ylabel("true positive rate")
+        ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_curves(
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str = "",
+) -> list[Path]:
+    """One panel per metric, one line per checkpoint: panels[metric][checkpoint] = (x, y)."""
+    names = list(panels)
+    fig = Figure(figsize=(4.0 * len(names), 3.6))
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        for label, (x, y) in panels[name].items():
+            ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        if ylabel and i == 0:
+            ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+    return _save(fig, path)

@@ -1,0 +1,130 @@
+"""Generations with their checked answers and model probabilities: what the sampling analyses share.
+
+`sample_answers` decodes `n_samples` responses per query (greedy when `temperature` is None,
+else seeded sampling through `overmem.generation.generate`), checks each with
+`overmem.data.answers.is_correct`, and scores each response teacher-forced under the same model
+with `overmem.scoring.score_examples` (prompt = the paper's template, response = the decoded
+text). That pass gives the token log-probs behind calibration confidence (mean token probability)
+and the offline Best-of-N score (mean token log-prob). The probabilities are the model's own
+(temperature 1), whatever temperature the samples were drawn at. Re-scoring the decoded text
+rather than keeping generate()'s scores means the response is tokenized exactly as training and
+perplexity tokenize it, and the text cut after the `#### answer` line is what gets scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data.answers import is_correct
+from ..data.example import Example, format_prompt
+from ..dynamics import bootstrap_ci
+from ..generation import generate
+from ..scoring import score_examples
+from .calibration import sequence_confidence
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode: greedy when `temperature` is None; `batch_size` prompts per generate call."""
+
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    temperature: float | None = None
+    top_p: float = 1.0
+    n_samples: int = 1
+    seed: int = 0
+    stop_at_answer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature is None and self.n_samples != 1:
+            raise ValueError("greedy decoding gives one response per query; set a temperature to sample more")
+
+
+@dataclass
+class AnalysisResult:
+    """What every analysis runner returns: aggregate metrics and one row per sample."""
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+def decode(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    decoding: Decoding,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[str]]:
+    """`decoding.n_samples` responses per prompt, in input order."""
+    sampling = decoding.temperature is not None
+    return generate(
+        model, tokenizer, prompts, max_new_tokens=decoding.max_new_tokens, batch_size=decoding.batch_size,
+        stop_at_answer=decoding.stop_at_answer, do_sample=sampling,
+        temperature=decoding.temperature if sampling else 1.0, top_p=decoding.top_p,
+        num_samples=decoding.n_samples, seed=decoding.seed, progress=progress,
+    )
+
+
+def check(examples: Sequence[Example], texts: Sequence[Sequence[str]]) -> list[list[dict[str, Any]]]:
+    """Per query, per response: {"text", "extracted", "correct"}."""
+    out = []
+    for ex, responses in zip(examples, texts):
+        rows = []
+        for text in responses:
+            extracted, ok = is_correct(text, ex.answer, ex.kind)
+            rows.append({"text": text, "extracted": extracted, "correct": bool(ok)})
+        out.append(rows)
+    return out
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    texts: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 16,
+    max_length: int = 2048,
+) -> list[list[np.ndarray]]:
+    """Token log-probs (T,) of each response under `model`, teacher-forced after the query's prompt."""
+    flat = [Example(f"{ex.id}#{j}", ex.question, text, ex.answer, ex.kind)
+            for ex, responses in zip(examples, texts) for j, text in enumerate(responses)]
+    scores = iter(score_examples(model, tokenizer, flat, batch_size=batch_size, max_length=max_length))
+    return [[next(scores).logprobs.double().numpy() for _ in responses] for responses in texts]
+
+
+def sample_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    decoding: Decoding,
+    *,
+    score_batch_size: int = 16,
+    max_length: int = 2048,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Decode, check and score: per query, per response {"text", "extracted", "correct",
+    "n_tokens", "mean_logprob", "confidence"}. An empty response has NaN mean_logprob and confidence."""
+    texts = decode(model, tokenizer, [format_prompt(ex.question) for ex in examples], decoding, progress)
+    checked = check(examples, texts)
+    logprobs = response_logprobs(model, tokenizer, examples, texts, batch_size=score_batch_size, max_length=max_length)
+    for rows, lps in zip(checked, logprobs):
+        for row, lp in zip(rows, lps):
+            empty = lp.size == 0
+            row.update(n_tokens=int(lp.size),
+                       mean_logprob=float("nan") if empty else float(lp.mean()),
+                       confidence=sequence_confidence(lp))
+    return checked
+
+
+def accuracy_ci(correct: Sequence[bool], *, n_boot: int, confidence: float, seed: int) -> dict[str, float]:
+    """{"accuracy", "ci_low", "ci_high", "n"}: mean and percentile-bootstrap interval."""
+    values = [float(c) for c in correct]
+    low, high = bootstrap_ci(values, n_boot=n_boot, confidence=confidence, seed=seed)
+    return {"accuracy": float(np.mean(values)) if values else float("nan"), "ci_low": low, "ci_high": high,
+            "n": len(values)}
