@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,9 @@ from .data.answers import is_correct
 from .data.example import Example, format_prompt
 from .generation import generate
 from .results import RunDir, append_jsonl, write_jsonl
-from .scoring import score_examples
+from .scoring import response_pieces, score_examples
+
+TOKEN_DECIMALS = 4  # per-token NLL stored in samples files: enough to shade, small on disk
 
 
 def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -68,9 +70,14 @@ def evaluate_examples(
     max_length: int,
     desc: str = "",
     quiet: bool = False,
+    token_losses: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-example rows: reference NLL, token count, perplexity, and (if enabled) the greedy
-    generation, the answer extracted from it and whether it is correct."""
+    generation, the answer extracted from it and whether it is correct.
+
+    With `token_losses`, rows also hold the question, the text of each scored response token
+    (`tokens`) and its NLL (`token_nll`, rounded to TOKEN_DECIMALS): the report's token view.
+    They come from the same forward pass, so they cost only the file space."""
     with tqdm(total=len(examples), desc=f"score {desc}", disable=quiet, leave=False) as bar:
         scores = score_examples(
             model, tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length, progress=bar.update
@@ -79,6 +86,12 @@ def evaluate_examples(
         {"id": ex.id, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens, "ppl": s.ppl, "answer": ex.answer}
         for ex, s in zip(examples, scores)
     ]
+    if token_losses:
+        for row, ex, s in zip(rows, examples, scores):
+            row.update(
+                question=ex.question, tokens=response_pieces(tokenizer, ex.response, s.n_tokens),
+                token_nll=[round(-x, TOKEN_DECIMALS) for x in s.logprobs.tolist()],
+            )
     if eval_cfg.accuracy:
         with tqdm(total=len(examples), desc=f"generate {desc}", disable=quiet, leave=False) as bar:
             texts = generate(
@@ -109,8 +122,11 @@ def evaluate_checkpoint(
     gen_cfg: GenerationConfig,
     max_length: int,
     quiet: bool = False,
+    token_splits: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Evaluate every split not yet in `run`'s dynamics; returns the new rows.
+
+    Samples of the splits in `token_splits` keep per-token losses (see `evaluate_examples`).
 
     The per-example file is written (atomically) before the dynamics row is appended, so an
     interruption leaves either both or a samples file that the next resume overwrites.
@@ -123,7 +139,7 @@ def evaluate_checkpoint(
         t0 = time.perf_counter()
         samples = evaluate_examples(
             model, tokenizer, examples, eval_cfg=eval_cfg, gen_cfg=gen_cfg, max_length=max_length,
-            desc=f"{checkpoint}/{split}", quiet=quiet,
+            desc=f"{checkpoint}/{split}", quiet=quiet, token_losses=split in token_splits,
         )
         write_jsonl(run.samples(checkpoint, split), samples)
         row = {"checkpoint": checkpoint, "epoch": epoch, "step": step, "split": split}

@@ -2,7 +2,8 @@
 
 `run` reads like the table of contents of a finetuning study: prepare the splits, evaluate the
 base model as epoch 0, finetune while evaluating every epoch checkpoint, then detect phases,
-select a checkpoint and draw the figure. Every step skips work already on disk.
+select a checkpoint, draw the figure and write the report. Every step skips work already on disk;
+each stage's wall time goes to `timings.json`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import gc
 import json
 import re
+import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +107,19 @@ def _quiet_libraries(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def _eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
+    """Evaluation settings; test splits keep per-token losses for the report's token view."""
+    tests = [s for s in tracked if s not in ("train", cfg.selection.valid_split)]
+    return dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet,
+                token_splits=tests)
+
+
+def _record_environment(run_dir: RunDir) -> None:
+    from .doctor import environment
+
+    write_json(run_dir.root / "environment.json", environment())
+
+
 def run(cfg: RunConfig) -> RunDir:
     """Finetune and track every checkpoint; resumes an existing run folder."""
     from .train.trainer import finetune
@@ -114,29 +130,56 @@ def run(cfg: RunConfig) -> RunDir:
     run_dir = RunDir(cfg.out_dir)
     _check_resumable(run_dir, cfg)
     # Everything that can fail on bad input happens before the run folder is created.
+    t0 = time.perf_counter()
     splits = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir.config, dump_config(cfg))
-    ev = dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet)
+    _record_environment(run_dir)
+    run_dir.record_timing("load data and model", time.perf_counter() - t0)
+    ev = _eval_kwargs(cfg, splits.tracked)
     evaluate_checkpoint(model, tokenizer, splits.tracked, run_dir, checkpoint="epoch-0", epoch=0, step=0, **ev)
 
     if not all((run_dir.checkpoints / f"epoch-{e}").exists() for e in range(1, cfg.train.epochs + 1)):
+        eval_seconds = 0.0
+
         # Evaluate each checkpoint while the trained model is still in memory.
         def track(name: str, m: Any, state: Any) -> None:
+            nonlocal eval_seconds
+            t = time.perf_counter()
             evaluate_checkpoint(
                 m, tokenizer, splits.tracked, run_dir, checkpoint=name,
                 epoch=round(state.epoch, 4), step=state.global_step, **ev,
             )
+            eval_seconds += time.perf_counter() - t
 
+        t0 = time.perf_counter()
         finetune(cfg, model, tokenizer, splits.train, run_dir, on_checkpoint=track)
+        run_dir.record_timing("train", time.perf_counter() - t0 - eval_seconds,
+                              "training and checkpoint saving, without the evaluations during it")
     del model
     _release_memory()
-    merge_groups(run_dir, cfg)
-    scan_checkpoints(run_dir, cfg, splits.tracked, include_base=False)
+    if cfg.merge:
+        with run_dir.timed("merge"):
+            merge_groups(run_dir, cfg)
+    scan_checkpoints(run_dir, cfg, splits.tracked, include_base=False)  # merges, and any a resume left
     finalize(run_dir, cfg)
+    write_run_report(run_dir, cfg)
     return run_dir
+
+
+def write_run_report(run_dir: RunDir, cfg: RunConfig) -> Path | None:
+    """`RUN/report.html`; a failure warns (the run's results are on disk) instead of raising."""
+    from .report import write_report
+
+    try:
+        with run_dir.timed("report"):
+            return write_report([run_dir.root], quiet=cfg.quiet)
+    except Exception as err:  # noqa: BLE001 - a report bug must not cost a finished run
+        warnings.warn(f"report not written ({type(err).__name__}: {err}); retry with `overmem report {run_dir.root}`",
+                      stacklevel=2)
+        return None
 
 
 def merge_groups(run_dir: RunDir, cfg: RunConfig) -> list[Path]:
@@ -204,7 +247,7 @@ def scan_checkpoints(
     folder: str | Path | None = None,
 ) -> None:
     """Evaluate every checkpoint (and the base as epoch 0) not yet in the dynamics."""
-    ev = dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet)
+    ev = _eval_kwargs(cfg, tracked)
     done = run_dir.done()
     todo = [c for c in find_checkpoints(folder or run_dir.root)
             if any((c.name, s) not in done for s in tracked)] if (folder or run_dir.checkpoints.exists()) else []
@@ -237,8 +280,11 @@ def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
     run_dir.root.mkdir(parents=True, exist_ok=True)
     if not run_dir.config.exists():
         atomic_write_text(run_dir.config, dump_config(cfg))
-    scan_checkpoints(run_dir, cfg, splits.tracked, folder=folder)
+    _record_environment(run_dir)
+    with run_dir.timed("evaluate checkpoints", "loading included"):
+        scan_checkpoints(run_dir, cfg, splits.tracked, folder=folder)
     finalize(run_dir, cfg)
+    write_run_report(run_dir, cfg)
     return run_dir
 
 

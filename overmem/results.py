@@ -7,6 +7,9 @@ RUN/
   dynamics.jsonl              one row per checkpoint x split
   samples/<checkpoint>/<split>.jsonl   one row per example
   phases.json  selection.json  dynamics.png  dynamics.svg
+  timings.json                wall time of each stage (train, merge, ...); evaluations: `seconds` in dynamics
+  environment.json            versions and hardware of the machine that ran it
+  report.html                 everything above in one self-contained page (`overmem report`)
 ```
 Writes are atomic (temp file + rename) and `dynamics.jsonl` is append-only with one complete
 line per write, so a killed run never leaves a partial result that a resume would trust.
@@ -17,11 +20,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 DYNAMICS = "dynamics.jsonl"
+TIMINGS = "timings.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -114,6 +120,29 @@ class RunDir:
 
     def read_dynamics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.dynamics)
+
+    @property
+    def timings(self) -> Path:
+        return self.root / TIMINGS
+
+    def read_timings(self) -> list[dict[str, Any]]:
+        return json.loads(self.timings.read_text()) if self.timings.exists() else []
+
+    def record_timing(self, stage: str, seconds: float, note: str | None = None) -> None:
+        """Add one stage's wall time to `timings.json` (a resumed run adds entries, never
+        replaces them: the report sums them per stage)."""
+        entry: dict[str, Any] = {"stage": stage, "seconds": round(seconds, 3),
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if note:
+            entry["note"] = note
+        write_json(self.timings, [*self.read_timings(), entry])
+
+    @contextmanager
+    def timed(self, stage: str, note: str | None = None) -> Iterator[None]:
+        """Record the wall time of the block as `stage` if it finishes."""
+        t0 = time.perf_counter()
+        yield
+        self.record_timing(stage, time.perf_counter() - t0, note)
 
     def done(self) -> set[tuple[str, str]]:
         """(checkpoint, split) pairs already evaluated."""

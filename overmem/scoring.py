@@ -128,3 +128,27 @@ def score_examples(
             progress(len(idx))
     model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def response_pieces(tokenizer: PreTrainedTokenizerBase, response: str, n_tokens: int) -> list[str]:
+    """The text of each of the first `n_tokens` response tokens, as `encode_example` tokenizes
+    the response: joined, the pieces give the scored part of `response` exactly.
+
+    Fast tokenizers give character offsets; each piece runs from its token's start to the next
+    token's start, so whitespace a tokenizer leaves out of every span goes with the token before
+    it (and tokens that share one character, like byte pieces of one emoji, give "" but the last).
+    Slow tokenizers are decoded prefix by prefix.
+    """
+    if n_tokens == 0:
+        return []
+    if tokenizer.is_fast:
+        enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [0]
+        for s, _ in enc["offset_mapping"][1:]:
+            starts.append(max(starts[-1], s))  # offsets never run backwards
+        ids = enc["input_ids"]
+        ends = starts[1:n_tokens + 1] if n_tokens < len(ids) else starts[1:] + [len(response)]
+        return [response[s:e] for s, e in zip(starts[:n_tokens], ends)]
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"][:n_tokens]
+    prefixes = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
+    return [b[len(a):] if b.startswith(a) else b for a, b in zip(["", *prefixes], prefixes)]
