@@ -45,6 +45,8 @@ class OverMemorizationCallback(TrainerCallback):
         every: "epoch" (each epoch end) or "evaluate" (each time the Trainer evaluates).
         on_onset: "warn" (log a warning), "stop" (also stop training) or "mark" (only record).
         include_base: evaluate the model before training as `epoch-0`.
+        token_splits: splits whose samples keep per-token losses for the report's token view
+            (default: `phase_split`).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class OverMemorizationCallback(TrainerCallback):
         on_onset: Literal["warn", "stop", "mark"] = "warn",
         include_base: bool = True,
         quiet: bool = True,
+        token_splits: Sequence[str] | None = None,
     ):
         if not splits:
             raise ValueError("OverMemorizationCallback: give at least one split to track")
@@ -72,6 +75,7 @@ class OverMemorizationCallback(TrainerCallback):
         self.gen_cfg = gen_cfg or GenerationConfig()
         self.max_length = max_length
         self.phase_split = phase_split or list(self.splits)[-1]
+        self.token_splits = [self.phase_split] if token_splits is None else list(token_splits)
         self.rule = rule or PhaseRule()
         self.every = every
         self.on_onset = on_onset
@@ -102,6 +106,7 @@ class OverMemorizationCallback(TrainerCallback):
             model, self.tokenizer, self.splits, self.run, checkpoint=name,
             epoch=None if epoch is None else round(float(epoch), 4), step=step,
             eval_cfg=self.eval_cfg, gen_cfg=self.gen_cfg, max_length=self.max_length, quiet=self.quiet,
+            token_splits=self.token_splits,
         )
         metrics = {}
         for row in new:

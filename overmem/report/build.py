@@ -18,9 +18,11 @@ from typing import Any
 import yaml
 
 from ..phases import PHASES, PhaseReport, detect_phases, test_split_names
-from ..plotting import PHASE_COLORS, plot_dynamics, plot_runs
+from ..plotting import plot_dynamics, plot_runs
 from ..results import RunDir, atomic_write_text
-from .html import Section, details, esc, fmt, image_file, kv_table, note, page, pct, pre, render_sections, table
+from .html import (
+    Section, details, esc, fmt, image_file, kv_table, note, page, pct, phase_chip, pre, render_sections, table,
+)
 from .tokens import token_view
 
 REPORT = "report.html"
@@ -168,7 +170,7 @@ def summary_body(res: RunResults) -> str:
     if res.selection:
         rec = res.selection["choices"]["recommended"]
         facts["recommended checkpoint"] = rec["checkpoint"]
-        facts["its mean test accuracy"] = fmt(rec.get("mean_test_accuracy"))
+        facts["its mean test accuracy"] = fmt(rec.get("mean_test_accuracy"), 3)
     return text + kv_table(facts)
 
 
@@ -185,10 +187,10 @@ def dynamics_body(res: RunResults) -> str:
     cps = res.phases["checkpoints"]
     rows = [
         [esc(c["checkpoint"]), fmt(c["epoch"]), fmt(c["ppl"]), f"{c['ppl_ratio']:.2f}", fmt(c["accuracy"], 3),
-         fmt(c["acc_drop"], 3), _chip(c["label"])]
+         fmt(c["acc_drop"], 3), phase_chip(c["label"])]
         for c in cps
     ]
-    legend = " ".join(_chip(p) for p in PHASES if any(c["label"] == p for c in cps))
+    legend = " ".join(phase_chip(p) for p in PHASES if any(c["label"] == p for c in cps))
     cols = ["checkpoint", "epoch", "ppl", "ppl / min so far", "accuracy", "drop from best so far", "phase"]
     return (fig + f"<p>Phases on <b>{esc(res.phases['split'])}</b> (rule: {esc(_rule_text(res.phases))}): {legend}</p>"
             + table(cols, rows, raw=True))
@@ -198,12 +200,6 @@ def _rule_text(phases: Mapping[str, Any]) -> str:
     r = phases.get("rule", {})
     return (f"over-memorized when ppl ≥ (1 + {r.get('eps')}) × its minimum so far while accuracy stays within "
             f"{r.get('delta')} of its best so far; learned at {r.get('learn_frac')} × best accuracy")
-
-
-def _chip(label: str) -> str:
-    dark = label in ("low_accuracy", "over_memorized", "overfitting")
-    return (f'<span class="chip" style="background:{PHASE_COLORS.get(label, "#ddd")};color:{"#fff" if dark else "#111"}">'
-            f"{esc(label.replace('_', ' '))}</span>")
 
 
 def selection_body(res: RunResults) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..plotting import PHASE_COLORS
+
 MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
         ".gif": "image/gif", ".webp": "image/webp"}
 
@@ -76,6 +78,13 @@ def image_file(path: Path, alt: str) -> str:
     return image(path.read_bytes(), mime, alt)
 
 
+def phase_chip(label: str) -> str:
+    """A phase label in its figure colour."""
+    dark = label in ("low_accuracy", "over_memorized", "overfitting")
+    return (f'<span class="chip" style="background:{PHASE_COLORS.get(label, "#ddd")};color:{"#fff" if dark else "#111"}">'
+            f"{esc(label.replace('_', ' '))}</span>")
+
+
 def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
@@ -133,7 +142,7 @@ th { background: #efeff4; }
 td:first-child, th:first-child, table.kv td { text-align: left; }
 caption { text-align: left; font-weight: 600; padding: 4px 0; }
 tr.recommended td { background: #fff4bf; font-weight: 600; }
-td.reason { text-align: left; font-size: 12px; color: #444; max-width: 520px; }
+.reason { display: block; text-align: left; font-size: 12px; font-weight: normal; color: #444; min-width: 260px; }
 img.figure { max-width: 100%; height: auto; display: block; margin: 8px 0; background: #fff;
              border: 1px solid #e4e4e7; }
 .note { color: #555; font-style: italic; }

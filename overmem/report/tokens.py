@@ -21,9 +21,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
-from ..plotting import PHASE_COLORS
 from ..results import RunDir, read_jsonl
-from .html import esc, note
+from .html import esc, note, phase_chip
 
 # A sentence ends at a newline, or at . ! ? followed by whitespace or the end (so "3.5" is one number).
 _SENTENCE_END = re.compile(r"(?:[.!?]+(?=\s|$)|\n)\s*")
@@ -107,14 +106,14 @@ def choose_checkpoints(phases: Mapping[str, Any]) -> CheckpointPair | None:
         # Perplexity never rose above its minimum: show how training got there instead.
         first = cps[0]
         return CheckpointPair(phases["split"], first["checkpoint"], first["label"], h["checkpoint"], h["label"],
-                              f"perplexity never rose above its minimum, so there is no over-memorized checkpoint: "
-                              f"left: {first['checkpoint']}, the first checkpoint; right: {h['checkpoint']}, the "
+                              f"Perplexity never rose above its minimum, so there is no over-memorized checkpoint. "
+                              f"Left: {first['checkpoint']}, the first checkpoint; right: {h['checkpoint']}, the "
                               "lowest perplexity")
     why_h = "lowest perplexity among healthy checkpoints" if healthy else "lowest perplexity (no checkpoint is healthy)"
     why_l = ("last over-memorized checkpoint" if om
              else f"last checkpoint (labelled {late['label'].replace('_', ' ')}; none is over-memorized)")
     return CheckpointPair(phases["split"], h["checkpoint"], h["label"], late["checkpoint"], late["label"],
-                          f"left: {h['checkpoint']}, {why_h}; right: {late['checkpoint']}, {why_l}")
+                          f"Left: {h['checkpoint']}, {why_h}; right: {late['checkpoint']}, {why_l}")
 
 
 def choose_examples(
@@ -214,15 +213,13 @@ def _tokens_html(losses: TokenLosses, vmax: float) -> str:
 
 def _panel(view: ExampleView, ckpt: str, label: str, vmax: float) -> str:
     losses, row = view.losses[ckpt], view.rows.get(ckpt, {})
-    chip = (f'<span class="chip" style="background:{PHASE_COLORS.get(label, "#ddd")};'
-            f'color:{"#fff" if label in ("low_accuracy", "over_memorized", "overfitting") else "#111"}">'
-            f'{esc(label.replace("_", " "))}</span>')
     verdict = ""
     if "correct" in row:
-        verdict = f" · greedy answer {esc(row.get('extracted'))}: {'correct' if row['correct'] else 'wrong'}"
+        answer = "no answer" if row.get("extracted") is None else f"answer {esc(row['extracted'])}"
+        verdict = f" · greedy decoding: {answer}, {'correct' if row['correct'] else 'wrong'}"
     gen = (f"<details><summary>the checkpoint's own greedy solution</summary><pre>{esc(row['generation'])}</pre></details>"
            if row.get("generation") is not None else "")
-    return (f'<div class="panel"><h4>{esc(ckpt)} {chip}</h4>'
+    return (f'<div class="panel"><h4>{esc(ckpt)} {phase_chip(label)}</h4>'
             f"<div>reference perplexity <b>{losses.ppl:.3f}</b>{verdict}</div>"
             f'<div class="tokens">{_tokens_html(losses, vmax)}</div>{gen}</div>')
 
