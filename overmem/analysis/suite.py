@@ -20,7 +20,8 @@ NAME.json:
      "settings": {...},                      every setting used, data specs resolved
      "checkpoints": {ckpt: {metric: value}}, in training order; "epoch" and "step" included
      "table": {"columns": ["checkpoint", ...], "rows": [[ckpt, value, ...], ...]},
-     "figures": ["analysis/mia_roc.png", ...],   paths relative to RUN
+     "figures": ["analysis/mia_roc.png", ...],   paths relative to RUN (PNG; an SVG lies beside each)
+     "figures_of": [ckpt, ...],             the checkpoints the figures show (analyses with figures)
      "samples": {ckpt: "analysis/NAME/ckpt.jsonl"}}
 
 plus, for premem only, "r2" (PM against test accuracy across runs, or null with the reason) and
@@ -29,7 +30,8 @@ lists or null; undefined numbers (NaN) are written as null.
 
 Resuming: a checkpoint listed in NAME.json whose samples file exists is done and is skipped.
 The samples file is written (atomically) before NAME.json lists the checkpoint, so an
-interruption leaves at most a samples file that the next run overwrites. NAME.json records the
+interruption leaves at most a samples file that the next run overwrites. Figures are drawn once
+per invocation, after the last checkpoint, and redrawn by the next invocation if one was cut short. NAME.json records the
 settings; analysing more checkpoints with different settings is refused with the setting named.
 Everything that can fail on bad input (analysis names, checkpoints, data, settings) is checked
 before anything is written.
@@ -207,8 +209,9 @@ class Analysis:
 
     `prepare(ctx)` returns (settings recorded in NAME.json, data handed to `run`, progress total);
     `run(ctx, data, model, tokenizer, progress)` gives an `AnalysisResult`; `columns(settings)`
-    lists (column label, metric key) of the table; `finish(ctx, doc)` adds derived values and
-    figures once the checkpoints' results are in (optional).
+    lists (column label, metric key) of the table; `finish(ctx, doc)` adds values derived from
+    several checkpoints (optional); `figures(ctx, doc, fresh)` draws the figures of all checkpoints
+    in `doc` (those in `fresh` were just computed) and returns their paths relative to RUN (optional).
     """
 
     name: str
@@ -217,6 +220,7 @@ class Analysis:
     run: Callable[[Context, Any, PreTrainedModel, PreTrainedTokenizerBase, Progress], AnalysisResult]
     columns: Callable[[dict[str, Any]], list[tuple[str, str]]]
     finish: Callable[[Context, dict[str, Any]], None] | None = None
+    figures: Callable[[Context, dict[str, Any], set[str]], list[str]] | None = None
 
 
 def _prepare_ood(ctx: Context):
@@ -316,15 +320,14 @@ def _diversity_columns(settings):
     return cols + ([("SBERT", "sbert")] if settings.get("sbert") else [])
 
 
-def _finish_diversity(ctx: Context, doc: dict[str, Any]) -> None:
+def _diversity_figures(ctx: Context, doc: dict[str, Any], fresh: set[str]) -> list[str]:
     n = doc["settings"]["n_samples"]
     ks = list(range(1, n + 1))
     panels = {"Pass@k": {}, "Best-of-k": {}}
     for ckpt, m in doc["checkpoints"].items():
         panels["Pass@k"][ckpt] = (ks, [m[f"pass@{k}"] for k in ks])
         panels["Best-of-k"][ckpt] = (ks, [m[f"bon@{k}"] for k in ks])
-    doc["figures"] = [_figure(ctx, plot_curves(panels, ctx.run.root / ANALYSIS_DIR / "diversity", xlabel="k",
-                                               ylabel="accuracy"))]
+    return [_figure(ctx, plot_curves(panels, ctx.run.root / ANALYSIS_DIR / "diversity", xlabel="k", ylabel="accuracy"))]
 
 
 def _prepare_calibration(ctx: Context):
@@ -341,16 +344,20 @@ def _run_calibration(ctx, examples, model, tok, progress):
                                         max_length=ctx.cfg.train.max_length, progress=progress)
 
 
-def _finish_calibration(ctx: Context, doc: dict[str, Any]) -> None:
+def _calibration_figures(ctx: Context, doc: dict[str, Any], fresh: set[str]) -> list[str]:
+    """One reliability diagram per checkpoint; only new or missing ones are drawn."""
     figures = []
     for ckpt in doc["checkpoints"]:
+        out = ctx.run.root / ANALYSIS_DIR / "calibration" / f"{ckpt}_reliability"
         rows = [r for r in read_jsonl(ctx.run.root / doc["samples"][ckpt]) if r["n_tokens"] > 0]
-        if rows:
+        if not rows:
+            continue
+        if ckpt in fresh or not out.with_suffix(".png").exists():
             bins = calibration.reliability_bins([r["confidence"] for r in rows], [r["correct"] for r in rows],
                                                 doc["settings"]["n_bins"])
-            out = ctx.run.root / ANALYSIS_DIR / "calibration" / f"{ckpt}_reliability"
-            figures.append(_figure(ctx, calibration.plot_reliability(bins, out, title=ckpt)))
-    doc["figures"] = figures
+            calibration.plot_reliability(bins, out, title=ckpt)
+        figures.append(_relative(ctx, out.with_suffix(".png")))
+    return figures
 
 
 def _prepare_mia(ctx: Context):
@@ -391,14 +398,14 @@ def _mia_columns(settings):
             for label, key in (("AUROC", "auroc"), ("TPR@5%FPR", "tpr_at_5fpr"))]
 
 
-def _finish_mia(ctx: Context, doc: dict[str, Any]) -> None:
+def _mia_figures(ctx: Context, doc: dict[str, Any], fresh: set[str]) -> list[str]:
     curves: dict[str, dict[str, tuple]] = {a: {} for a in _mia_attacks(doc["settings"])}
     for ckpt in doc["checkpoints"]:
         rows = [r for r in read_jsonl(ctx.run.root / doc["samples"][ckpt]) if r["n_tokens"] > 0]
         for attack in curves:
             roc = mia.roc_metrics([r[attack] for r in rows], [r["member"] for r in rows])
             curves[attack][ckpt] = (roc["fpr"], roc["tpr"], roc["auroc"])
-    doc["figures"] = [_figure(ctx, plot_roc(curves, ctx.run.root / ANALYSIS_DIR / "mia_roc"))]
+    return [_figure(ctx, plot_roc(curves, ctx.run.root / ANALYSIS_DIR / "mia_roc"))]
 
 
 def _prepare_premem(ctx: Context):
@@ -450,29 +457,42 @@ def _finish_premem(ctx: Context, doc: dict[str, Any]) -> None:
         write_jsonl(ranking_path, [{"rank": i + 1, "id": ex_id, "pm": pm, "acc": acc_last[ex_id], "checkpoint": ordered[-1]}
                                    for i, (ex_id, pm) in enumerate(premem.rank_examples(ids, last))])
         doc["ranking"] = _relative(ctx, ranking_path)
-        x = list(range(len(ordered)))
-        panels = {"pre-memorization accuracy": {"PM": (x, list(means)),
-                                                "train accuracy": (x, [doc["checkpoints"][c]["train_accuracy"]
-                                                                       for c in ordered])}}
-        path = plot_curves(panels, ctx.run.root / ANALYSIS_DIR / "premem", xlabel="checkpoint (" + ", ".join(ordered) + ")")
-        doc["figures"] = [_figure(ctx, path)]
     doc["r2"] = _premem_r2(ctx, doc)
 
 
+def _premem_figures(ctx: Context, doc: dict[str, Any], fresh: set[str]) -> list[str]:
+    """PM and sampled train accuracy against the checkpoints in training order."""
+    ordered = [c for c, m in doc["checkpoints"].items() if m.get("pm") is not None]
+    if not ordered:
+        return []
+    x = list(range(len(ordered)))
+    series = {label: (x, [doc["checkpoints"][c][key] for c in ordered])
+              for label, key in (("PM", "pm"), ("train accuracy", "train_accuracy"))}
+    path = plot_curves({"pre-memorization accuracy": series}, ctx.run.root / ANALYSIS_DIR / "premem",
+                       xlabel="checkpoint (" + ", ".join(ordered) + ")")
+    return [_figure(ctx, path)]
+
+
 def _premem_r2(ctx: Context, doc: dict[str, Any]) -> dict[str, Any]:
-    """R^2 of dataset PM against test accuracy, one point per (run, checkpoint) with both."""
-    split = doc["settings"]["test_split"]
+    others = [(Path(r), _read_json(Path(r) / ANALYSIS_DIR / "premem.json")) for r in doc["settings"]["compare_runs"]]
+    return premem_r2([(ctx.run.root, doc), *[(r, d) for r, d in others if d is not None]],
+                     doc["settings"]["test_split"])
+
+
+def premem_r2(runs: Sequence[tuple[str | Path, Mapping[str, Any]]], test_split: str | None) -> dict[str, Any]:
+    """R^2 of dataset PM against test accuracy (Kang et al.), one point per (run, checkpoint) that has
+    both a PM value (in the run's premem.json content) and a `test_split` accuracy in its dynamics.
+
+    Returns {"test_split", "points": [{"run", "checkpoint", "pm", "test_accuracy"}], "value"} with
+    value null and a "reason" when R^2 is undefined (fewer than 2 points, constant x or y).
+    """
     points = []
-    runs = [(str(ctx.run.root), doc), *[(r, _read_json(Path(r) / ANALYSIS_DIR / "premem.json"))
-                                        for r in doc["settings"]["compare_runs"]]]
-    for run_root, d in runs:
-        if d is None:
-            continue
+    for run_root, doc in runs:
         acc = {r["checkpoint"]: r["accuracy"] for r in RunDir(run_root).read_dynamics()
-               if r["split"] == split and r.get("accuracy") is not None}
-        points += [{"run": run_root, "checkpoint": c, "pm": m["pm"], "test_accuracy": acc[c]}
-                   for c, m in d["checkpoints"].items() if m.get("pm") is not None and c in acc]
-    out: dict[str, Any] = {"test_split": split, "points": points, "value": None}
+               if r["split"] == test_split and r.get("accuracy") is not None}
+        points += [{"run": str(run_root), "checkpoint": c, "pm": m["pm"], "test_accuracy": acc[c]}
+                   for c, m in doc["checkpoints"].items() if m.get("pm") is not None and c in acc]
+    out: dict[str, Any] = {"test_split": test_split, "points": points, "value": None}
     try:
         out["value"] = premem.r_squared([p["pm"] for p in points], [p["test_accuracy"] for p in points])
     except ValueError as err:
@@ -491,14 +511,16 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in (
              _run_robustness,
              lambda s: [("w/o perturb", robustness.UNPERTURBED), *[(n, n) for n in s["preambles"]], ("Avg", "avg")]),
     Analysis("diversity", "Pass@k, Best-of-N, EAD and Sentence-BERT diversity of N samples (Fig. 5, Table 8)",
-             _prepare_diversity, _run_diversity, _diversity_columns, _finish_diversity),
+             _prepare_diversity, _run_diversity, _diversity_columns, figures=_diversity_figures),
     Analysis("calibration", "ECE of sampled answers, confidence = mean token probability (App. D.1)",
              _prepare_calibration, _run_calibration,
-             lambda s: [("ECE", "ece"), ("accuracy", "accuracy"), ("confidence", "confidence")], _finish_calibration),
+             lambda s: [("ECE", "ece"), ("accuracy", "accuracy"), ("confidence", "confidence")],
+             figures=_calibration_figures),
     Analysis("mia", "Membership inference on training vs unseen references (App. D.2, Table 7)", _prepare_mia,
-             _run_mia, _mia_columns, _finish_mia),
+             _run_mia, _mia_columns, figures=_mia_figures),
     Analysis("premem", "Pre-memorization train accuracy (Kang et al. 2025)", _prepare_premem, _run_premem,
-             lambda s: [("train acc", "train_accuracy"), ("memorized", "memorized"), ("PM", "pm")], _finish_premem),
+             lambda s: [("train acc", "train_accuracy"), ("memorized", "memorized"), ("PM", "pm")], _finish_premem,
+             _premem_figures),
 )}
 
 
@@ -544,7 +566,7 @@ def _table(analysis: Analysis, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
-    for key in sorted(set(old) | set(new)):
+    for key in [*new, *[k for k in old if k not in new]]:
         if old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} then, {new.get(key)!r} now"
     return None
@@ -587,7 +609,7 @@ def analyze(
         prepared[name], docs[name] = (data, total), doc
 
     todo = [(t, name) for t in targets for name in suite if not _done(run.root, docs[name], t.name)]
-    tokenizer = None
+    tokenizer, fresh = None, {}
     with tqdm(total=len(todo), desc="analyses", disable=cfg.quiet) as bar:
         for target in targets:
             names = [n for t, n in todo if t is target]
@@ -601,10 +623,25 @@ def analyze(
                 with tqdm(total=total, desc=f"{name} {target.name}", disable=cfg.quiet or not total, leave=False) as inner:
                     result = ANALYSES[name].run(ctx, data, model, tokenizer, inner.update)
                 _record(ctx, ANALYSES[name], docs[name], target, result)
+                fresh.setdefault(name, set()).add(target.name)
                 bar.update()
             del model
             _release_memory()
+    for name in suite:
+        _draw_figures(ctx, ANALYSES[name], docs[name], fresh.get(name, set()))
     return docs
+
+
+def _draw_figures(ctx: Context, analysis: Analysis, doc: dict[str, Any], fresh: set[str]) -> None:
+    """Figures once per invocation, after all its checkpoints; also when an interrupted invocation
+    left them behind the results (`figures_of` lists the checkpoints the figures show)."""
+    if analysis.figures is None or not doc["checkpoints"]:
+        return
+    if not fresh and doc.get("figures_of") == list(doc["checkpoints"]):
+        return
+    doc["figures"] = analysis.figures(ctx, doc, fresh)
+    doc["figures_of"] = list(doc["checkpoints"])
+    write_json(json_path(ctx.run.root, analysis.name), _clean(doc))
 
 
 def _done(run_root: Path, doc: Mapping[str, Any], checkpoint: str) -> bool:
