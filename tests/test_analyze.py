@@ -548,3 +548,11 @@ def test_sentence_bert_diversity_end_to_end(tiny_run, toy_jsonl):
     doc = json.loads((tiny_run / "analysis" / "diversity.json").read_text())
     sb = doc["checkpoints"]["epoch-1"]["sbert"]
     assert sb is not None and -1e-6 <= sb <= 2
+
+
+def test_analyze_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: overmem analyze" in text and "--checkpoints" in text and "--suite" in text

@@ -51,7 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..config import ConfigError, RunConfig
+from ..config import AnalysisConfig, ConfigError, RunConfig
 from ..data.example import Example
 from ..pipeline import _quiet_libraries, _release_memory  # shared with run/scan
 from ..results import RunDir, read_jsonl, write_json, write_jsonl
@@ -136,7 +136,7 @@ class Context:
     cfg: RunConfig
 
     @property
-    def settings(self):  # -> overmem.config.AnalysisConfig
+    def settings(self) -> AnalysisConfig:
         return self.cfg.analysis
 
     def load(self, spec: str, size: int | None = None) -> list[Example]:
@@ -362,12 +362,16 @@ def _calibration_figures(ctx: Context, doc: dict[str, Any], fresh: set[str]) -> 
 
 def _prepare_mia(ctx: Context):
     s = ctx.settings.mia
-    if s.members is None or s.nonmembers is None:
-        train, unseen, train_desc, unseen_desc = ctx.pools
-    members = ctx.load(s.members) if s.members else train
-    nonmembers = ctx.load(s.nonmembers) if s.nonmembers else unseen
-    members_desc = s.members or f"the run's training set ({train_desc})"
-    nonmembers_desc = s.nonmembers or f"unseen: {unseen_desc}"
+    if s.members:
+        members, members_desc = ctx.load(s.members), s.members
+    else:
+        members, train_desc = _train_only(ctx)
+        members_desc = f"the run's training set ({train_desc})"
+    if s.nonmembers:
+        nonmembers, nonmembers_desc = ctx.load(s.nonmembers), s.nonmembers
+    else:
+        _, nonmembers, _, unseen_desc = ctx.pools
+        nonmembers_desc = f"unseen: {unseen_desc}"
     if not members or not nonmembers:
         which = "members" if not members else "nonmembers"
         raise ConfigError(f"analysis.mia.{which}: no examples ({members_desc if which == 'members' else nonmembers_desc})")
@@ -411,7 +415,8 @@ def _mia_figures(ctx: Context, doc: dict[str, Any], fresh: set[str]) -> list[str
 def _prepare_premem(ctx: Context):
     s = ctx.settings.premem
     if s.data is None:
-        train, _, desc, _ = _train_only(ctx)
+        train, desc = _train_only(ctx)
+        desc = f"the run's training set ({desc})"
         examples = _sample(train, s.size, ctx.settings.seed)
     else:
         desc = s.data
@@ -426,13 +431,13 @@ def _prepare_premem(ctx: Context):
     return settings, examples, len(examples)
 
 
-def _train_only(ctx: Context) -> tuple[list[Example], None, str, None]:
-    """The run's training set, without requiring an unseen pool (premem needs none)."""
+def _train_only(ctx: Context) -> tuple[list[Example], str]:
+    """The run's training set and its description, without requiring an unseen pool."""
     try:
         train, _, desc, _ = ctx.pools
     except ConfigError:
         train, desc = ctx.load(ctx.cfg.data.train), ctx.cfg.data.train
-    return train, None, f"the run's training set ({desc})", None
+    return train, desc
 
 
 def _run_premem(ctx, examples, model, tok, progress):
