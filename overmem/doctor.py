@@ -131,7 +131,7 @@ def extras() -> list[dict[str, Any]]:
 def diagnose() -> dict[str, Any]:
     """Everything `overmem doctor` reports, as plain data."""
     hw = hardware()
-    return {**environment(), "dtypes": dtype_support(hw["device"]), "extras": extras()}
+    return {"versions": versions(), "hardware": hw, "dtypes": dtype_support(hw["device"]), "extras": extras()}
 
 
 def format_report(d: dict[str, Any]) -> str:

@@ -298,6 +298,7 @@ def evaluate_model(
     """
     from .data.datasets import load_dataset_spec, parse_spec
 
+    _quiet_libraries(cfg.quiet)
     spec = parse_spec(data, seed=cfg.data.seed)
     examples = load_dataset_spec(spec, data_dir=cfg.data.data_dir, field_map=cfg.data.field_map if spec.is_file else None,
                                  sample=cfg.data.test_size, seed=cfg.data.seed)

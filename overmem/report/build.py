@@ -360,7 +360,7 @@ def comparison_body(results: Sequence[RunResults]) -> str:
         best = f"{p['acc_best']:.3f} ({p['acc_best_checkpoint']})" if p.get("acc_best") is not None else None
         last_ratio = p["checkpoints"][-1]["ppl_ratio"] if p.get("checkpoints") else None
         rows.append([r.label, r.setting("train.method"), r.setting("train.loss"), r.setting("train.lr"), best,
-                     p.get("onset") or ("none" if p else None), rec.get("checkpoint"), rec.get("mean_test_accuracy"),
+                     p.get("onset") or ("none" if p else None), rec.get("checkpoint"), fmt(rec.get("mean_test_accuracy"), 3),
                      None if last_ratio is None else f"{last_ratio:.2f}"])
     differs = [k for k in ("method", "loss") if len({str(r.setting(f"train.{k}")) for r in results}) > 1]
     text = (f"<p>The runs differ in training {' and '.join(differs)}: the table compares these mitigations.</p>"
