@@ -57,7 +57,10 @@ class RunResults:
             out.config = yaml.safe_load(out.config_text) or {}
         out.phases = _read_json(run.root / "phases.json")
         if out.phases is None and test_split_names(rows):  # e.g. a callback run: detect with the default rule
-            out.phases = detect_phases(rows).to_dict()
+            try:
+                out.phases = detect_phases(rows).to_dict()
+            except ValueError:  # no training-curve rows to label
+                pass
         out.selection = _read_json(run.root / "selection.json")
         out.environment = _read_json(run.root / "environment.json")
         for path in sorted((run.root / "analysis").glob("*.json")):
@@ -155,6 +158,7 @@ def run_sections(
 
 
 def summary_body(res: RunResults) -> str:
+    """The phase rule's paragraph and the run's landmarks."""
     splits = list(dict.fromkeys(r["split"] for r in res.rows))
     ckpts = list(dict.fromkeys(r["checkpoint"] for r in res.rows))
     facts: dict[str, Any] = {"checkpoints evaluated": len(ckpts), "splits": ", ".join(splits)}
@@ -175,6 +179,7 @@ def summary_body(res: RunResults) -> str:
 
 
 def dynamics_body(res: RunResults) -> str:
+    """The dynamics figure (drawn afresh from `dynamics.jsonl`) and each checkpoint's phase."""
     report = PhaseReport.model_validate(res.phases) if res.phases else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -203,6 +208,7 @@ def _rule_text(phases: Mapping[str, Any]) -> str:
 
 
 def selection_body(res: RunResults) -> str:
+    """`selection.json` as the paper's Table 4, the recommended row highlighted."""
     sel = res.selection
     assert sel is not None
     valid, tests = sel["valid_split"], sel["test_splits"]
@@ -282,6 +288,7 @@ def analysis_body(root: Path, data: Mapping[str, Any]) -> str:
 
 
 def timings_body(res: RunResults) -> str:
+    """Stage wall times (`timings.json`) and evaluation time per checkpoint and split."""
     parts = []
     if res.timings:
         totals: dict[str, list[Any]] = {}
@@ -315,6 +322,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def setup_body(res: RunResults) -> str:
+    """Main settings, the resolved config, and the versions and hardware of `environment.json`."""
     parts = []
     if res.config:
         t = res.config.get("train", {})
@@ -328,7 +336,8 @@ def setup_body(res: RunResults) -> str:
     if env:
         hw = env.get("hardware", {})
         gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in hw.get("gpus", [])) or "none"
-        parts.append("<h4>Versions</h4>" + kv_table({k: v or "not installed" for k, v in env.get("versions", {}).items()}))
+        versions = {k: v or "not installed" for k, v in env.get("versions", {}).items()}
+        parts.append("<h4>Versions</h4>" + kv_table(versions))
         parts.append("<h4>Hardware</h4>" + kv_table({
             "device": hw.get("device"), "GPUs": gpus, "CPU": hw.get("cpu"), "logical cores": hw.get("cpu_count"),
             "torch threads": hw.get("torch_threads"), "memory (GiB)": hw.get("memory_gib"),
@@ -360,7 +369,8 @@ def comparison_body(results: Sequence[RunResults]) -> str:
         best = f"{p['acc_best']:.3f} ({p['acc_best_checkpoint']})" if p.get("acc_best") is not None else None
         last_ratio = p["checkpoints"][-1]["ppl_ratio"] if p.get("checkpoints") else None
         rows.append([r.label, r.setting("train.method"), r.setting("train.loss"), r.setting("train.lr"), best,
-                     p.get("onset") or ("none" if p else None), rec.get("checkpoint"), fmt(rec.get("mean_test_accuracy"), 3),
+                     p.get("onset") or ("none" if p else None), rec.get("checkpoint"),
+                     fmt(rec.get("mean_test_accuracy"), 3),
                      None if last_ratio is None else f"{last_ratio:.2f}"])
     differs = [k for k in ("method", "loss") if len({str(r.setting(f"train.{k}")) for r in results}) > 1]
     text = (f"<p>The runs differ in training {' and '.join(differs)}: the table compares these mitigations.</p>"

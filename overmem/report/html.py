@@ -22,6 +22,7 @@ MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jp
 
 
 def esc(x: Any) -> str:
+    """`x` as text safe inside HTML elements and attributes."""
     return html.escape(str(x), quote=True)
 
 
@@ -41,6 +42,7 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 
 def pct(v: float | None) -> str:
+    """A fraction as a percentage with one decimal."""
     return "–" if v is None else f"{100 * v:.1f}"
 
 
@@ -81,11 +83,13 @@ def image_file(path: Path, alt: str) -> str:
 def phase_chip(label: str) -> str:
     """A phase label in its figure colour."""
     dark = label in ("low_accuracy", "over_memorized", "overfitting")
-    return (f'<span class="chip" style="background:{PHASE_COLORS.get(label, "#ddd")};color:{"#fff" if dark else "#111"}">'
+    colors = f'background:{PHASE_COLORS.get(label, "#ddd")};color:{"#fff" if dark else "#111"}'
+    return (f'<span class="chip" style="{colors}">'
             f"{esc(label.replace('_', ' '))}</span>")
 
 
 def note(text: str) -> str:
+    """A paragraph saying why something is missing."""
     return f'<p class="note">{esc(text)}</p>'
 
 
@@ -108,6 +112,7 @@ class Section:
 
 
 def render_sections(sections: Sequence[Section]) -> str:
+    """Sections as HTML, each with its heading and anchor."""
     return "".join(
         f'<section id="{esc(s.anchor)}"><h{s.level}>{esc(s.title)}</h{s.level}>{s.body}</section>' for s in sections
     )

@@ -207,7 +207,8 @@ def _tokens_html(losses: TokenLosses, vmax: float) -> str:
             out.append(f'<span class="tok" style="background:{bg};color:{fg}" '
                        f'title="-log p = {losses.nll[i]:.3f}">{esc(losses.tokens[i])}</span>')
             if i == last:
-                out.append(f'<span class="sppl" title="sentence perplexity">ppl {sentence_ppl(losses.nll, (start, end)):.2f}</span>')
+                ppl = sentence_ppl(losses.nll, (start, end))
+                out.append(f'<span class="sppl" title="sentence perplexity">ppl {ppl:.2f}</span>')
     return "".join(out)
 
 
@@ -217,8 +218,9 @@ def _panel(view: ExampleView, ckpt: str, label: str, vmax: float) -> str:
     if "correct" in row:
         answer = "no answer" if row.get("extracted") is None else f"answer {esc(row['extracted'])}"
         verdict = f" · greedy decoding: {answer}, {'correct' if row['correct'] else 'wrong'}"
-    gen = (f"<details><summary>the checkpoint's own greedy solution</summary><pre>{esc(row['generation'])}</pre></details>"
-           if row.get("generation") is not None else "")
+    gen = ""
+    if row.get("generation") is not None:
+        gen = f"<details><summary>the checkpoint's own greedy solution</summary><pre>{esc(row['generation'])}</pre></details>"
     return (f'<div class="panel"><h4>{esc(ckpt)} {phase_chip(label)}</h4>'
             f"<div>reference perplexity <b>{losses.ppl:.3f}</b>{verdict}</div>"
             f'<div class="tokens">{_tokens_html(losses, vmax)}</div>{gen}</div>')
