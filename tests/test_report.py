@@ -212,6 +212,7 @@ def _chrome():
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1400,1000"):
         opts.add_argument(arg)
