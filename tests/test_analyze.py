@@ -381,6 +381,8 @@ def test_premem_r2_across_runs(tmp_path):
     assert len(out["points"]) == 5
     assert out["value"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
     assert suite.premem_r2(runs[:1], "other")["value"] is None
+    two = suite.premem_r2(runs[1:], "test")
+    assert two["value"] is None and "at least 3" in two["reason"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +511,7 @@ def _check_against_rows(name, doc, m, rows):
     elif name == "premem":
         assert m["train_accuracy"] == pytest.approx(np.mean([r["acc"] for r in rows]))
         assert m["pm"] is not None and doc["r2"]["test_split"] == "test" and len(doc["r2"]["points"]) == 2
+        assert doc["r2"]["value"] is None
         assert (doc["ranking"] == "analysis/premem/ranking.jsonl")
 
 

@@ -489,7 +489,7 @@ def premem_r2(runs: Sequence[tuple[str | Path, Mapping[str, Any]]], test_split: 
     both a PM value (in the run's premem.json content) and a `test_split` accuracy in its dynamics.
 
     Returns {"test_split", "points": [{"run", "checkpoint", "pm", "test_accuracy"}], "value"} with
-    value null and a "reason" when R^2 is undefined (fewer than 2 points, constant x or y).
+    value null and a "reason" when R^2 is undefined or meaningless (fewer than 3 points, constant x or y).
     """
     points = []
     for run_root, doc in runs:
@@ -498,6 +498,9 @@ def premem_r2(runs: Sequence[tuple[str | Path, Mapping[str, Any]]], test_split: 
         points += [{"run": str(run_root), "checkpoint": c, "pm": m["pm"], "test_accuracy": acc[c]}
                    for c, m in doc["checkpoints"].items() if m.get("pm") is not None and c in acc]
     out: dict[str, Any] = {"test_split": test_split, "points": points, "value": None}
+    if len(points) < 3:  # a line fits two points exactly: R^2 = 1 says nothing
+        out["reason"] = f"R^2 needs at least 3 (run, checkpoint) points, got {len(points)}"
+        return out
     try:
         out["value"] = premem.r_squared([p["pm"] for p in points], [p["test_accuracy"] for p in points])
     except ValueError as err:
