@@ -147,7 +147,9 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
 
 def test_analysis_rendering_skips_absent_parts(tmp_path):
     only_table = analysis_body(tmp_path, {"analysis": "ood", "table": {"columns": ["a", "b"], "rows": [[1, 2.5]]}})
-    assert "<table>" in only_table and "Settings" not in only_table and "<img" not in only_table
+    assert "<table>" in only_table and "settings" not in only_table and "<img" not in only_table
+    per_ckpt = analysis_body(tmp_path, {"checkpoints": {"epoch-1": {"auroc": 0.6}, "epoch-2": {"auroc": 0.8}}})
+    assert "<h4>Per checkpoint</h4>" in per_ckpt and "<td>auroc</td><td>0.6</td><td>0.8</td>" in per_ckpt
     outside = analysis_body(tmp_path / "run", {"figures": ["../secret.png"]})
     assert "outside the run folder" in outside
     assert "no settings, table or figures" in analysis_body(tmp_path, {"analysis": "empty"})

@@ -260,19 +260,26 @@ def merges_body(res: RunResults) -> str | None:
 
 
 def analysis_body(root: Path, data: Mapping[str, Any]) -> str:
-    """Any analysis result: {"analysis", "settings", "checkpoints": {ckpt: {metric: value}},
-    "table": {"columns", "rows"}, "figures": [paths relative to the run]}; absent parts are skipped."""
+    """Any analysis result: {"analysis", "description", "settings", "checkpoints": {ckpt: {metric:
+    value}}, "table": {"columns", "rows"}, "figures": [paths relative to the run]}; absent parts are
+    skipped. The summary table comes first; every per-checkpoint metric (one row per metric, one
+    column per checkpoint) follows, folded away when there is a summary table."""
     parts = []
-    if data.get("settings"):
-        parts.append("<h4>Settings</h4>" + kv_table(data["settings"]))
+    if isinstance(data.get("description"), str):
+        parts.append(f"<p>{esc(data['description'])}</p>")
+    tab = data.get("table")
+    summary = isinstance(tab, Mapping) and bool(tab.get("rows"))
+    if summary:
+        parts.append(table(tab.get("columns") or [], tab["rows"]))
     per_ckpt = data.get("checkpoints")
     if isinstance(per_ckpt, Mapping) and per_ckpt:
         metrics = list(dict.fromkeys(m for v in per_ckpt.values() if isinstance(v, Mapping) for m in v))
-        rows = [[ck, *[(v.get(m) if isinstance(v, Mapping) else None) for m in metrics]] for ck, v in per_ckpt.items()]
-        parts.append("<h4>Per checkpoint</h4>" + table(["checkpoint", *metrics], rows))
-    tab = data.get("table")
-    if isinstance(tab, Mapping) and tab.get("rows"):
-        parts.append(table(tab.get("columns") or [], tab["rows"]))
+        rows = [[m, *[(v.get(m) if isinstance(v, Mapping) else None) for v in per_ckpt.values()]] for m in metrics]
+        detail = table(["metric", *per_ckpt], rows)
+        parts.append(details("every metric per checkpoint", detail) if summary else "<h4>Per checkpoint</h4>" + detail)
+    if data.get("settings"):
+        parts.append(details("settings", kv_table(data["settings"])))
+    figures = []
     for rel in data.get("figures") or []:
         path = (root / rel).resolve()
         if not path.is_relative_to(root.resolve()):
@@ -281,9 +288,11 @@ def analysis_body(root: Path, data: Mapping[str, Any]) -> str:
             parts.append(note(f"{rel}: figure file not found"))
         else:
             try:
-                parts.append(image_file(path, f"{data.get('analysis', '')}: {rel}"))
+                figures.append(image_file(path, f"{data.get('analysis', '')}: {rel}"))
             except ValueError as err:
                 parts.append(note(str(err)))
+    if figures:
+        parts.append(f'<div class="figures">{"".join(figures)}</div>')
     return "".join(parts) or note("This analysis file has no settings, table or figures.")
 
 

@@ -58,7 +58,7 @@ def table(
         cells = "".join(f"<td>{c if raw else esc(fmt(c))}</td>" for c in row)
         body.append(f"<tr{cls}>{cells}</tr>")
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f'<table>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f'<div class="wide"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def kv_table(items: Mapping[str, Any]) -> str:
@@ -148,6 +148,8 @@ td:first-child, th:first-child, table.kv td { text-align: left; }
 caption { text-align: left; font-weight: 600; padding: 4px 0; }
 tr.recommended td { background: #fff4bf; font-weight: 600; }
 .reason { display: block; text-align: left; font-size: 12px; font-weight: normal; color: #444; min-width: 260px; }
+.wide { overflow-x: auto; max-width: 100%; }
+.figures { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
 img.figure { max-width: 100%; height: auto; display: block; margin: 8px 0; background: #fff;
              border: 1px solid #e4e4e7; }
 .note { color: #555; font-style: italic; }
