@@ -39,6 +39,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     cfg.write_text("quiet: true\n")
     assert main(["run", str(cfg), "--out", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
     write_analysis(run)
+    (run / "keep.json").write_text(json.dumps({"onset": "epoch-2", "keep": "epoch-1"}))  # as the callback writes
     return run
 
 
@@ -80,6 +81,7 @@ def test_run_writes_a_self_contained_report_with_every_section(tiny_run):
     assert "analysis/missing.png: figure file not found" in html
     assert "min-k%++" in html and "0.8125" in html and "tpr_at_5fpr" in html  # settings, table, metrics
     assert 'class="recommended"' in html  # the selection table highlights its choice
+    assert "<th>callback: checkpoint to keep</th><td>epoch-1</td>" in html
     assert "merge(epoch-1,epoch-2)" in html
     assert "Token losses stored in the samples files" in html
     for text in ("load data and model", "train", "transformers", "torch threads", "config.yaml"):

@@ -41,6 +41,7 @@ class RunResults:
     selection: dict[str, Any] | None = None
     timings: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] | None = None
+    keep: dict[str, Any] | None = None  # what OverMemorizationCallback recorded at the onset
     analyses: list[tuple[Path, dict[str, Any] | str]] = field(default_factory=list)  # data, or why unreadable
 
     @classmethod
@@ -63,6 +64,7 @@ class RunResults:
                 pass
         out.selection = _read_json(run.root / "selection.json")
         out.environment = _read_json(run.root / "environment.json")
+        out.keep = _read_json(run.root / "keep.json")
         for path in sorted((run.root / "analysis").glob("*.json")):
             try:
                 data = json.loads(path.read_text())
@@ -171,6 +173,9 @@ def summary_body(res: RunResults) -> str:
             facts[f"best {p['split']} accuracy"] = f"{p['acc_best']:.3f} ({p['acc_best_checkpoint']})"
         facts[f"lowest {p['split']} perplexity"] = f"{p['ppl_min']:.4g} ({p['ppl_min_checkpoint']})"
         text = f'<p class="summary">{esc(p.get("summary", ""))}</p>'
+    if res.keep:
+        facts["callback: onset seen during training"] = res.keep.get("onset")
+        facts["callback: checkpoint to keep"] = res.keep.get("keep") or "none healthy"
     if res.selection:
         rec = res.selection["choices"]["recommended"]
         facts["recommended checkpoint"] = rec["checkpoint"]
