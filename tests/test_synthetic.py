@@ -188,3 +188,29 @@ def test_ood_variants_differ_as_claimed(splits):
 def test_unknown_split():
     with pytest.raises(ValueError, match="unknown synthetic split"):
         syn.generate_split("nope")
+
+
+def test_in_order_paths_are_a_subset_and_the_splits_use_them():
+    """STANDARD keeps the question's order of amounts (REORDER allows any order); the free
+    choices left are product timing, operand order and phrasing, still many per problem."""
+    assert syn.STANDARD.reorder is False and syn.REORDER.reorder is True
+    rng = random.Random(2)
+    for p in syn.generate_problems("test", 30):
+        in_order = set(syn.enumerate_plans(p, reorder=False))
+        assert in_order <= set(syn.enumerate_plans(p, reorder=True))
+        assert all(plan.strategy == "sequential" and plan.order == tuple(range(1, len(p.terms)))
+                   for plan in in_order)
+        for _ in range(10):
+            assert syn.sample_plan(p, rng, reorder=False) in in_order
+        sols = syn.sample_solutions(p, 40, seed=4, reorder=False)
+        assert len(set(sols)) >= 30
+        for s in sols:
+            _assert_valid(s, p.answer)
+    # The split references follow the question's order: the first calculation that is not a
+    # product starts from the starting amount (or its product).
+    for ex, p in zip(syn.generate_split("test", 50), syn.generate_problems("test", 50)):
+        first = next(line for line in ex.response.splitlines() if "<<" in line and "*" not in line.split("<<")[1])
+        start = p.terms[0].value
+        second = p.terms[1].value
+        note = first.split("<<")[1].split("=")[0]
+        assert sorted(int(x) for x in re.split(r"[-+]", note)) == sorted([start, second]), (ex.response, p.terms)

@@ -226,7 +226,12 @@ class Settings:
 
     n_terms: range of amounts (start included); start/plain/factor ranges are inclusive;
     product_prob: chance an amount is a product; loss_prob: chance a change is a loss;
-    wording: "standard" or "ood" question templates; distractors: range of irrelevant sentences.
+    wording: "standard" or "ood" question templates; distractors: range of irrelevant sentences;
+    reorder: whether solutions may apply the amounts in any order and sum gains and losses
+    separately (`Plan`), or only in the order the question gives them. Reordering makes a
+    small model lose track of which amounts it has used, so the standard splits keep the
+    question's order and draw their free choices from products (up front or as they come),
+    operand order and phrasing; `REORDER` is the harder variant.
     """
 
     n_terms: tuple[int, int] = (2, 3)
@@ -237,9 +242,11 @@ class Settings:
     loss_prob: float = 0.4
     wording: str = "standard"
     distractors: tuple[int, int] = (0, 0)
+    reorder: bool = False
 
 
 STANDARD = Settings()
+REORDER = replace(STANDARD, reorder=True)
 SPLIT_SETTINGS: dict[str, Settings] = {
     "train": STANDARD,
     "validation": STANDARD,
@@ -389,14 +396,16 @@ def _sequential_ok(terms: tuple[Term, ...], order: tuple[int, ...]) -> bool:
     return True
 
 
-def enumerate_plans(problem: Problem) -> list[Plan]:
+def enumerate_plans(problem: Problem, reorder: bool = True) -> list[Plan]:
     """Every structural solution path of `problem` (surface choices come on top, see
-    `render_solution`). Grows factorially with the number of amounts: meant for tests and
-    small problems."""
+    `render_solution`); without `reorder`, only those applying the amounts in the question's
+    order. Grows factorially with the number of amounts: meant for tests and small problems."""
     terms = problem.terms
     rest = range(1, len(terms))
     prods = [i for i, t in enumerate(terms) if t.b is not None]
     prod_orders: list[tuple[int, ...] | None] = [tuple(p) for p in itertools.permutations(prods)]
+    if not reorder:
+        return [Plan("sequential", tuple(rest), p) for p in prod_orders + ([None] if prods else [])]
     plans = []
     for order in itertools.permutations(rest):
         if _sequential_ok(terms, order):
@@ -409,13 +418,16 @@ def enumerate_plans(problem: Problem) -> list[Plan]:
     return plans
 
 
-def sample_plan(problem: Problem, rng: random.Random) -> Plan:
-    """One structural path, uniform over strategies then over orders."""
+def sample_plan(problem: Problem, rng: random.Random, reorder: bool = True) -> Plan:
+    """One structural path, uniform over strategies then over orders (in the question's order
+    only, without `reorder`)."""
     terms = problem.terms
     prods = [i for i, t in enumerate(terms) if t.b is not None]
     has_loss = any(t.kind == "loss" for t in terms)
-    strategy = "grouped" if has_loss and rng.random() < 0.5 else "sequential"
+    strategy = "grouped" if reorder and has_loss and rng.random() < 0.5 else "sequential"
     products: tuple[int, ...] | None = tuple(rng.sample(prods, len(prods)))
+    if not reorder:
+        return Plan(strategy, tuple(range(1, len(terms))), None if prods and rng.random() < 0.5 else products)
     if strategy == "grouped":
         return Plan(strategy, tuple(rng.sample(range(len(terms)), len(terms))), products)
     if prods and rng.random() < 0.5:
@@ -504,15 +516,15 @@ def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
     return "\n".join(lines)
 
 
-def sample_solution(problem: Problem, rng: random.Random) -> str:
+def sample_solution(problem: Problem, rng: random.Random, reorder: bool = True) -> str:
     """One valid solution drawn at random over structure and surface."""
-    return render_solution(problem, sample_plan(problem, rng), rng)
+    return render_solution(problem, sample_plan(problem, rng, reorder), rng)
 
 
-def sample_solutions(problem: Problem, n: int, seed: int = 0) -> list[str]:
+def sample_solutions(problem: Problem, n: int, seed: int = 0, reorder: bool = True) -> list[str]:
     """`n` independently drawn valid solutions (may repeat)."""
     rng = random.Random(seed)
-    return [sample_solution(problem, rng) for _ in range(n)]
+    return [sample_solution(problem, rng, reorder) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,12 +559,12 @@ def check_solution(solution: str) -> tuple[bool, int | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def to_example(problem: Problem, split: str, index: int, rng: random.Random) -> Example:
+def to_example(problem: Problem, split: str, index: int, rng: random.Random, reorder: bool = False) -> Example:
     """Attach one randomly drawn reference solution and wrap as an Example."""
     return Example(
         id=f"synthetic-{split}-{index}",
         question=problem.question,
-        response=sample_solution(problem, rng),
+        response=sample_solution(problem, rng, reorder),
         answer=str(problem.answer),
         kind="numeric",
         meta={"split": split, "n_terms": len(problem.terms), "key": problem.key()},
@@ -575,14 +587,15 @@ def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -
     source = "train" if split == "members" else split
     problems = generate_problems(split, n, seed)
     rng = random.Random(f"{seed}:{source}:solutions")
-    return [to_example(p, source, i, rng) for i, p in enumerate(problems)]
+    reorder = SPLIT_SETTINGS[split].reorder
+    return [to_example(p, source, i, rng, reorder) for i, p in enumerate(problems)]
 
 
 def pretrain_stream(seed: int = 0, settings: Settings = STANDARD) -> Iterator[Example]:
     """Endless problems, each with a fresh random solution, from buckets no split uses."""
     rng = random.Random(f"{seed}:pretrain:solutions")
     for i, problem in enumerate(_problem_stream("pretrain", settings, seed)):
-        yield to_example(problem, "pretrain", i, rng)
+        yield to_example(problem, "pretrain", i, rng, settings.reorder)
 
 
 @register_dataset(
