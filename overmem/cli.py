@@ -149,6 +149,8 @@ def _print_outcome(root: Path) -> None:
 
         print(format_selection_json(json.loads(sel.read_text())))
     print(f"results in {root}")
+    if (root / "report.html").exists():
+        print(f"report: {root / 'report.html'}")
 
 
 def build_parser() -> argparse.ArgumentParser:

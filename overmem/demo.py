@@ -118,5 +118,7 @@ def run_demo(
     for what, ok in check.passed.items():
         print(f"  [{'x' if ok else ' '}] {what}")
     print(f"figure: {run_dir.root / 'dynamics.png'}  (and .svg)")
+    if (run_dir.root / "report.html").exists():
+        print(f"report: {run_dir.root / 'report.html'}  (open it in a browser)")
     print(f"results: {run_dir.dynamics}, {run_dir.root / 'selection.json'}, {run_dir.root / 'phases.json'}")
     return {"run_dir": run_dir.root, "check": check, "seconds": wall}

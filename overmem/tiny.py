@@ -23,8 +23,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from transformers import (
 )
 
 from overmem.data import synthetic
-from overmem.data.example import PROMPT_TEMPLATE
+from overmem.data.example import PROMPT_TEMPLATE, Example
 from overmem.scoring import encode_example
 from overmem.train.trainer import ResponseOnlyCollator
 
@@ -128,14 +130,43 @@ def build_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
 PRETRAIN_FORMAT = "Question: {instruction}\nSolution:\n"
 
 
-class _PretrainStream(torch.utils.data.IterableDataset):
-    """Endless (input_ids, labels) features of the pretraining stream, in the plain format."""
+# A calculation as the solutions write it: "8 + 9 = <<8+9=17>>17".
+_CALCULATION = re.compile(r"\d+(?: [-+*] \d+)+ = <<[^>]+>>-?\d+")
+DRILL_QUESTION = "Work out each calculation."
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, max_length: int):
+
+def arithmetic_drill(problems: Iterator[Example], n_lines: int) -> Example:
+    """A drill text: the calculations of the next problems' solutions, one per line.
+
+    A real base LLM has seen far more arithmetic than word problems; a tiny model pretrained on
+    word problems alone learns the phrasing long before the sums, and its weak sums then break
+    under any finetuning. Drills drawn from the same solutions give it the same operations in the
+    same format (and distribution) at a fraction of the tokens."""
+    lines: list[str] = []
+    while len(lines) < n_lines:
+        lines.extend(_CALCULATION.findall(next(problems).response))
+    return Example(id="drill", question=DRILL_QUESTION, response="\n".join(lines[:n_lines]), answer="",
+                   kind="numeric")
+
+
+class _PretrainStream(torch.utils.data.IterableDataset):
+    """Endless (input_ids, labels) features of the pretraining stream, in the plain format:
+    word problems, with a share `drill_frac` of arithmetic drills (`arithmetic_drill`)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, max_length: int,
+                 drill_frac: float = 0.0, drill_lines: int = 8):
         self.tokenizer, self.seed, self.max_length = tokenizer, seed, max_length
+        self.drill_frac, self.drill_lines = drill_frac, drill_lines
 
     def __iter__(self):
-        for ex in synthetic.pretrain_stream(seed=self.seed):
+        rng = random.Random(f"{self.seed}:drills")
+        problems = synthetic.pretrain_stream(seed=self.seed)
+        drill_source = synthetic.pretrain_stream(seed=self.seed + 1)
+        while True:
+            if rng.random() < self.drill_frac:
+                ex = arithmetic_drill(drill_source, self.drill_lines)
+            else:
+                ex = next(problems)
             ids, labels = encode_example(self.tokenizer, ex, max_length=self.max_length, add_eos=True,
                                          template=PRETRAIN_FORMAT)
             yield {"input_ids": ids, "labels": labels}
@@ -151,6 +182,8 @@ class PretrainConfig:
     warmup_steps: int = 50
     cooldown_steps: int = 150
     weight_decay: float = 0.0
+    drill_frac: float = 0.0
+    drill_lines: int = 8
     seed: int = 0
     vocab_size: int = 1024
     model: TinyModelConfig = TinyModelConfig()
@@ -161,7 +194,7 @@ class PretrainConfig:
 
 
 # Bump when the generator or tokenizer changes in a way that invalidates cached bases.
-_GENERATOR_VERSION = "synthetic-v2"
+_GENERATOR_VERSION = "synthetic-v3"
 
 
 class _LossLog(TrainerCallback):
@@ -206,7 +239,8 @@ def pretrain_base(out_dir: Path, cfg: PretrainConfig = PretrainConfig(),
         )
         trainer = Trainer(
             model=model, args=args,
-            train_dataset=_PretrainStream(tokenizer, cfg.seed, cfg.model.max_position_embeddings),
+            train_dataset=_PretrainStream(tokenizer, cfg.seed, cfg.model.max_position_embeddings,
+                                          cfg.drill_frac, cfg.drill_lines),
             data_collator=ResponseOnlyCollator(tokenizer.pad_token_id), callbacks=[log],
         )
         trainer.remove_callback(PrinterCallback)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from itertools import islice
 
 import pytest
 import torch
@@ -91,3 +93,30 @@ def test_pretrain_reduces_loss_and_caches(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(folder)
     assert model.config.vocab_size == len(tok)
     assert model.config.eos_token_id == tok.eos_token_id
+
+
+def test_arithmetic_drills_are_the_solutions_calculations():
+    from overmem.data import synthetic
+
+    problems = list(islice(synthetic.pretrain_stream(seed=5), 20))
+    drill = tiny.arithmetic_drill(iter(problems), 6)
+    lines = drill.response.splitlines()
+    assert len(lines) == 6 and drill.question == tiny.DRILL_QUESTION
+    # Independent extraction: every "a op b = <<...>>c" in the first problems, in order.
+    expected = [m.group(0) for p in problems for m in re.finditer(r"\d+(?: [-+*] \d+)+ = <<[^>]+>>\d+", p.response)]
+    assert lines == expected[:6]
+    for line in lines:
+        shown, note = line.split(" = <<")
+        expr, result = note.split("=")
+        assert eval(expr) == eval(shown) == int(result.split(">>")[1])  # digits and + - * only
+
+
+def test_pretrain_stream_mixes_drills_at_the_asked_share():
+    tokenizer = tiny.build_tokenizer()
+    stream = tiny._PretrainStream(tokenizer, seed=0, max_length=256, drill_frac=0.4, drill_lines=5)
+    drill_head = tokenizer(tiny.DRILL_QUESTION, add_special_tokens=False)["input_ids"]
+    n, drills = 300, 0
+    for feature in islice(iter(stream), n):
+        ids = feature["input_ids"]
+        drills += any(ids[i:i + len(drill_head)] == drill_head for i in range(len(ids)))
+    assert abs(drills / n - 0.4) < 0.1
