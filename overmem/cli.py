@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tracking every epoch; shows over-memorization in minutes.")
     p.add_argument("--out", default="demo-run", help="run folder (default: ./demo-run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=24, help="finetuning epochs (default: 24)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -264,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, seed=args.seed, quiet=args.quiet)
+    run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs, quiet=args.quiet, overrides=args.overrides)
     return 0
 
 

@@ -23,13 +23,13 @@ from .tiny import PretrainConfig, TinyModelConfig, get_tiny_base
 
 # The pretraining stage: its wall time is printed on the first run (cached afterwards).
 DEMO_PRETRAIN = PretrainConfig(
-    steps=600, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=100,
+    steps=600, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=100, drill_frac=0.4, drill_lines=5,
     model=TinyModelConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
 )
 
 
 def demo_config(
-    base: Path, out_dir: str | Path, *, seed: int = 0, epochs: int = 30, quiet: bool = False,
+    base: Path, out_dir: str | Path, *, seed: int = 0, epochs: int = 24, quiet: bool = False,
     overrides: list[str] | None = None,
 ) -> RunConfig:
     """The finetuning stage: full finetuning, constant LR after a short warmup (no decay, so the
@@ -37,7 +37,7 @@ def demo_config(
     raw = {
         "model": {"name_or_path": str(base), "dtype": "float32"},
         "train": {
-            "method": "full", "lr": 3e-4, "scheduler": "constant_with_warmup", "warmup_steps": 10,
+            "method": "full", "lr": 1e-3, "scheduler": "constant_with_warmup", "warmup_steps": 10,
             "epochs": epochs, "batch_size": 16, "micro_batch_size": 16, "max_length": 320, "seed": seed,
         },
         "data": {
@@ -92,7 +92,7 @@ def check_demo(run_dir: str | Path, split: str = "test") -> DemoCheck:
 
 
 def run_demo(
-    out_dir: str | Path = "demo-run", *, seed: int = 0, epochs: int = 30, quiet: bool = False,
+    out_dir: str | Path = "demo-run", *, seed: int = 0, epochs: int = 24, quiet: bool = False,
     pretrain: PretrainConfig = DEMO_PRETRAIN, overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Pretrain (cached) + finetune + track + phases + selection + figure; prints a summary.
