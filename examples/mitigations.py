@@ -57,10 +57,11 @@ def main() -> None:
         rows = run(cfg).read_dynamics()
         merged = merge_name([early, late])
         test = {r["checkpoint"]: r for r in rows if r["split"] == "test"}
+        epochs = [r for r in test.values() if r["epoch"] is not None]  # merged models have no epoch
         last = last_row(rows, "test")
         summary.append(
-            f"{loss:>4} {min(r['ppl'] for r in test.values() if r['epoch'] is not None):>8.3f} {last['ppl']:>9.3f} "
-            f"{last['accuracy']:>8.2f} {max(r['accuracy'] for r in test.values()):>8.2f} "
+            f"{loss:>4} {min(r['ppl'] for r in epochs):>8.3f} {last['ppl']:>9.3f} "
+            f"{last['accuracy']:>8.2f} {max(r['accuracy'] for r in epochs):>8.2f} "
             f"{test[merged]['ppl']:>10.3f} {test[merged]['accuracy']:>10.2f} {time.perf_counter() - t0:>6.0f} s")
         ood_cfg = cfg.model_copy(update={"analysis": cfg.analysis.model_copy(
             update={"ood": cfg.analysis.ood.model_copy(update={"size": args.ood_size})})})
