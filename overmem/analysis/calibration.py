@@ -25,7 +25,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DPI = 120
+from .figures import save_figure
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,4 @@ def plot_reliability(bins: ReliabilityBins, path: str | Path, title: str | None 
     ece_text = f"ECE = {bins.ece:.3f}"
     ax.set_title(f"{title} ({ece_text})" if title else ece_text)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    paths = [base.with_suffix(".png"), base.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p, dpi=DPI)
-    return paths
+    return save_figure(fig, path)

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 DPI = 120
 
 
-def _save(fig: Figure, path: str | Path) -> list[Path]:
+def save_figure(fig: Figure, path: str | Path) -> list[Path]:
+    """Save `fig` as PATH.png and PATH.svg (folders created); returns both paths."""
     fig.tight_layout()
     base = Path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ def plot_roc(
         if i == 0:
             ax.set_ylabel("true positive rate")
         ax.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(
@@ -70,4 +71,4 @@ def plot_curves(
         if ylabel and i == 0:
             ax.set_ylabel(ylabel)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
