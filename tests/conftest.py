@@ -67,15 +67,29 @@ def toy_examples(n: int, prefix: str = "toy", offset: int = 0) -> list[Example]:
     return out
 
 
-@pytest.fixture()
-def toy_jsonl(tmp_path) -> dict[str, Path]:
-    """GSM8K-shaped JSONL files (question / answer fields) for train and test."""
+def write_toy_jsonl(folder: Path) -> dict[str, Path]:
+    """GSM8K-shaped JSONL files (question / answer fields) for train (24) and test (8) in `folder`."""
     import json
 
     files = {}
     for name, n, off in (("train", 24, 0), ("test", 8, 100)):
-        p = tmp_path / f"{name}.jsonl"
+        p = folder / f"{name}.jsonl"
         p.write_text("".join(json.dumps({"question": e.question, "answer": e.response}) + "\n"
                              for e in toy_examples(n, name, off)))
         files[name] = p
     return files
+
+
+@pytest.fixture()
+def toy_jsonl(tmp_path) -> dict[str, Path]:
+    """GSM8K-shaped JSONL files (question / answer fields) for train and test."""
+    return write_toy_jsonl(tmp_path)
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: a second thread only waits on the other processes sharing the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

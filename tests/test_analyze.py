@@ -22,12 +22,7 @@ from overmem.results import read_jsonl
 from tests.conftest import DATA_DIR, make_tiny_llama, toy_examples
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

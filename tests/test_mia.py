@@ -18,13 +18,7 @@ from overmem.scoring import IGNORE, pad_right, score_batch, score_examples
 from tests.conftest import make_tiny_llama, toy_examples
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits on the other processes sharing the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

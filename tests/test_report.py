@@ -14,7 +14,7 @@ from overmem.report.build import analysis_body
 from overmem.report.tokens import choose_checkpoints, choose_examples, sentence_spans
 from overmem.results import read_jsonl, write_jsonl
 from overmem.scoring import response_pieces
-from tests.conftest import toy_examples
+from tests.conftest import toy_examples, write_toy_jsonl
 
 SECTIONS = ("summary", "dynamics", "selection", "tokens", "merges", "analysis-0", "timings", "setup")
 
@@ -23,12 +23,7 @@ SECTIONS = ("summary", "dynamics", "selection", "tokens", "merges", "analysis-0"
 def tiny_run(tmp_path_factory, tiny_model_dir):
     """A 2-epoch run of the tiny model with a merge of its two epochs, plus an analysis file."""
     tmp = tmp_path_factory.mktemp("report")
-    files = {}
-    for name, n, off in (("train", 24, 0), ("test", 8, 100)):
-        p = tmp / f"{name}.jsonl"
-        p.write_text("".join(json.dumps({"question": e.question, "answer": e.response}) + "\n"
-                             for e in toy_examples(n, name, off)))
-        files[name] = p
+    files = write_toy_jsonl(tmp)
     sets = [
         f"model.name_or_path={tiny_model_dir}", f"data.train={files['train']}[:16]",
         f"data.tests={{test: {files['test']}}}", "data.monitor_size=6", "data.validation_size=6",
