@@ -1,6 +1,6 @@
 """Wall time of `overmem demo` and what it shows, for several seeds.
 
-    python benchmarks/bench_demo.py [--seeds 0 1 2] [--cold]
+    python benchmarks/bench_demo.py [--seeds 0 1 2] [--cold] [--pretrain-steps N]
 
 `--cold` uses an empty cache, so the first seed includes pretraining the tiny base; later seeds
 reuse it. Prints, per seed, the wall time and the demo's four checks (goal: at most 5 minutes
@@ -20,13 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from overmem.demo import run_demo  # noqa: E402
+from overmem.demo import demo_pretrain, run_demo  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cold", action="store_true", help="start from an empty model cache")
+    ap.add_argument("--pretrain-steps", type=int, default=600, help="the tiny base's pretraining steps")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.cold:
@@ -34,7 +35,8 @@ def main() -> None:
         for seed in args.seeds:
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                result = run_demo(Path(tmp) / f"demo-{seed}", seed=seed, quiet=True)
+                result = run_demo(Path(tmp) / f"demo-{seed}", seed=seed, quiet=True,
+                                  pretrain=demo_pretrain(args.pretrain_steps))
             wall = time.perf_counter() - t0
             c = result["check"]
             marks = " ".join("pass" if ok else "FAIL" for ok in c.passed.values())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,18 @@ DEMO_PRETRAIN = PretrainConfig(
     steps=600, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=100, drill_frac=0.4, drill_lines=5,
     model=TinyModelConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
 )
+
+
+def demo_pretrain(steps: int = DEMO_PRETRAIN.steps) -> PretrainConfig:
+    """The demo's pretraining stage with `steps` optimizer steps; the cool-down is the last
+    2/15 of them (at least 100), so 600 steps give `DEMO_PRETRAIN` and 1500 a 200-step cool-down.
+
+    More steps give a stronger base at a one-time cost (measured on 2 cores: about 0.55 s per
+    step; 600 steps: test accuracy ~0.65 after finetuning, 1500 steps: ~0.87; see the demo docs).
+    """
+    if steps < 150:
+        raise ValueError(f"--pretrain-steps: {steps} is too few; use at least 150 (default {DEMO_PRETRAIN.steps})")
+    return replace(DEMO_PRETRAIN, steps=steps, cooldown_steps=max(100, steps * 2 // 15))
 
 
 def demo_config(

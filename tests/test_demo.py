@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from overmem.demo import check_demo, run_demo
+from overmem.demo import DEMO_PRETRAIN, check_demo, demo_pretrain, run_demo
 from overmem.results import read_jsonl
 from overmem.tiny import PretrainConfig, TinyModelConfig
 
@@ -36,3 +36,21 @@ def test_short_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     # The pretrained base is cached: a second call reuses it.
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
+
+
+def test_demo_pretrain_steps_scale_the_cooldown():
+    assert demo_pretrain() == DEMO_PRETRAIN
+    assert demo_pretrain(600).cooldown_steps == 100
+    longer = demo_pretrain(1500)
+    assert (longer.steps, longer.cooldown_steps) == (1500, 200)  # 2/15 of 1500
+    assert longer.model == DEMO_PRETRAIN.model and longer.digest() != DEMO_PRETRAIN.digest()
+    with pytest.raises(ValueError, match="--pretrain-steps: 10 is too few"):
+        demo_pretrain(10)
+
+
+def test_demo_cli_rejects_too_few_pretrain_steps(tmp_path, capsys):
+    from overmem.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--pretrain-steps", "10"]) == 2
+    assert "--pretrain-steps: 10 is too few" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
