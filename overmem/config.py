@@ -125,6 +125,9 @@ class GenerationConfig(_Strict):
     max_new_tokens: int = Field(512, gt=0)
     batch_size: int = Field(16, gt=0)
     stop_at_answer: bool = True
+    cache: Literal["dynamic", "static"] = Field(
+        "dynamic", description="KV cache during decoding: 'static' preallocates it (no per-token growth; about 2x "
+        "faster for small models on the CPU, same greedy outputs)")
 
 
 class EvalConfig(_Strict):

@@ -101,6 +101,7 @@ def evaluate_examples(
                 max_new_tokens=gen_cfg.max_new_tokens,
                 batch_size=gen_cfg.batch_size,
                 stop_at_answer=gen_cfg.stop_at_answer,
+                cache=gen_cfg.cache,
                 progress=bar.update,
             )
         for row, ex, (text,) in zip(rows, examples, texts):

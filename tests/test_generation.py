@@ -34,3 +34,22 @@ def test_answer_line_stop(char_tokenizer):
     assert stop(torch.tensor([early]), None).tolist() == [False]
     assert truncate_after_answer("a\n#### 5\nmore text") == "a\n#### 5"
     assert truncate_after_answer("no answer line") == "no answer line"
+
+
+def test_static_cache_gives_the_same_outputs(char_tokenizer):
+    """The preallocated KV cache is a speed option only: greedy texts and seeded samples are unchanged,
+    with left padding in mixed-length batches."""
+    model = make_tiny_llama(len(char_tokenizer), seed=3)
+    prompts = ["Q: 1+1?\nA:", "A much longer question about apples and pears?\nA:", "Hi", "x = 3; y = 4\n"]
+    for kw in (dict(), dict(do_sample=True, temperature=1.0, num_samples=2, seed=5)):
+        dynamic = generate(model, char_tokenizer, prompts, max_new_tokens=16, batch_size=3, stop_at_answer=False, **kw)
+        static = generate(model, char_tokenizer, prompts, max_new_tokens=16, batch_size=3, stop_at_answer=False,
+                          cache="static", **kw)
+        assert static == dynamic
+
+
+def test_unknown_cache_is_rejected(char_tokenizer):
+    import pytest
+
+    with pytest.raises(ValueError, match="generation.cache: 'paged'"):
+        generate(make_tiny_llama(len(char_tokenizer)), char_tokenizer, ["a"], cache="paged")

@@ -39,6 +39,7 @@ class Decoding:
     n_samples: int = 1
     seed: int = 0
     stop_at_answer: bool = True
+    cache: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.temperature is None and self.n_samples != 1:
@@ -66,7 +67,7 @@ def decode(
         model, tokenizer, prompts, max_new_tokens=decoding.max_new_tokens, batch_size=decoding.batch_size,
         stop_at_answer=decoding.stop_at_answer, do_sample=sampling,
         temperature=decoding.temperature if sampling else 1.0, top_p=decoding.top_p,
-        num_samples=decoding.n_samples, seed=decoding.seed, progress=progress,
+        num_samples=decoding.n_samples, seed=decoding.seed, cache=decoding.cache, progress=progress,
     )
 
 

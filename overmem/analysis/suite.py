@@ -179,9 +179,9 @@ class Context:
         """Greedy decoding with the run's generation settings, or sampling as `sampled` says."""
         g = self.cfg.generation
         if sampled is None:
-            return Decoding(g.max_new_tokens, g.batch_size, None, 1.0, 1, self.settings.seed, g.stop_at_answer)
+            return Decoding(g.max_new_tokens, g.batch_size, None, 1.0, 1, self.settings.seed, g.stop_at_answer, g.cache)
         return Decoding(g.max_new_tokens, g.batch_size, sampled.temperature, sampled.top_p, sampled.n_samples,
-                        self.settings.seed, g.stop_at_answer)
+                        self.settings.seed, g.stop_at_answer, g.cache)
 
     def common(self) -> dict[str, Any]:
         """Settings every analysis records: decoding and scoring limits, seed."""
