@@ -57,7 +57,7 @@ def demo_config(
             "validation": "synthetic:validation", "validation_size": 100, "monitor_size": 50,
             "tests": {"test": "synthetic:test"}, "test_size": 100, "seed": seed,
         },
-        "generation": {"max_new_tokens": 160, "batch_size": 50},
+        "generation": {"max_new_tokens": 160, "batch_size": 50, "cache": "static"},
         "eval": {"batch_size": 50},
         "out_dir": str(out_dir),
         "quiet": quiet,
