@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=24, help="finetuning epochs (default: 24)")
     p.add_argument("--pretrain-steps", type=int, default=600, metavar="N",
                    help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 600, "
-                   "about 5.5 min on 2 cores; 1500 gives a stronger base in about 14 min)")
+                   "about 4.5 min on 2 cores; 1500 gives a stronger base in about 11 min)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true")

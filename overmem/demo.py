@@ -32,7 +32,7 @@ def demo_pretrain(steps: int = DEMO_PRETRAIN.steps) -> PretrainConfig:
     """The demo's pretraining stage with `steps` optimizer steps; the cool-down is the last
     2/15 of them (at least 100), so 600 steps give `DEMO_PRETRAIN` and 1500 a 200-step cool-down.
 
-    More steps give a stronger base at a one-time cost (measured on 2 cores: about 0.55 s per
+    More steps give a stronger base at a one-time cost (measured on 2 cores: about 0.43 s per
     step; 600 steps: test accuracy ~0.65 after finetuning, 1500 steps: ~0.87; see the demo docs).
     """
     if steps < 150:
