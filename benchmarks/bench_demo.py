@@ -20,14 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from overmem.demo import demo_pretrain, run_demo  # noqa: E402
+from overmem.demo import DEMO_PRETRAIN, demo_pretrain, run_demo  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cold", action="store_true", help="start from an empty model cache")
-    ap.add_argument("--pretrain-steps", type=int, default=600, help="the tiny base's pretraining steps")
+    ap.add_argument("--pretrain-steps", type=int, default=DEMO_PRETRAIN.steps, help="the tiny base's pretraining steps")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.cold:

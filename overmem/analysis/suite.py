@@ -178,10 +178,11 @@ class Context:
     def decoding(self, sampled: Any | None = None) -> Decoding:
         """Greedy decoding with the run's generation settings, or sampling as `sampled` says."""
         g = self.cfg.generation
+        common = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=self.settings.seed,
+                      stop_at_answer=g.stop_at_answer, cache=g.cache)
         if sampled is None:
-            return Decoding(g.max_new_tokens, g.batch_size, None, 1.0, 1, self.settings.seed, g.stop_at_answer, g.cache)
-        return Decoding(g.max_new_tokens, g.batch_size, sampled.temperature, sampled.top_p, sampled.n_samples,
-                        self.settings.seed, g.stop_at_answer, g.cache)
+            return Decoding(**common)
+        return Decoding(temperature=sampled.temperature, top_p=sampled.top_p, n_samples=sampled.n_samples, **common)
 
     def common(self) -> dict[str, Any]:
         """Settings every analysis records: decoding and scoring limits, seed."""
