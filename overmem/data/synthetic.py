@@ -8,8 +8,9 @@ many ways and its reference solution shows one, drawn at random:
 
 - structure (a `Plan`): the order in which the changes are applied, whether gains and losses are
   first summed separately ("grouped"), and when the products are computed;
-- surface (`render_solution`): the order of commutative operands, the phrasing of every step
-  (about ten equally valid sentences each), and an optional closing sentence.
+- surface (`render_solution`): the order of a product's factors, the phrasing of every step
+  (one of 14 sentences that name no operation, an optional opener and an optional tail), and an
+  optional closing sentence.
 
 A problem is a person and an item kind, a starting amount and a few gains and losses; each amount is
 a plain number or a product ("4 boxes of 6 cookies"). The answer is the signed sum.
@@ -107,40 +108,34 @@ DISTRACTORS = [
 # {expr} is a calculation like "3 + 4 = <<3+4=7>>7".
 # ---------------------------------------------------------------------------------------------
 
+# The sequential steps (products, gains, losses) share one pool of phrasings that name no
+# operation: which operation a step does is written only in its calculation, which the question
+# determines. A phrasing that named the operation ("Adding them gives ...") would make the free
+# choice of phrasing decide the arithmetic, and a finetuned model that over-trusts the phrasings
+# of its training problems would then pick the wrong operation on a test problem; a real
+# solution's phrasing is free in a way that leaves every choice valid.
+STEP_PHRASES = [
+    "That makes {expr} {item}.",
+    "This gives {expr} {item}.",
+    "There are {expr} {item}.",
+    "That is {expr} {item}.",
+    "We get {expr} {item}.",
+    "The count is {expr} {item}.",
+    "This comes to {expr} {item}.",
+    "It works out to {expr} {item}.",
+    "The result is {expr} {item}.",
+    "We have {expr} {item}.",
+    "Counting them gives {expr} {item}.",
+    "Doing the math gives {expr} {item}.",
+    "The number is {expr} {item}.",
+    "Altogether that is {expr} {item}.",
+]
+
 STEP_TEMPLATES: dict[str, list[str]] = {
-    "mul": [
-        "The {cont} hold {expr} {item}.",
-        "That is {expr} {item} in the {cont}.",
-        "The {cont} have {expr} {item}.",
-        "In the {cont} there are {expr} {item}.",
-        "Multiplying gives {expr} {item}.",
-        "Those {cont} mean {expr} {item}.",
-        "So the {cont} give {expr} {item}.",
-        "Each group counts, so {expr} {item}.",
-    ],
-    "add": [
-        "{name} now has {expr} {item}.",
-        "Now {pron} has {expr} {item}.",
-        "Together that makes {expr} {item}.",
-        "Adding them gives {expr} {item}.",
-        "That brings the total to {expr} {item}.",
-        "So there are {expr} {item}.",
-        "After that, {pron} has {expr} {item}.",
-        "The total is now {expr} {item}.",
-        "Then {pron} has {expr} {item}.",
-        "This gives {expr} {item}.",
-    ],
-    "sub": [
-        "{name} is left with {expr} {item}.",
-        "Then {pron} has {expr} {item} left.",
-        "Taking them away leaves {expr} {item}.",
-        "That leaves {expr} {item}.",
-        "After that, {pron} has {expr} {item}.",
-        "Subtracting gives {expr} {item}.",
-        "So {pron} has {expr} {item} left.",
-        "Now only {expr} {item} remain.",
-        "This leaves {name} with {expr} {item}.",
-    ],
+    "mul": STEP_PHRASES,
+    "add": STEP_PHRASES,
+    "sub": STEP_PHRASES,
+    # Summing gains and losses separately exists only in the `REORDER` variant.
     "gains": [
         "{Pron} gets {expr} {item} in all.",
         "All the {item} coming in add up to {expr}.",
@@ -465,8 +460,8 @@ def _decorate(line: str, rng: random.Random) -> str:
 
 
 def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
-    """Write `plan` out as a GSM8K-style solution; phrasing of every step, the order of
-    commutative operands and the closing sentence are drawn from `rng`."""
+    """Write `plan` out as a GSM8K-style solution; the phrasing of every step, the order of a
+    product's factors and the closing sentence are drawn from `rng`."""
     terms = problem.terms
     lines: list[str] = []
 
@@ -477,9 +472,6 @@ def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
         a, b = terms[i].a, terms[i].b
         operands = [a, b] if rng.random() < 0.5 else [b, a]
         say("mul", _calc("*", operands)[0])
-
-    def commutative_sum(values: list[int]) -> list[int]:
-        return values if rng.random() < 0.5 else values[::-1]
 
     if plan.products is not None:
         for i in plan.products:
@@ -495,7 +487,9 @@ def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
                 expr, running = _calc("-", [running, terms[i].value])
                 say("sub", expr)
             else:
-                expr, running = _calc("+", commutative_sum([running, terms[i].value]))
+                # The running total comes first, as in a subtraction: if the order of an
+                # addition were free, over-trusting it could put an amount first in a loss.
+                expr, running = _calc("+", [running, terms[i].value])
                 say("add", expr)
     else:
         gains = [terms[i].value for i in plan.order if terms[i].kind != "loss"]
