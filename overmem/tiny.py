@@ -194,7 +194,7 @@ class PretrainConfig:
 
 
 # Bump when the generator or tokenizer changes in a way that invalidates cached bases.
-_GENERATOR_VERSION = "synthetic-v4"
+_GENERATOR_VERSION = "synthetic-v5"
 
 
 class _LossLog(TrainerCallback):

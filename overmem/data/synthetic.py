@@ -6,11 +6,13 @@ model trust each training example's path; on a test problem the reference path t
 improbable (perplexity rises) while the answer stays right. So every problem here can be solved in
 many ways and its reference solution shows one, drawn at random:
 
-- structure (a `Plan`): the order in which the changes are applied, whether gains and losses are
-  first summed separately ("grouped"), and when the products are computed;
 - surface (`render_solution`): the order of a product's factors, the phrasing of every step
   (one of 14 sentences that name no operation, an optional opener and an optional tail), and an
-  optional closing sentence.
+  optional closing sentence. Every surface choice is valid whatever the problem, so a model that
+  over-trusts the choices of its training examples still computes the right thing;
+- structure (a `Plan`, only in the `REORDER` variant): the order in which the changes are
+  applied, whether gains and losses are first summed separately ("grouped"), and when the
+  products are computed.
 
 A problem is a person and an item kind, a starting amount and a few gains and losses; each amount is
 a plain number or a product ("4 boxes of 6 cookies"). The answer is the signed sum.
@@ -222,11 +224,13 @@ class Settings:
     n_terms: range of amounts (start included); start/plain/factor ranges are inclusive;
     product_prob: chance an amount is a product; loss_prob: chance a change is a loss;
     wording: "standard" or "ood" question templates; distractors: range of irrelevant sentences;
-    reorder: whether solutions may apply the amounts in any order and sum gains and losses
-    separately (`Plan`), or only in the order the question gives them. Reordering makes a
-    small model lose track of which amounts it has used, so the standard splits keep the
-    question's order and draw their free choices from products (up front or as they come),
-    operand order and phrasing; `REORDER` is the harder variant.
+    reorder: whether solutions may apply the amounts in any order, compute the products up
+    front and sum gains and losses separately (`Plan`), or only follow the question, computing
+    each product just before it is used. A free choice of structure lets a finetuned small
+    model that over-trusts its training paths lose track of which amounts it has used, so the
+    standard splits keep the structure fixed and draw their free choices from the surface:
+    phrasing, the order of a product's factors and the closing sentence; `REORDER` is the
+    harder variant.
     """
 
     n_terms: tuple[int, int] = (2, 3)
@@ -400,7 +404,7 @@ def enumerate_plans(problem: Problem, reorder: bool = True) -> list[Plan]:
     prods = [i for i, t in enumerate(terms) if t.b is not None]
     prod_orders: list[tuple[int, ...] | None] = [tuple(p) for p in itertools.permutations(prods)]
     if not reorder:
-        return [Plan("sequential", tuple(rest), p) for p in prod_orders + ([None] if prods else [])]
+        return [Plan("sequential", tuple(rest), None if prods else ())]
     plans = []
     for order in itertools.permutations(rest):
         if _sequential_ok(terms, order):
@@ -422,7 +426,7 @@ def sample_plan(problem: Problem, rng: random.Random, reorder: bool = True) -> P
     strategy = "grouped" if reorder and has_loss and rng.random() < 0.5 else "sequential"
     products: tuple[int, ...] | None = tuple(rng.sample(prods, len(prods)))
     if not reorder:
-        return Plan(strategy, tuple(range(1, len(terms))), None if prods and rng.random() < 0.5 else products)
+        return Plan(strategy, tuple(range(1, len(terms))), None if prods else ())
     if strategy == "grouped":
         return Plan(strategy, tuple(rng.sample(range(len(terms)), len(terms))), products)
     if prods and rng.random() < 0.5:
