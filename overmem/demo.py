@@ -23,17 +23,17 @@ from .tiny import PretrainConfig, TinyModelConfig, get_tiny_base
 
 # The pretraining stage: its wall time is printed on the first run (cached afterwards).
 DEMO_PRETRAIN = PretrainConfig(
-    steps=600, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=100, drill_frac=0.4, drill_lines=5,
+    steps=1500, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=200, drill_frac=0.4, drill_lines=5,
     model=TinyModelConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
 )
 
 
 def demo_pretrain(steps: int = DEMO_PRETRAIN.steps) -> PretrainConfig:
     """The demo's pretraining stage with `steps` optimizer steps; the cool-down is the last
-    2/15 of them (at least 100), so 600 steps give `DEMO_PRETRAIN` and 1500 a 200-step cool-down.
+    2/15 of them (at least 100), so 1500 steps give `DEMO_PRETRAIN` and 600 a 100-step cool-down.
 
-    More steps give a stronger base at a one-time cost (measured on 2 cores: about 0.43 s per
-    step; 600 steps: test accuracy ~0.65 after finetuning, 1500 steps: ~0.87; see the demo docs).
+    More steps give a stronger base at a one-time cost (about 0.43 s per step on 2 cores; see
+    the demo docs for what 600 and 1500 steps give).
     """
     if steps < 150:
         raise ValueError(f"--pretrain-steps: {steps} is too few; use at least 150 (default {DEMO_PRETRAIN.steps})")
@@ -41,7 +41,7 @@ def demo_pretrain(steps: int = DEMO_PRETRAIN.steps) -> PretrainConfig:
 
 
 def demo_config(
-    base: Path, out_dir: str | Path, *, seed: int = 0, epochs: int = 24, quiet: bool = False,
+    base: Path, out_dir: str | Path, *, seed: int = 0, epochs: int = 36, quiet: bool = False,
     overrides: list[str] | None = None,
 ) -> RunConfig:
     """The finetuning stage: full finetuning, constant LR after a short warmup (no decay, so the
@@ -55,7 +55,7 @@ def demo_config(
         "data": {
             "train": f"synthetic:train@200,seed={seed}",
             "validation": "synthetic:validation", "validation_size": 100, "monitor_size": 50,
-            "tests": {"test": "synthetic:test"}, "test_size": 100, "seed": seed,
+            "tests": {"test": "synthetic:test"}, "test_size": 200, "seed": seed,
         },
         "generation": {"max_new_tokens": 160, "batch_size": 50, "cache": "static"},
         "eval": {"batch_size": 50},
@@ -104,7 +104,7 @@ def check_demo(run_dir: str | Path, split: str = "test") -> DemoCheck:
 
 
 def run_demo(
-    out_dir: str | Path = "demo-run", *, seed: int = 0, epochs: int = 24, quiet: bool = False,
+    out_dir: str | Path = "demo-run", *, seed: int = 0, epochs: int = 36, quiet: bool = False,
     pretrain: PretrainConfig = DEMO_PRETRAIN, overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Pretrain (cached) + finetune + track + phases + selection + figure; prints a summary.

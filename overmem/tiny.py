@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,10 +57,12 @@ _PIECES = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+"
 
 
 def _tokenizer_corpus(n_problems: int, seed: int) -> list[str]:
-    """Generator text from every setting (so OOD words are in the vocabulary too)."""
+    """Generator text from every setting, with the pretraining text's products (so OOD words
+    and everything the base model reads are in the vocabulary)."""
     rng = random.Random(seed)
     texts = []
-    for settings in synthetic.SPLIT_SETTINGS.values():
+    for split_settings in synthetic.SPLIT_SETTINGS.values():
+        settings = replace(split_settings, product_prob=synthetic.PRETRAIN.product_prob)
         for _ in range(n_problems // len(synthetic.SPLIT_SETTINGS)):
             problem = synthetic.sample_problem(settings, rng)
             texts.append(problem.question + "\n" + synthetic.sample_solution(problem, rng))
@@ -194,7 +196,7 @@ class PretrainConfig:
 
 
 # Bump when the generator or tokenizer changes in a way that invalidates cached bases.
-_GENERATOR_VERSION = "synthetic-v5"
+_GENERATOR_VERSION = "synthetic-v6"
 
 
 class _LossLog(TrainerCallback):

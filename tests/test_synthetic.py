@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -214,3 +215,13 @@ def test_in_order_paths_are_a_subset_and_the_splits_use_them():
         second = p.terms[1].value
         note = first.split("<<")[1].split("=")[0]
         assert sorted(int(x) for x in re.split(r"[-+]", note)) == sorted([start, second]), (ex.response, p.terms)
+
+
+def test_finetuning_splits_have_no_products_but_the_pretraining_text_does():
+    """Products are in the base model's pretraining text (and in REORDER), not in the splits."""
+    for split in ("train", "test", "ood_steps", "ood_numbers"):
+        assert all(t.b is None for p in syn.generate_problems(split, 200) for t in p.terms), split
+    stream = syn.pretrain_stream(seed=0)
+    pretrain = [next(stream) for _ in range(200)]
+    assert sum("*" in e.response for e in pretrain) > 40  # ~1 - 0.85^2.5 of the problems
+    assert syn.STANDARD == replace(syn.PRETRAIN, product_prob=0.0)

@@ -7,7 +7,7 @@ improbable (perplexity rises) while the answer stays right. So every problem her
 many ways and its reference solution shows one, drawn at random:
 
 - surface (`render_solution`): the order of a product's factors, the phrasing of every step
-  (one of 14 sentences that name no operation, an optional opener and an optional tail), and an
+  (a subject and a verb that name no operation, an optional opener and an optional tail), and an
   optional closing sentence. Every surface choice is valid whatever the problem, so a model that
   over-trusts the choices of its training examples still computes the right thing;
 - structure (a `Plan`, only in the `REORDER` variant): the order in which the changes are
@@ -23,7 +23,7 @@ Splits (registered as dataset "synthetic"; sizes in `SPLIT_SIZES`):
   members                               the first `SPLIT_SIZES["members"]` train problems
   ood_steps       6-7 amounts instead of 3-4
   ood_wording     question sentences from a disjoint set of templates
-  ood_numbers     larger numbers (disjoint ranges: 3-digit answers, 2-digit factors)
+  ood_numbers     larger numbers (disjoint ranges)
   ood_distractor  1-2 irrelevant sentences with numbers inserted in the question
 The OOD splits draw from the test bucket, so none of them shares a problem with train.
 `pretrain_stream` draws from buckets no split uses (used by `overmem.tiny` for the base model).
@@ -116,21 +116,15 @@ DISTRACTORS = [
 # choice of phrasing decide the arithmetic, and a finetuned model that over-trusts the phrasings
 # of its training problems would then pick the wrong operation on a test problem; a real
 # solution's phrasing is free in a way that leaves every choice valid.
+# Each phrasing is a subject and a verb drawn independently (two free choices in two or three
+# tokens, so that a large share of a solution's tokens are free choices).
+STEP_SUBJECTS = ["That", "This", "It", "All that", "The total", "The result", "The count"]
+STEP_VERBS = ["is", "comes to", "works out to", "makes", "gives", "means"]
+_NOUN_VERBS = ["is", "comes to", "works out to"]  # "the total gives 3 + 4" reads wrong
 STEP_PHRASES = [
-    "That makes {expr} {item}.",
-    "This gives {expr} {item}.",
-    "There are {expr} {item}.",
-    "That is {expr} {item}.",
-    "We get {expr} {item}.",
-    "The count is {expr} {item}.",
-    "This comes to {expr} {item}.",
-    "It works out to {expr} {item}.",
-    "The result is {expr} {item}.",
-    "We have {expr} {item}.",
-    "Counting them gives {expr} {item}.",
-    "Doing the math gives {expr} {item}.",
-    "The number is {expr} {item}.",
-    "Altogether that is {expr} {item}.",
+    f"{subject} {verb} {{expr}} {{item}}."
+    for subject in STEP_SUBJECTS
+    for verb in (_NOUN_VERBS if subject.startswith("The ") else STEP_VERBS)
 ]
 
 STEP_TEMPLATES: dict[str, list[str]] = {
@@ -244,8 +238,13 @@ class Settings:
     reorder: bool = False
 
 
-STANDARD = Settings()
-REORDER = replace(STANDARD, reorder=True)
+# The base model's pretraining text covers more than the finetuning task (as a real LLM's does):
+# it also has products ("4 boxes of 6 cookies"). The finetuning splits leave them out: finding and
+# multiplying the right two factors is what a 1M-parameter model forgets first once it starts to
+# memorize its training problems, and the demo is about the references' perplexity, not that.
+PRETRAIN = Settings()
+STANDARD = replace(PRETRAIN, product_prob=0.0)
+REORDER = replace(PRETRAIN, reorder=True)
 SPLIT_SETTINGS: dict[str, Settings] = {
     "train": STANDARD,
     "validation": STANDARD,
@@ -589,7 +588,7 @@ def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -
     return [to_example(p, source, i, rng, reorder) for i, p in enumerate(problems)]
 
 
-def pretrain_stream(seed: int = 0, settings: Settings = STANDARD) -> Iterator[Example]:
+def pretrain_stream(seed: int = 0, settings: Settings = PRETRAIN) -> Iterator[Example]:
     """Endless problems, each with a fresh random solution, from buckets no split uses."""
     rng = random.Random(f"{seed}:pretrain:solutions")
     for i, problem in enumerate(_problem_stream("pretrain", settings, seed)):
