@@ -40,10 +40,11 @@ def test_short_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_demo_pretrain_steps_scale_the_cooldown():
     assert demo_pretrain() == DEMO_PRETRAIN
-    assert demo_pretrain(600).cooldown_steps == 100
-    longer = demo_pretrain(1500)
-    assert (longer.steps, longer.cooldown_steps) == (1500, 200)  # 2/15 of 1500
-    assert longer.model == DEMO_PRETRAIN.model and longer.digest() != DEMO_PRETRAIN.digest()
+    assert (DEMO_PRETRAIN.steps, DEMO_PRETRAIN.cooldown_steps) == (1500, 200)  # 2/15 of 1500
+    shorter = demo_pretrain(600)
+    assert (shorter.steps, shorter.cooldown_steps) == (600, 100)  # 2/15 of 600 is 80: at least 100
+    assert demo_pretrain(3000).cooldown_steps == 400
+    assert shorter.model == DEMO_PRETRAIN.model and shorter.digest() != DEMO_PRETRAIN.digest()
     with pytest.raises(ValueError, match="--pretrain-steps: 10 is too few"):
         demo_pretrain(10)
 
