@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=36, help="finetuning epochs (default: 36)")
     p.add_argument("--pretrain-steps", type=int, default=1500, metavar="N",
                    help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 1500, "
-                   "about 11 min on 2 cores; 600 take about 4.5 min and give a weaker base)")
+                   "about 11 min on 2 cores; 600 take about 5 min and give a weaker base)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true")
