@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-run", help="run folder (default: ./demo-run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=36, help="finetuning epochs (default: 36)")
+    # Kept equal to demo.DEMO_PRETRAIN.steps (the demo module, which imports torch, loads lazily).
     p.add_argument("--pretrain-steps", type=int, default=1500, metavar="N",
                    help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 1500, "
                    "about 11 min on 2 cores; 600 take about 5 min and give a weaker base)")

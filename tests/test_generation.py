@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from overmem.generation import AnswerLineStop, generate, truncate_after_answer
@@ -49,7 +50,5 @@ def test_static_cache_gives_the_same_outputs(char_tokenizer):
 
 
 def test_unknown_cache_is_rejected(char_tokenizer):
-    import pytest
-
     with pytest.raises(ValueError, match="generation.cache: 'paged'"):
         generate(make_tiny_llama(len(char_tokenizer)), char_tokenizer, ["a"], cache="paged")

@@ -193,7 +193,7 @@ def test_unknown_split():
 
 def test_in_order_paths_are_a_subset_and_the_splits_use_them():
     """STANDARD keeps the question's order of amounts (REORDER allows any order); the free
-    choices left are product timing, operand order and phrasing, still many per problem."""
+    choices left are on the surface (phrasing, a product's factor order), still many per problem."""
     assert syn.STANDARD.reorder is False and syn.REORDER.reorder is True
     rng = random.Random(2)
     for p in syn.generate_problems("test", 30):

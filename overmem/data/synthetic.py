@@ -21,7 +21,7 @@ Splits (registered as dataset "synthetic"; sizes in `SPLIT_SIZES`):
   train, validation, test, nonmembers  same distribution (`STANDARD`), structurally disjoint
                                         problems (hash buckets of the problem, see `_bucket`)
   members                               the first `SPLIT_SIZES["members"]` train problems
-  ood_steps       6-7 amounts instead of 3-4
+  ood_steps       4-5 amounts instead of 2-3
   ood_wording     question sentences from a disjoint set of templates
   ood_numbers     larger numbers (disjoint ranges)
   ood_distractor  1-2 irrelevant sentences with numbers inserted in the question
@@ -401,9 +401,9 @@ def enumerate_plans(problem: Problem, reorder: bool = True) -> list[Plan]:
     terms = problem.terms
     rest = range(1, len(terms))
     prods = [i for i, t in enumerate(terms) if t.b is not None]
-    prod_orders: list[tuple[int, ...] | None] = [tuple(p) for p in itertools.permutations(prods)]
     if not reorder:
         return [Plan("sequential", tuple(rest), None if prods else ())]
+    prod_orders: list[tuple[int, ...] | None] = [tuple(p) for p in itertools.permutations(prods)]
     plans = []
     for order in itertools.permutations(rest):
         if _sequential_ok(terms, order):
