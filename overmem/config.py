@@ -65,6 +65,10 @@ class TrainConfig(_Strict):
     seed: int = 42
     save_every_steps: int | None = Field(None, gt=0, description="extra checkpoints every K steps")
     report_to: list[str] = Field(default_factory=list)
+    trainable: list[str] | None = Field(
+        None, description="method full: train only the parameters whose name contains one of these "
+        "strings (e.g. ['mlp']: the MLP blocks), freeze the rest; default: every parameter",
+    )
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainConfig:
@@ -73,6 +77,15 @@ class TrainConfig(_Strict):
                 f"train.batch_size ({self.batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _trainable_needs_full(self) -> TrainConfig:
+        if self.trainable is not None and self.method != "full":
+            raise ValueError("train.trainable: only with method: full (adapters choose their layers "
+                             "with train.lora.target_modules)")
+        if self.trainable is not None and not all(self.trainable):
+            raise ValueError("train.trainable: empty name; give parts of parameter names such as 'mlp'")
         return self
 
     @model_validator(mode="after")

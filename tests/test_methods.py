@@ -68,3 +68,30 @@ def test_loraplus_optimizer_gives_b_a_larger_lr(tiny_model_dir):
     assert lrs == [pytest.approx(1e-3), pytest.approx(16e-3)]
     with pytest.raises(ValueError, match="loraplus_lr_ratio"):
         create_optimizer(model, TrainConfig(method="full", loraplus_lr_ratio=16))
+
+
+def test_full_finetuning_of_named_parameters_only(tiny_model_dir, tmp_path):
+    """`train.trainable: [mlp]` trains the MLP weights and leaves every other weight as it was,
+    in the trained model and in the saved checkpoint."""
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", "train.method=full", "train.trainable=[mlp]", "train.epochs=1",
+        "train.lr=5e-3", "train.batch_size=4", "train.micro_batch_size=4", "train.warmup_steps=0",
+        f"out_dir={tmp_path}", "quiet=true",
+    ])
+    before = {n: p.detach().clone() for n, p in load_model(cfg.model).named_parameters()}
+    finetune(cfg, load_model(cfg.model), load_tokenizer(cfg.model), toy_examples(8), RunDir(tmp_path))
+    after = dict(load_checkpoint(tmp_path / "checkpoints" / "epoch-1", cfg.model).named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    mlp = {n for n in before if ".mlp." in n}
+    assert mlp and changed == mlp
+
+
+def test_trainable_names_are_checked(tiny_model_dir):
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    with pytest.raises(ValueError, match=r"train.trainable: \['mpl'\] match no parameter"):
+        apply_method(model, TrainConfig(method="full", trainable=["mpl"]))
+    with pytest.raises(ValueError, match="only with method: full"):
+        TrainConfig(method="lora", trainable=["mlp"])
+    kept = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    apply_method(model, TrainConfig(method="full", trainable=["mlp"]))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == kept

@@ -44,8 +44,11 @@ def changes_base(cfg: TrainConfig) -> bool:
 
 
 def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
-    """Wrap the model for the finetuning method (`full` trains every weight)."""
+    """Wrap the model for the finetuning method (`full` trains every weight, or those that
+    `cfg.trainable` names)."""
     if cfg.method == "full":
+        if cfg.trainable is not None:
+            freeze_except(model, cfg.trainable)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -69,6 +72,21 @@ def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
     if cfg.method == "milora":
         milora_init(model)
     return model
+
+
+def freeze_except(model: torch.nn.Module, patterns: list[str]) -> int:
+    """Freeze every parameter whose name contains none of `patterns`; returns how many weights
+    stay trainable. A pattern that matches no parameter is an error (a typo would otherwise
+    silently train nothing or everything)."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(p in name for name in names)]
+    if unmatched:
+        raise ValueError(f"train.trainable: {unmatched} match no parameter; names look like {names[:3]}")
+    kept = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(p in name for p in patterns))
+        kept += param.numel() if param.requires_grad else 0
+    return kept
 
 
 @torch.no_grad()
