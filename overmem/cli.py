@@ -238,11 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "tracking every epoch; shows over-memorization in minutes.")
     p.add_argument("--out", default="demo-run", help="run folder (default: ./demo-run)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=36, help="finetuning epochs (default: 36)")
-    # Kept equal to demo.DEMO_PRETRAIN.steps (the demo module, which imports torch, loads lazily).
+    p.add_argument("--epochs", type=int, default=50, help="finetuning epochs (default: 50)")
+    # --epochs and --pretrain-steps are kept equal to demo.DEMO_EPOCHS and demo.DEMO_PRETRAIN.steps
+    # (the demo module, which imports torch, loads lazily; tests/test_demo.py checks).
     p.add_argument("--pretrain-steps", type=int, default=1500, metavar="N",
                    help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 1500, "
-                   "about 11 min on 2 cores; 600 take about 5 min and give a weaker base)")
+                   "8-11 min once on 2 cores; 600 take about 5 min and give a weaker base)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -21,6 +21,10 @@ from .config import RunConfig, apply_overrides, config_from_dict
 from .results import RunDir
 from .tiny import PretrainConfig, TinyModelConfig, get_tiny_base
 
+# Finetuning epochs: the test perplexity keeps climbing through them (1.80x its minimum at 50,
+# seed 0), while accuracy has come back to within 5 points of its best by about epoch 45.
+DEMO_EPOCHS = 50
+
 # The pretraining stage: its wall time is printed on the first run (cached afterwards).
 DEMO_PRETRAIN = PretrainConfig(
     steps=1500, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=200, drill_frac=0.4, drill_lines=5,
@@ -41,7 +45,7 @@ def demo_pretrain(steps: int = DEMO_PRETRAIN.steps) -> PretrainConfig:
 
 
 def demo_config(
-    base: Path, out_dir: str | Path, *, seed: int = 0, epochs: int = 36, quiet: bool = False,
+    base: Path, out_dir: str | Path, *, seed: int = 0, epochs: int = DEMO_EPOCHS, quiet: bool = False,
     overrides: list[str] | None = None,
 ) -> RunConfig:
     """The finetuning stage: full finetuning, constant LR after a short warmup (no decay, so the
@@ -104,7 +108,7 @@ def check_demo(run_dir: str | Path, split: str = "test") -> DemoCheck:
 
 
 def run_demo(
-    out_dir: str | Path = "demo-run", *, seed: int = 0, epochs: int = 36, quiet: bool = False,
+    out_dir: str | Path = "demo-run", *, seed: int = 0, epochs: int = DEMO_EPOCHS, quiet: bool = False,
     pretrain: PretrainConfig = DEMO_PRETRAIN, overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Pretrain (cached) + finetune + track + phases + selection + figure; prints a summary.

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from overmem.demo import DEMO_PRETRAIN, check_demo, demo_pretrain, run_demo
+from overmem.demo import DEMO_EPOCHS, DEMO_PRETRAIN, check_demo, demo_pretrain, run_demo
 from overmem.results import read_jsonl
 from overmem.tiny import PretrainConfig, TinyModelConfig
 
@@ -55,3 +55,11 @@ def test_demo_cli_rejects_too_few_pretrain_steps(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--pretrain-steps", "10"]) == 2
     assert "--pretrain-steps: 10 is too few" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_cli_defaults_are_the_demo_modules():
+    """The CLI repeats the demo's defaults (the demo module imports torch and loads lazily)."""
+    from overmem.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert (args.epochs, args.pretrain_steps) == (DEMO_EPOCHS, DEMO_PRETRAIN.steps)

@@ -224,4 +224,44 @@ def test_finetuning_splits_have_no_products_but_the_pretraining_text_does():
     stream = syn.pretrain_stream(seed=0)
     pretrain = [next(stream) for _ in range(200)]
     assert sum("*" in e.response for e in pretrain) > 40  # ~1 - 0.85^2.5 of the problems
-    assert syn.STANDARD == replace(syn.PRETRAIN, product_prob=0.0)
+    assert syn.STANDARD == replace(syn.PRETRAIN, product_prob=0.0, phrasing="plain")
+
+
+def test_plain_phrasing_is_what_the_splits_use_and_every_choice_is_reachable():
+    """The finetuning splits write solutions with PLAIN only (the pretraining text with RICH),
+    and every wording of PLAIN occurs in them."""
+    assert syn.PRETRAIN.phrasing == "rich" and syn.REORDER.phrasing == "rich"
+    assert all(syn.SPLIT_SETTINGS[s].phrasing == "plain" for s in syn.SPLITS)
+    plain = syn.PLAIN
+    examples = syn.generate_split("train", 600)
+    lines = [line for e in examples for line in e.response.splitlines()]
+    steps = [line for line in lines if "<<" in line]
+    starts = {line.split(" = ")[0].rsplit(" ", 3)[0] for line in steps}
+    for opener in plain.openers:
+        for step in plain.steps:
+            head = step.split(" {expr}")[0]
+            want = opener + (head[0].lower() + head[1:] if opener else head)
+            assert want in starts, want
+    for tail in plain.tails:
+        assert any(line.endswith(f"{tail}.") for line in steps), tail
+    assert not any(w in " ".join(lines) for w in ("Well,", "This way", "works out to", "The count"))
+    closings = [line for line in lines if "<<" not in line and not line.startswith("####")]
+    for c in plain.closings:
+        if c:
+            pattern = re.escape(c).replace(r"\{name\}", r"\w+").replace(r"\{ans\}", r"\d+").replace(r"\{item\}", r"\w+")
+            assert any(re.fullmatch(pattern, line) for line in closings), c
+    assert len(closings) < len(examples)  # some solutions have no closing
+
+
+def test_no_plain_closing_starts_like_a_step_line():
+    """Another step or the closing: the question decides, so no free choice may decide it."""
+    names = {p[0] for p in syn.PEOPLE}
+    step_words = {o.split()[0].rstrip(",") for o in syn.PLAIN.openers if o}
+    step_words |= {s.split()[0] for s in syn.PLAIN.steps}
+    for closing in syn.PLAIN.closings:
+        if closing:
+            first = closing.split()[0].rstrip(":")
+            assert first not in step_words, closing
+            assert first == "{name}" or first not in names
+    # RICH (the pretraining text) does not have this property: "So ..." starts both.
+    assert any(c.startswith("So ") for c in syn.RICH.closings) and "So " in syn.RICH.openers

@@ -6,10 +6,11 @@ model trust each training example's path; on a test problem the reference path t
 improbable (perplexity rises) while the answer stays right. So every problem here can be solved in
 many ways and its reference solution shows one, drawn at random:
 
-- surface (`render_solution`): the order of a product's factors, the phrasing of every step
-  (a subject and a verb that name no operation, an optional opener and an optional tail), and an
-  optional closing sentence. Every surface choice is valid whatever the problem, so a model that
-  over-trusts the choices of its training examples still computes the right thing;
+- surface (`render_solution`, a `Phrasing`): the order of a product's factors, the phrasing of
+  every step (a subject and a verb that name no operation, an optional opener and an optional
+  tail), and an optional closing sentence. Every surface choice is valid whatever the problem, so
+  a model that over-trusts the choices of its training examples still computes the right thing.
+  The pretraining text draws them from many wordings (`RICH`), the splits from a few (`PLAIN`);
 - structure (a `Plan`, only in the `REORDER` variant): the order in which the changes are
   applied, whether gains and losses are first summed separately ("grouped"), and when the
   products are computed.
@@ -167,6 +168,47 @@ STEP_TEMPLATES: dict[str, list[str]] = {
 STEP_OPENERS = ["", "", "So ", "Then ", "Now ", "Next, ", "Here ", "Well, ", "Thus ", "OK, ", "This way "]
 STEP_TAILS = ["", "", " now", " in all", " in total", " so far", " at this point", " altogether", " for now"]
 
+
+@dataclass(frozen=True)
+class Phrasing:
+    """The surface choices of a solution: a sequential step is `opener + step + tail` (one of
+    each, drawn independently; the opener lower-cases the step's first word) and the solution
+    ends with a closing sentence ("" for none) before `#### N`. Placeholders as in
+    `STEP_TEMPLATES`."""
+
+    openers: tuple[str, ...]
+    steps: tuple[str, ...]
+    tails: tuple[str, ...]
+    closings: tuple[str, ...]
+
+
+# The base model's pretraining text: many wordings of each choice (as a real LLM has read), and
+# closings that can start like a step line ("So ...", "The ...").
+RICH = Phrasing(tuple(STEP_OPENERS), tuple(STEP_PHRASES), tuple(STEP_TAILS), tuple(STEP_TEMPLATES["end"]))
+
+# The finetuning splits: a few wordings per choice, but as many choices per line. Why:
+# - Every choice written before a line's calculation is also a clue to which training example
+#   the model is continuing, once the examples are memorized. With `RICH` (~3,000 wordings of a
+#   line, nearly one per training example) the finetuned tiny model's test solutions drift towards
+#   training ones: skipped or repeated steps, wrong sums (demo, seed 0: test accuracy 0.98-1.00 at
+#   epochs 3-8, then 0.84-0.94). With 3 x 6 x 3 = 54 wordings of a line, each shared by several
+#   training examples, less of it happens (0.89-0.97 over epochs 12-50, seed 0), while the choices,
+#   all still free, make the test references improbable as the model over-trusts them.
+# - Whether a line is another step or the closing is decided by the question (how many changes
+#   are left), so no closing starts with a word a step line can start with. In `RICH` "So ..."
+#   and "The ..." begin both, and over-trusting a memorized "So" ended test solutions early.
+PLAIN = Phrasing(
+    openers=("", "So ", "Then "),
+    steps=tuple(
+        f"{subject} {verb} {{expr}} {{item}}."
+        for subject, verb in (("That", "is"), ("That", "makes"), ("It", "is"), ("It", "makes"),
+                              ("The total", "is"), ("The total", "comes to"))
+    ),
+    tails=("", " in all", " so far"),
+    closings=("", "{name} ends with {ans} {item}.", "Answer: {ans}."),
+)
+PHRASINGS: dict[str, Phrasing] = {"rich": RICH, "plain": PLAIN}
+
 # ---------------------------------------------------------------------------------------------
 # Problems, settings, plans
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +266,7 @@ class Settings:
     model that over-trusts its training paths lose track of which amounts it has used, so the
     standard splits keep the structure fixed and draw their free choices from the surface:
     phrasing, the order of a product's factors and the closing sentence; `REORDER` is the
-    harder variant.
+    harder variant; phrasing: the wording pools of the solutions, a key of `PHRASINGS`.
     """
 
     n_terms: tuple[int, int] = (2, 3)
@@ -236,14 +278,16 @@ class Settings:
     wording: str = "standard"
     distractors: tuple[int, int] = (0, 0)
     reorder: bool = False
+    phrasing: str = "rich"
 
 
 # The base model's pretraining text covers more than the finetuning task (as a real LLM's does):
-# it also has products ("4 boxes of 6 cookies"). The finetuning splits leave them out: finding and
-# multiplying the right two factors is what a 1M-parameter model forgets first once it starts to
-# memorize its training problems, and the demo is about the references' perplexity, not that.
+# it also has products ("4 boxes of 6 cookies") and many more wordings (`RICH`). The finetuning
+# splits leave the products out: finding and multiplying the right two factors is what a
+# 1M-parameter model forgets first once it starts to memorize its training problems, and the demo
+# is about the references' perplexity, not that. They write solutions with `PLAIN` (see there).
 PRETRAIN = Settings()
-STANDARD = replace(PRETRAIN, product_prob=0.0)
+STANDARD = replace(PRETRAIN, product_prob=0.0, phrasing="plain")
 REORDER = replace(PRETRAIN, reorder=True)
 SPLIT_SETTINGS: dict[str, Settings] = {
     "train": STANDARD,
@@ -451,25 +495,27 @@ def _calc(op: str, operands: list[int]) -> tuple[str, int]:
     return f"{shown} = <<{note}={value}>>{value}", value
 
 
-def _decorate(line: str, rng: random.Random) -> str:
+def _decorate(line: str, rng: random.Random, phrasing: Phrasing = RICH) -> str:
     """Add an optional opener and an optional tail to a step sentence, drawn independently, so
     that several tokens of every line are free choices (not only the template's first word)."""
-    opener = rng.choice(STEP_OPENERS)
+    opener = rng.choice(phrasing.openers)
     if opener:
         starts_with_name = line.split(" ", 1)[0] in {p[0] for p in PEOPLE}
         line = opener + (line if starts_with_name else line[0].lower() + line[1:])
-    tail = rng.choice(STEP_TAILS)
+    tail = rng.choice(phrasing.tails)
     return line[:-1] + tail + "." if tail and line.endswith(".") else line
 
 
-def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
-    """Write `plan` out as a GSM8K-style solution; the phrasing of every step, the order of a
-    product's factors and the closing sentence are drawn from `rng`."""
+def render_solution(problem: Problem, plan: Plan, rng: random.Random, phrasing: Phrasing = RICH) -> str:
+    """Write `plan` out as a GSM8K-style solution; the phrasing of every step (from `phrasing`;
+    `REORDER`'s grouped sums from `STEP_TEMPLATES`), the order of a product's factors and the
+    closing sentence are drawn from `rng`."""
     terms = problem.terms
     lines: list[str] = []
 
     def say(kind: str, expr: str) -> None:
-        lines.append(_decorate(_fill(rng.choice(STEP_TEMPLATES[kind]), problem, expr=expr), rng))
+        templates = phrasing.steps if kind in ("mul", "add", "sub") else STEP_TEMPLATES[kind]
+        lines.append(_decorate(_fill(rng.choice(templates), problem, expr=expr), rng, phrasing))
 
     def product(i: int) -> None:
         a, b = terms[i].a, terms[i].b
@@ -506,22 +552,24 @@ def render_solution(problem: Problem, plan: Plan, rng: random.Random) -> str:
             say("losses", expr)
         expr, _ = _calc("-", [total_in, total_out])
         say("net", expr)
-    closing = _fill(rng.choice(STEP_TEMPLATES["end"]), problem, ans=problem.answer)
+    closing = _fill(rng.choice(phrasing.closings), problem, ans=problem.answer)
     if closing:
         lines.append(closing)
     lines.append(f"#### {problem.answer}")
     return "\n".join(lines)
 
 
-def sample_solution(problem: Problem, rng: random.Random, reorder: bool = True) -> str:
+def sample_solution(problem: Problem, rng: random.Random, reorder: bool = True,
+                    phrasing: Phrasing = RICH) -> str:
     """One valid solution drawn at random over structure and surface."""
-    return render_solution(problem, sample_plan(problem, rng, reorder), rng)
+    return render_solution(problem, sample_plan(problem, rng, reorder), rng, phrasing)
 
 
-def sample_solutions(problem: Problem, n: int, seed: int = 0, reorder: bool = True) -> list[str]:
+def sample_solutions(problem: Problem, n: int, seed: int = 0, reorder: bool = True,
+                     phrasing: Phrasing = RICH) -> list[str]:
     """`n` independently drawn valid solutions (may repeat)."""
     rng = random.Random(seed)
-    return [sample_solution(problem, rng, reorder) for _ in range(n)]
+    return [sample_solution(problem, rng, reorder, phrasing) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,12 +604,14 @@ def check_solution(solution: str) -> tuple[bool, int | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def to_example(problem: Problem, split: str, index: int, rng: random.Random, reorder: bool = False) -> Example:
-    """Attach one randomly drawn reference solution and wrap as an Example."""
+def to_example(problem: Problem, split: str, index: int, rng: random.Random,
+               settings: Settings = STANDARD) -> Example:
+    """Attach one randomly drawn reference solution (structure and wording as `settings` allow)
+    and wrap as an Example."""
     return Example(
         id=f"synthetic-{split}-{index}",
         question=problem.question,
-        response=sample_solution(problem, rng, reorder),
+        response=sample_solution(problem, rng, settings.reorder, PHRASINGS[settings.phrasing]),
         answer=str(problem.answer),
         kind="numeric",
         meta={"split": split, "n_terms": len(problem.terms), "key": problem.key()},
@@ -584,15 +634,14 @@ def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -
     source = "train" if split == "members" else split
     problems = generate_problems(split, n, seed)
     rng = random.Random(f"{seed}:{source}:solutions")
-    reorder = SPLIT_SETTINGS[split].reorder
-    return [to_example(p, source, i, rng, reorder) for i, p in enumerate(problems)]
+    return [to_example(p, source, i, rng, SPLIT_SETTINGS[split]) for i, p in enumerate(problems)]
 
 
 def pretrain_stream(seed: int = 0, settings: Settings = PRETRAIN) -> Iterator[Example]:
     """Endless problems, each with a fresh random solution, from buckets no split uses."""
     rng = random.Random(f"{seed}:pretrain:solutions")
     for i, problem in enumerate(_problem_stream("pretrain", settings, seed)):
-        yield to_example(problem, "pretrain", i, rng, settings.reorder)
+        yield to_example(problem, "pretrain", i, rng, settings)
 
 
 @register_dataset(
