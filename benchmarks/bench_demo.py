@@ -40,7 +40,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             c = result["check"]
             marks = " ".join("pass" if ok else "FAIL" for ok in c.passed.values())
-            print(f"seed {seed}: {wall:6.0f} s  best acc {c.best_accuracy:.2f}  last acc {c.last_accuracy:.2f}  "
+            print(f"seed {seed}: {wall:6.0f} s  best acc {c.best_accuracy:.3f}  last acc {c.last_accuracy:.3f}  "
                   f"ppl {c.min_ppl:.3f} -> {c.last_ppl:.3f} ({c.ppl_ratio:.2f}x)  checks: {marks}")
     print("checks: best acc >= 0.60 | last ppl >= 2x min | last acc within 5 points of best | late epochs over-memorized")
 

@@ -129,7 +129,7 @@ def run_demo(
     wall = time.perf_counter() - t0
     print()
     print(f"overmem demo finished in {wall:.0f} s (base model: {t_base:.0f} s, cached in {base})")
-    print(f"test accuracy: best {check.best_accuracy:.2f}, last {check.last_accuracy:.2f}; "
+    print(f"test accuracy: best {check.best_accuracy:.3f}, last {check.last_accuracy:.3f}; "
           f"test perplexity: min {check.min_ppl:.3f}, last {check.last_ppl:.3f} ({check.ppl_ratio:.2f}x)")
     for what, ok in check.passed.items():
         print(f"  [{'x' if ok else ' '}] {what}")

@@ -192,8 +192,9 @@ RICH = Phrasing(tuple(STEP_OPENERS), tuple(STEP_PHRASES), tuple(STEP_TAILS), tup
 #   line, nearly one per training example) the finetuned tiny model's test solutions drift towards
 #   training ones: skipped or repeated steps, wrong sums (demo, seed 0: test accuracy 0.98-1.00 at
 #   epochs 3-8, then 0.84-0.94). With 3 x 6 x 3 = 54 wordings of a line, each shared by several
-#   training examples, less of it happens (0.89-0.97 over epochs 12-50, seed 0), while the choices,
-#   all still free, make the test references improbable as the model over-trusts them.
+#   training examples, less of it happens on some seeds (seed 0: 0.94-0.97 over epochs 37-50;
+#   seeds 1 and 2 still drift to 0.82-0.94; docs/commands/demo.md), while the choices, all still
+#   free, make the test references improbable as the model over-trusts them.
 # - Whether a line is another step or the closing is decided by the question (how many changes
 #   are left), so no closing starts with a word a step line can start with. In `RICH` "So ..."
 #   and "The ..." begin both, and over-trusting a memorized "So" ended test solutions early.
