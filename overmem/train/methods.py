@@ -74,19 +74,15 @@ def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
     return model
 
 
-def freeze_except(model: torch.nn.Module, patterns: list[str]) -> int:
-    """Freeze every parameter whose name contains none of `patterns`; returns how many weights
-    stay trainable. A pattern that matches no parameter is an error (a typo would otherwise
-    silently train nothing or everything)."""
-    names = [name for name, _ in model.named_parameters()]
-    unmatched = [p for p in patterns if not any(p in name for name in names)]
+def freeze_except(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter whose name contains none of `patterns`. A pattern that matches no
+    parameter is an error (a typo would otherwise silently train nothing or everything)."""
+    params = dict(model.named_parameters())
+    unmatched = [p for p in patterns if not any(p in name for name in params)]
     if unmatched:
-        raise ValueError(f"train.trainable: {unmatched} match no parameter; names look like {names[:3]}")
-    kept = 0
-    for name, param in model.named_parameters():
+        raise ValueError(f"train.trainable: {unmatched} match no parameter; names look like {list(params)[:3]}")
+    for name, param in params.items():
         param.requires_grad_(any(p in name for p in patterns))
-        kept += param.numel() if param.requires_grad else 0
-    return kept
 
 
 @torch.no_grad()
