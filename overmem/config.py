@@ -56,6 +56,9 @@ class TrainConfig(_Strict):
     )
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay (the Trainer's default)")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam's second-moment decay; 0.95 is common for LLMs")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam's epsilon (added to the root of the second moment)")
     scheduler: str = "linear"
     warmup_steps: int = Field(100, ge=0)
     epochs: int = Field(10, gt=0)

@@ -95,3 +95,40 @@ def test_trainable_names_are_checked(tiny_model_dir):
     kept = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
     apply_method(model, TrainConfig(method="full", trainable=["mlp"]))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == kept
+
+
+def _two_adam_steps(betas: tuple[float, float], eps: float, lr: float, grads: list[float]) -> float:
+    """Reference: AdamW without weight decay, from its definition (bias-corrected moments)."""
+    p, m, v = 1.0, 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p -= lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)) ** 0.5 + eps)
+    return p
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_adam_settings_reach_the_optimizer(tmp_path, tiny_model_dir, method):
+    """train.adam_beta1/beta2/epsilon are the optimizer the Trainer builds (and LoRA+'s): two
+    steps on one weight match AdamW worked out by hand, and differ from the defaults."""
+    from transformers import Trainer
+
+    from overmem.train.trainer import training_args
+
+    over = ["train.adam_beta1=0.5", "train.adam_beta2=0.6", "train.adam_epsilon=0.1", "train.lr=0.01",
+            f"model.name_or_path={tiny_model_dir}", f"train.method={method}", f"out_dir={tmp_path}"]
+    if method == "lora":
+        over.append("train.loraplus_lr_ratio=1")
+    cfg = load_config(None, over)
+    model = torch.nn.Linear(1, 1, bias=False)
+    opt = (create_optimizer(model, cfg.train) if method == "lora"
+           else Trainer(model=model, args=training_args(cfg, RunDir(tmp_path), model)).create_optimizer())
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    grads = [0.3, -0.05]
+    for g in grads:
+        model.weight.grad = torch.tensor([[g]])
+        opt.step()
+    expected = _two_adam_steps((0.5, 0.6), 0.1, 0.01, grads)
+    assert model.weight.item() == pytest.approx(expected, abs=1e-7)
+    assert abs(expected - _two_adam_steps((0.9, 0.999), 1e-8, 0.01, grads)) > 1e-3  # the settings matter

@@ -134,5 +134,6 @@ def create_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer | No
     from peft.optimizers import create_loraplus_optimizer
 
     return create_loraplus_optimizer(
-        model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay
+        model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
     )
