@@ -57,6 +57,7 @@ PEOPLE = [
     ("Mia", "she", "her"), ("Noah", "he", "him"), ("Olivia", "she", "her"), ("Paul", "he", "him"),
     ("Rosa", "she", "her"), ("Sam", "he", "him"), ("Tina", "she", "her"), ("Omar", "he", "him"),
 ]
+_NAMES = frozenset(name for name, _, _ in PEOPLE)
 FRIENDS = ["Grandma", "a neighbor", "the teacher", "a friend", "Uncle Joe", "a cousin"]
 # (item, container)
 ITEMS = [
@@ -501,7 +502,7 @@ def _decorate(line: str, rng: random.Random, phrasing: Phrasing = RICH) -> str:
     that several tokens of every line are free choices (not only the template's first word)."""
     opener = rng.choice(phrasing.openers)
     if opener:
-        starts_with_name = line.split(" ", 1)[0] in {p[0] for p in PEOPLE}
+        starts_with_name = line.split(" ", 1)[0] in _NAMES
         line = opener + (line if starts_with_name else line[0].lower() + line[1:])
     tail = rng.choice(phrasing.tails)
     return line[:-1] + tail + "." if tail and line.endswith(".") else line
