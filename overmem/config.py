@@ -59,6 +59,10 @@ class TrainConfig(_Strict):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay (the Trainer's default)")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam's second-moment decay; 0.95 is common for LLMs")
     adam_epsilon: float = Field(1e-8, gt=0, description="Adam's epsilon (added to the root of the second moment)")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (Jain et al. 2023): uniform noise of size alpha/sqrt(L*d) on the input "
+        "embeddings while training (the Trainer's option; L tokens, hidden size d); default: off",
+    )
     scheduler: str = "linear"
     warmup_steps: int = Field(100, ge=0)
     epochs: int = Field(10, gt=0)

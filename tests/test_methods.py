@@ -132,3 +132,39 @@ def test_adam_settings_reach_the_optimizer(tmp_path, tiny_model_dir, method):
     expected = _two_adam_steps((0.5, 0.6), 0.1, 0.01, grads)
     assert model.weight.item() == pytest.approx(expected, abs=1e-7)
     assert abs(expected - _two_adam_steps((0.9, 0.999), 1e-8, 0.01, grads)) > 1e-3  # the settings matter
+
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_neftune_noise_reaches_the_embeddings(tmp_path, tiny_model_dir, method, monkeypatch):
+    """train.neftune_noise_alpha: while training, the input embeddings the model reads are the
+    clean ones plus noise drawn uniformly from [-m, m], m = alpha / sqrt(L * d) (L the batch's
+    padded length, d the hidden size); without the option they are the clean ones."""
+    import overmem.train.trainer as trainer_mod
+
+    seen = []
+
+    class CaptureFirstBatch(trainer_mod.EpochCheckpointCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # Registered after the Trainer's own NEFTune hook, so it sees the noisy output.
+            model.get_input_embeddings().register_forward_hook(
+                lambda mod, inp, out: seen.append((inp[0], out.detach(), mod.weight.detach().clone())))
+
+    monkeypatch.setattr(trainer_mod, "EpochCheckpointCallback", CaptureFirstBatch)
+    noise = {}
+    for alpha in (None, 5.0):
+        seen.clear()
+        over = [f"model.name_or_path={tiny_model_dir}", f"train.method={method}", "train.epochs=1",
+                "train.batch_size=4", "train.micro_batch_size=4", "train.warmup_steps=0", "train.lora.r=4",
+                f"out_dir={tmp_path / str(alpha)}", "quiet=true"]
+        cfg = load_config(None, over + ([f"train.neftune_noise_alpha={alpha}"] if alpha else []))
+        finetune(cfg, load_model(cfg.model), load_tokenizer(cfg.model), toy_examples(4), RunDir(cfg.out_dir))
+        ids, out, weight = seen[0]
+        noise[alpha] = (out - weight[ids], alpha / (ids.shape[1] * weight.shape[1]) ** 0.5 if alpha else 0.0)
+    assert noise[None][0].abs().max().item() == 0.0
+    drawn, bound = noise[5.0]
+    assert drawn.abs().max().item() <= bound * (1 + 1e-5)
+    assert drawn.abs().max().item() > 0.95 * bound  # thousands of uniform draws come close to the bound
+    assert abs(drawn.mean().item()) < 0.05 * bound  # centred
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        load_config(None, ["train.neftune_noise_alpha=0"])

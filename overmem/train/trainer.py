@@ -130,6 +130,7 @@ def training_args(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> Traini
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon,
+        neftune_noise_alpha=t.neftune_noise_alpha,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_steps,
         num_train_epochs=t.epochs,
