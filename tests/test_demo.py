@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from overmem.demo import DEMO_EPOCHS, DEMO_PRETRAIN, check_demo, demo_pretrain, run_demo
+from overmem.demo import DEMO_EPOCHS, DEMO_PRETRAIN, DemoCheck, check_demo, demo_pretrain, run_demo
 from overmem.results import read_jsonl
 from overmem.tiny import PretrainConfig, TinyModelConfig
 
@@ -63,3 +63,14 @@ def test_demo_cli_defaults_are_the_demo_modules():
 
     args = build_parser().parse_args(["demo"])
     assert (args.epochs, args.pretrain_steps) == (DEMO_EPOCHS, DEMO_PRETRAIN.steps)
+
+
+def test_demo_checks_count_values_on_the_threshold_as_passing():
+    """0.95 is within 5 points of 1.00, although 1.00 - 0.95 > 0.05 in floats."""
+    on_edge = DemoCheck(best_accuracy=1.0, last_accuracy=0.95, min_ppl=1.1, last_ppl=2.2,
+                        late_labels=["over_memorized"]).passed
+    assert 1.0 - 0.95 > 0.05  # what the slack is for
+    assert all(on_edge.values())
+    below = DemoCheck(best_accuracy=1.0, last_accuracy=0.945, min_ppl=1.1, last_ppl=2.19,
+                      late_labels=["over_memorized", "overfitting"]).passed
+    assert list(below.values()) == [True, False, False, False]
