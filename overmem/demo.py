@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, apply_overrides, config_from_dict
-from .phases import _TOL
+from .phases import THRESHOLD_TOL
 from .results import RunDir
 from .tiny import PretrainConfig, TinyModelConfig, get_tiny_base
 
@@ -90,7 +90,8 @@ class DemoCheck:
             "best test accuracy >= 0.60": self.best_accuracy >= 0.60,
             "last test ppl >= 2x its minimum": self.ppl_ratio >= 2.0,
             # The phase rule's float slack: 1.00 - 0.95 is 0.0500...04, and 0.95 is within 5 points.
-            "last test accuracy within 5 points of best": self.best_accuracy - self.last_accuracy <= 0.05 + _TOL,
+            "last test accuracy within 5 points of best":
+                self.best_accuracy - self.last_accuracy <= 0.05 + THRESHOLD_TOL,
             "late epochs labelled over-memorized": bool(self.late_labels)
             and all(label == "over_memorized" for label in self.late_labels),
         }

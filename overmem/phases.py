@@ -44,7 +44,7 @@ PHASES: tuple[str, ...] = ("low_accuracy", "healthy", "over_memorized", "overfit
 
 TRAIN_SPLIT = "train"
 VALID_SPLIT = "validation"
-_TOL = 1e-9  # float slack for threshold comparisons (0.75 - 0.05 is not exactly 0.7)
+THRESHOLD_TOL = 1e-9  # float slack for threshold comparisons (0.75 - 0.05 is not exactly 0.7)
 
 
 class PhaseRule(BaseModel):
@@ -194,7 +194,7 @@ def detect_phases(
         if acc is not None:
             acc_peak = acc if acc_peak is None else max(acc_peak, acc)
         ratio = ppl / ppl_min
-        elevated = ratio >= 1 + rule.eps - _TOL
+        elevated = ratio >= 1 + rule.eps - THRESHOLD_TOL
         drop = None if acc is None else acc_peak - acc
         out.append(
             CheckpointPhase(
@@ -216,7 +216,7 @@ def detect_phases(
         acc_best_checkpoint=None if i_best is None else curve[i_best]["checkpoint"],
         learned_at=None if learned >= len(curve) else curve[learned]["checkpoint"],
         onset=_first(out, {"over_memorized"}),
-        ppl_onset=next((c.checkpoint for c in out if c.ppl_ratio >= 1 + rule.eps - _TOL), None),
+        ppl_onset=next((c.checkpoint for c in out if c.ppl_ratio >= 1 + rule.eps - THRESHOLD_TOL), None),
         overfitting_onset=_first(out, {"overfitting"}),
         excluded=excluded,
         warnings=_warnings(curve, accs, acc_best, i_best, rule),
@@ -226,7 +226,7 @@ def detect_phases(
 def _learned_index(accs: Sequence[float | None], acc_best: float | None, learn_frac: float) -> int:
     """First index whose accuracy is > 0 and >= learn_frac * acc_best; len(accs) if none."""
     for i, a in enumerate(accs):
-        if a is not None and acc_best is not None and a > 0 and a >= learn_frac * acc_best - _TOL:
+        if a is not None and acc_best is not None and a > 0 and a >= learn_frac * acc_best - THRESHOLD_TOL:
             return i
     return len(accs)
 
@@ -240,8 +240,8 @@ def _label(
     if i < learned:
         return "low_accuracy"
     if elevated:
-        return "over_memorized" if drop <= rule.delta + _TOL else "overfitting"
-    if acc < rule.learn_frac * acc_best - _TOL:
+        return "over_memorized" if drop <= rule.delta + THRESHOLD_TOL else "overfitting"
+    if acc < rule.learn_frac * acc_best - THRESHOLD_TOL:
         return "low_accuracy"
     return "healthy"
 

@@ -26,11 +26,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .phases import VALID_SPLIT, split_curve, split_names, split_rows, test_split_names
+from .phases import THRESHOLD_TOL, VALID_SPLIT, split_curve, split_names, split_rows, test_split_names
 from .results import atomic_write_text
 
 CRITERIA: tuple[str, ...] = ("recommended", "last", "min_valid_ppl", "max_valid_acc")
-_TOL = 1e-9  # a ppl exactly on the band edge is inside it
 
 
 class SplitFigures(BaseModel):
@@ -119,7 +118,7 @@ def select_checkpoint(
     order = {r["checkpoint"]: i for i, r in enumerate(curve)}
     ppl_min = min(r["ppl"] for r in scored)
     limit = (1 + ppl_band) * ppl_min
-    band = [r for r in scored if r["ppl"] <= limit + _TOL]
+    band = [r for r in scored if r["ppl"] <= limit + THRESHOLD_TOL]  # a ppl on the edge is inside
     rec = min(band, key=lambda r: (-r["accuracy"], r["ppl"], order[r["checkpoint"]]))
     low = min(curve, key=lambda r: (r["ppl"], order[r["checkpoint"]]))
     top = min(scored, key=lambda r: (-r["accuracy"], order[r["checkpoint"]]))

@@ -134,7 +134,6 @@ def test_adam_settings_reach_the_optimizer(tmp_path, tiny_model_dir, method):
     assert abs(expected - _two_adam_steps((0.9, 0.999), 1e-8, 0.01, grads)) > 1e-3  # the settings matter
 
 
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_neftune_noise_reaches_the_embeddings(tmp_path, tiny_model_dir, method, monkeypatch):
     """train.neftune_noise_alpha: while training, the input embeddings the model reads are the
@@ -147,8 +146,11 @@ def test_neftune_noise_reaches_the_embeddings(tmp_path, tiny_model_dir, method, 
     class CaptureFirstBatch(trainer_mod.EpochCheckpointCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             # Registered after the Trainer's own NEFTune hook, so it sees the noisy output.
-            model.get_input_embeddings().register_forward_hook(
-                lambda mod, inp, out: seen.append((inp[0], out.detach(), mod.weight.detach().clone())))
+            def first_batch(mod, inp, out):
+                if not seen:
+                    seen.append((inp[0], out.detach(), mod.weight.detach().clone()))
+
+            model.get_input_embeddings().register_forward_hook(first_batch)
 
     monkeypatch.setattr(trainer_mod, "EpochCheckpointCallback", CaptureFirstBatch)
     noise = {}
@@ -160,9 +162,10 @@ def test_neftune_noise_reaches_the_embeddings(tmp_path, tiny_model_dir, method, 
         cfg = load_config(None, over + ([f"train.neftune_noise_alpha={alpha}"] if alpha else []))
         finetune(cfg, load_model(cfg.model), load_tokenizer(cfg.model), toy_examples(4), RunDir(cfg.out_dir))
         ids, out, weight = seen[0]
-        noise[alpha] = (out - weight[ids], alpha / (ids.shape[1] * weight.shape[1]) ** 0.5 if alpha else 0.0)
+        noise[alpha] = (out - weight[ids], ids.shape[1] * weight.shape[1])
     assert noise[None][0].abs().max().item() == 0.0
-    drawn, bound = noise[5.0]
+    drawn, dims = noise[5.0]
+    bound = 5.0 / dims ** 0.5
     assert drawn.abs().max().item() <= bound * (1 + 1e-5)
     assert drawn.abs().max().item() > 0.95 * bound  # thousands of uniform draws come close to the bound
     assert abs(drawn.mean().item()) < 0.05 * bound  # centred
