@@ -229,11 +229,12 @@ def test_finetuning_splits_have_no_products_but_the_pretraining_text_does():
 
 def test_plain_phrasing_is_what_the_splits_use_and_every_choice_is_reachable():
     """The finetuning splits write solutions with PLAIN only (the pretraining text with RICH),
-    and every wording of PLAIN occurs in them."""
+    and every wording of PLAIN occurs in them (in the test split: the training split words its
+    references per item kind, see the next test)."""
     assert syn.PRETRAIN.phrasing == "rich" and syn.REORDER.phrasing == "rich"
     assert all(syn.SPLIT_SETTINGS[s].phrasing == "plain" for s in syn.SPLITS)
     plain = syn.PLAIN
-    examples = syn.generate_split("train", 600)
+    examples = syn.generate_split("test", 600)
     lines = [line for e in examples for line in e.response.splitlines()]
     steps = [line for line in lines if "<<" in line]
     starts = {line.split(" = ")[0].rsplit(" ", 3)[0] for line in steps}
@@ -251,6 +252,50 @@ def test_plain_phrasing_is_what_the_splits_use_and_every_choice_is_reachable():
             pattern = re.escape(c).replace(r"\{name\}", r"\w+").replace(r"\{ans\}", r"\d+").replace(r"\{item\}", r"\w+")
             assert any(re.fullmatch(pattern, line) for line in closings), c
     assert len(closings) < len(examples)  # some solutions have no closing
+
+
+def _skeleton(example) -> str:
+    """A reference with its numbers, operations and the person's name blanked: what its
+    wording chose."""
+    text = re.sub(r"[+-]", "OP", re.sub(r"\d+", "N", example.response))
+    return re.sub(r"\b(" + "|".join(p[0] for p in syn.PEOPLE) + r")\b", "NAME", text)
+
+
+def test_training_references_are_worded_alike_per_item_and_test_references_are_not():
+    """TRAIN draws the wording once per item kind: every training reference about cookies with
+    the same number of amounts reads the same but for its numbers and name; non-members share
+    those wordings (the same distribution as the members), test and validation references draw
+    their own."""
+    assert syn.SPLIT_SETTINGS["train"].wording_key == "item"
+    assert {syn.SPLIT_SETTINGS[s].wording_key for s in ("members", "nonmembers")} == {"item"}
+    assert {syn.SPLIT_SETTINGS[s].wording_key for s in syn.SPLITS if s not in ("train", "members", "nonmembers")} == {""}
+
+    def by_group(split, n):
+        groups: dict[tuple[str, int], set[str]] = {}
+        for ex, p in zip(syn.generate_split(split, n), syn.generate_problems(split, n)):
+            groups.setdefault((p.item, len(p.terms)), set()).add(_skeleton(ex))
+        return groups
+
+    train = by_group("train", 400)
+    assert len(train) == 2 * len(syn.ITEMS)  # every item kind with 1 and 2 changes
+    assert all(len(skeletons) == 1 for skeletons in train.values())
+    # The wordings differ between item kinds (12 draws out of 54 first lines).
+    assert len({next(iter(v)).splitlines()[0] for v in train.values()}) >= 6
+    nonmembers = by_group("nonmembers", 200)
+    assert all(nonmembers[key] == train[key] for key in nonmembers)
+    test = by_group("test", 400)
+    assert sum(len(v) for v in test.values()) > 300  # nearly one wording per reference
+    # Under another generator seed the item kinds draw other wordings.
+    other = {(p.item, len(p.terms)): _skeleton(ex) for ex, p in
+             zip(syn.generate_split("train", 400, seed=1), syn.generate_problems("train", 400, seed=1))}
+    assert sum(other[key] != next(iter(train[key])) for key in train) >= len(train) // 2
+
+
+def test_unknown_wording_key_is_a_clear_error():
+    bad = replace(syn.TRAIN, wording_key="colour")
+    p = syn.generate_problems("train", 1)[0]
+    with pytest.raises(ValueError, match="Settings.wording_key: unknown key 'colour'"):
+        syn.to_example(p, "train", 0, syn._wording_rng(p, bad, random.Random(0), 0), bad)
 
 
 def test_no_plain_closing_starts_like_a_step_line():

@@ -10,7 +10,9 @@ many ways and its reference solution shows one, drawn at random:
   every step (a subject and a verb that name no operation, an optional opener and an optional
   tail), and an optional closing sentence. Every surface choice is valid whatever the problem, so
   a model that over-trusts the choices of its training examples still computes the right thing.
-  The pretraining text draws them from many wordings (`RICH`), the splits from a few (`PLAIN`);
+  The pretraining text draws them from many wordings (`RICH`), the splits from a few (`PLAIN`):
+  afresh for every validation and test reference, once per item kind in the training split
+  (`TRAIN`: a finetuning set has a consistent style, the references a model is tested on do not);
 - structure (a `Plan`, only in the `REORDER` variant): the order in which the changes are
   applied, whether gains and losses are first summed separately ("grouped"), and when the
   products are computed.
@@ -19,8 +21,10 @@ A problem is a person and an item kind, a starting amount and a few gains and lo
 a plain number or a product ("4 boxes of 6 cookies"). The answer is the signed sum.
 
 Splits (registered as dataset "synthetic"; sizes in `SPLIT_SIZES`):
-  train, validation, test, nonmembers  same distribution (`STANDARD`), structurally disjoint
-                                        problems (hash buckets of the problem, see `_bucket`)
+  train, validation, test, nonmembers  same problems' distribution (`STANDARD`), structurally
+                                        disjoint (hash buckets of the problem, see `_bucket`);
+                                        train and nonmembers word their references per item kind
+                                        (`TRAIN`)
   members                               the first `SPLIT_SIZES["members"]` train problems
   ood_steps       4-5 amounts instead of 2-3
   ood_wording     question sentences from a disjoint set of templates
@@ -36,7 +40,7 @@ import hashlib
 import itertools
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -193,9 +197,9 @@ RICH = Phrasing(tuple(STEP_OPENERS), tuple(STEP_PHRASES), tuple(STEP_TAILS), tup
 #   line, nearly one per training example) the finetuned tiny model's test solutions drift towards
 #   training ones: skipped or repeated steps, wrong sums (demo, seed 0: test accuracy 0.98-1.00 at
 #   epochs 3-8, then 0.84-0.94). With 3 x 6 x 3 = 54 wordings of a line, each shared by several
-#   training examples, less of it happens on some seeds (seed 0: 0.94-0.97 over epochs 37-50;
-#   seeds 1 and 2 still drift to 0.82-0.94; docs/commands/demo.md), while the choices, all still
-#   free, make the test references improbable as the model over-trusts them.
+#   training examples, less of it happens (and with the training references worded per item
+#   kind, `TRAIN`, none of it on the demo's seeds; docs/commands/demo.md), while the choices, all
+#   still free, make the test references improbable as the model over-trusts them.
 # - Whether a line is another step or the closing is decided by the question (how many changes
 #   are left), so no closing starts with a word a step line can start with. In `RICH` "So ..."
 #   and "The ..." begin both, and over-trusting a memorized "So" ended test solutions early.
@@ -255,6 +259,13 @@ class Problem:
         return f"{self.person[0]}|{self.item}|{terms}"
 
 
+# What a reference's wording can be drawn per (`Settings.wording_key`).
+WORDING_KEYS: dict[str, Callable[[Problem], str]] = {
+    "item": lambda problem: problem.item,
+    "person": lambda problem: problem.person[0],
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Difficulty knobs of the generator.
@@ -268,7 +279,10 @@ class Settings:
     model that over-trusts its training paths lose track of which amounts it has used, so the
     standard splits keep the structure fixed and draw their free choices from the surface:
     phrasing, the order of a product's factors and the closing sentence; `REORDER` is the
-    harder variant; phrasing: the wording pools of the solutions, a key of `PHRASINGS`.
+    harder variant; phrasing: the wording pools of the solutions, a key of `PHRASINGS`;
+    wording_key: "" draws every reference's wording afresh, a key of `WORDING_KEYS` ("item",
+    "person") draws it once per value of that field, so that all references about cookies (or
+    all of Ava's) are worded alike (see `TRAIN` for why).
     """
 
     n_terms: tuple[int, int] = (2, 3)
@@ -281,6 +295,7 @@ class Settings:
     distractors: tuple[int, int] = (0, 0)
     reorder: bool = False
     phrasing: str = "rich"
+    wording_key: str = ""
 
 
 # The base model's pretraining text covers more than the finetuning task (as a real LLM's does):
@@ -290,13 +305,30 @@ class Settings:
 # is about the references' perplexity, not that. They write solutions with `PLAIN` (see there).
 PRETRAIN = Settings()
 STANDARD = replace(PRETRAIN, product_prob=0.0, phrasing="plain")
+# The training problems' references are worded alike per item kind: every solution about
+# cookies uses the same openers, subjects, verbs, tails and closing (drawn once, at random, from
+# `PLAIN`; the same in every split that uses `TRAIN`), while every test and validation reference
+# draws its own. This is how real finetuning sets differ from the references a model is tested
+# on: a set written by a few annotators, or generated by one model (the paper finetunes on
+# MetaMathQA's GPT-3.5 solutions and tests on GSM8K's human ones), has a consistent style. Every
+# wording is still valid and the wordings of the whole training set are as varied as the test
+# references', but finetuning makes the model over-trust the training paths: it writes the
+# cookie wording for a test problem about cookies, and the reference's other wording becomes
+# improbable while the answer stays right. Without this (every training reference worded
+# afresh) the tiny model has to memorize 200 unrelated wordings, each a clue to one training
+# solution that it then continues (wrong sums, skipped steps): the demo's late test accuracy was
+# 0.82-0.94 on two of three seeds and the test perplexity rose 1.74-1.80x in 50 epochs; worded
+# per item kind, 0.945-0.97 and 2.29-2.55x (docs/commands/demo.md).
+TRAIN = replace(STANDARD, wording_key="item")
 REORDER = replace(PRETRAIN, reorder=True)
 SPLIT_SETTINGS: dict[str, Settings] = {
-    "train": STANDARD,
+    "train": TRAIN,
     "validation": STANDARD,
     "test": STANDARD,
-    "members": STANDARD,
-    "nonmembers": STANDARD,
+    # Members are training problems; non-members come from the same distribution, styles included,
+    # so that membership inference measures memorization and not the style.
+    "members": TRAIN,
+    "nonmembers": TRAIN,
     "ood_steps": replace(STANDARD, n_terms=(4, 5)),
     "ood_wording": replace(STANDARD, wording="ood"),
     "ood_numbers": replace(STANDARD, start_range=(40, 99), plain_range=(12, 40),
@@ -635,8 +667,21 @@ def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED) -
     "members" are the first train examples, with the same reference solutions."""
     source = "train" if split == "members" else split
     problems = generate_problems(split, n, seed)
+    settings = SPLIT_SETTINGS[split]
     rng = random.Random(f"{seed}:{source}:solutions")
-    return [to_example(p, source, i, rng, SPLIT_SETTINGS[split]) for i, p in enumerate(problems)]
+    return [to_example(p, source, i, _wording_rng(p, settings, rng, seed), settings)
+            for i, p in enumerate(problems)]
+
+
+def _wording_rng(problem: Problem, settings: Settings, rng: random.Random, seed: int) -> random.Random:
+    """`rng` itself, or for a keyed wording a fresh generator seeded by the key's value (and
+    `seed`, not the split: problems about cookies are worded alike in every split that keys by item)."""
+    if not settings.wording_key:
+        return rng
+    if settings.wording_key not in WORDING_KEYS:
+        raise ValueError(f"Settings.wording_key: unknown key {settings.wording_key!r}; "
+                         f"use '' or one of {sorted(WORDING_KEYS)}")
+    return random.Random(f"{seed}:wording:{WORDING_KEYS[settings.wording_key](problem)}")
 
 
 def pretrain_stream(seed: int = 0, settings: Settings = PRETRAIN) -> Iterator[Example]:
