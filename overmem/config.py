@@ -211,7 +211,7 @@ class CalibrationSettings(_Sampled):
 
 class MiaSettings(_Strict):
     members: str | None = Field(None, description="member spec (default: the run's training set)")
-    nonmembers: str | None = Field(None, description="non-member spec (default: the unseen rest of its source)")
+    nonmembers: str | None = Field(None, description="non-member spec (default: the unseen rest of its source; synthetic:nonmembers for a run trained on synthetic)")
     size: int = Field(500, gt=0, description="members and non-members each, capped by availability")
     ks: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)])
     k: float = Field(0.2, gt=0, le=1, description="k of Min-K% / Min-K%++ in the table")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -315,6 +316,28 @@ def test_mia_direction_on_texts_the_model_prefers(model, char_tokenizer):
     res = runners.mia_analysis(model, char_tokenizer, members, base[3:], ks=[0.2])
     assert res.metrics["loss/auroc"] == 1.0 and res.metrics["min_k@0.2/auroc"] == 1.0
     assert res.metrics["loss/tpr_at_5fpr"] == 1.0
+
+
+def test_mia_non_members_of_a_synthetic_run_are_worded_like_its_training_set(tmp_path, toy_jsonl):
+    """A run trained on `synthetic` draws its non-members from `synthetic:nonmembers` (references
+    worded per item kind, like the training split), not from its validation set (worded afresh);
+    other runs keep the unseen rest of their source or the validation set."""
+    cfg = config_from_dict({"data": {"train": "synthetic:train@30", "validation": "synthetic:validation"},
+                            "analysis": {"mia": {"size": 40}}})
+    settings, (members, nonmembers), _ = suite._prepare_mia(suite.Context(suite.RunDir(tmp_path), cfg))
+    assert settings["nonmembers"] == "synthetic:nonmembers"
+    assert len(members) == 30 and len(nonmembers) == 40
+    assert all(ex.id.startswith("synthetic-nonmembers-") for ex in nonmembers)
+    # Same wording per item kind and number of amounts in both pools.
+    wording = {}
+    for ex in [*members, *nonmembers]:
+        key = (ex.question.split(". ")[0].split()[-1], ex.meta["n_terms"])
+        skeleton = re.sub(r"\b[A-Z][a-z]+ ends with", "NAME ends with", re.sub(r"[-+]|\d+", "N", ex.response))
+        wording.setdefault(key, set()).add(skeleton)
+    assert all(len(v) == 1 for v in wording.values()) and len(wording) > 5
+    cfg = config_from_dict({"data": {"train": str(toy_jsonl["train"]), "validation": str(toy_jsonl["test"])}})
+    settings, _, _ = suite._prepare_mia(suite.Context(suite.RunDir(tmp_path), cfg))
+    assert settings["nonmembers"] == f"unseen: {toy_jsonl['test']}"
 
 
 def test_mia_needs_both_classes_and_drops_empty_texts(model, char_tokenizer):

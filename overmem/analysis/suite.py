@@ -361,6 +361,9 @@ def _calibration_figures(ctx: Context, doc: dict[str, Any], fresh: set[str]) -> 
     return figures
 
 
+SYNTHETIC_NONMEMBERS = "synthetic:nonmembers"
+
+
 def _prepare_mia(ctx: Context):
     s = ctx.settings.mia
     if s.members:
@@ -370,6 +373,12 @@ def _prepare_mia(ctx: Context):
         members_desc = f"the run's training set ({train_desc})"
     if s.nonmembers:
         nonmembers, nonmembers_desc = ctx.load(s.nonmembers), s.nonmembers
+    elif _train_source(ctx.cfg) == "synthetic":
+        # The generator's own pool: worded like its training split (per item kind), which the
+        # validation and test references are not, so that members and non-members differ only
+        # in having been trained on.
+        nonmembers_desc = SYNTHETIC_NONMEMBERS
+        nonmembers = ctx.load(nonmembers_desc)
     else:
         _, nonmembers, _, unseen_desc = ctx.pools
         nonmembers_desc = f"unseen: {unseen_desc}"
