@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import string
 from pathlib import Path
 
@@ -65,6 +66,15 @@ def toy_examples(n: int, prefix: str = "toy", offset: int = 0) -> list[Example]:
             answer=str(a + b),
         ))
     return out
+
+
+def wording_skeleton(response: str) -> str:
+    """A synthetic reference with its numbers, operations and the person's name blanked: what
+    its wording chose."""
+    from overmem.data.synthetic import PEOPLE
+
+    text = re.sub(r"[+-]", "OP", re.sub(r"\d+", "N", response))
+    return re.sub(r"\b(" + "|".join(p[0] for p in PEOPLE) + r")\b", "NAME", text)
 
 
 def write_toy_jsonl(folder: Path) -> dict[str, Path]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from overmem.config import ConfigError, config_from_dict, dump_config, load_conf
 from overmem.data.answers import is_correct
 from overmem.data.example import PROMPT_TEMPLATE, Example, format_prompt
 from overmem.results import read_jsonl
-from tests.conftest import DATA_DIR, make_tiny_llama, toy_examples
+from tests.conftest import DATA_DIR, make_tiny_llama, toy_examples, wording_skeleton
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -332,8 +331,7 @@ def test_mia_non_members_of_a_synthetic_run_are_worded_like_its_training_set(tmp
     wording = {}
     for ex in [*members, *nonmembers]:
         key = (ex.question.split(". ")[0].split()[-1], ex.meta["n_terms"])
-        skeleton = re.sub(r"\b[A-Z][a-z]+ ends with", "NAME ends with", re.sub(r"[-+]|\d+", "N", ex.response))
-        wording.setdefault(key, set()).add(skeleton)
+        wording.setdefault(key, set()).add(wording_skeleton(ex.response))
     assert all(len(v) == 1 for v in wording.values()) and len(wording) > 5
     cfg = config_from_dict({"data": {"train": str(toy_jsonl["train"]), "validation": str(toy_jsonl["test"])}})
     settings, _, _ = suite._prepare_mia(suite.Context(suite.RunDir(tmp_path), cfg))

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from overmem.data import synthetic as syn
+from tests.conftest import wording_skeleton
 
 N = 60  # problems per split checked; enough to hit every template many times
 
@@ -254,13 +255,6 @@ def test_plain_phrasing_is_what_the_splits_use_and_every_choice_is_reachable():
     assert len(closings) < len(examples)  # some solutions have no closing
 
 
-def _skeleton(example) -> str:
-    """A reference with its numbers, operations and the person's name blanked: what its
-    wording chose."""
-    text = re.sub(r"[+-]", "OP", re.sub(r"\d+", "N", example.response))
-    return re.sub(r"\b(" + "|".join(p[0] for p in syn.PEOPLE) + r")\b", "NAME", text)
-
-
 def test_training_references_are_worded_alike_per_item_and_test_references_are_not():
     """TRAIN draws the wording once per item kind: every training reference about cookies with
     the same number of amounts reads the same but for its numbers and name; non-members share
@@ -273,7 +267,7 @@ def test_training_references_are_worded_alike_per_item_and_test_references_are_n
     def by_group(split, n):
         groups: dict[tuple[str, int], set[str]] = {}
         for ex, p in zip(syn.generate_split(split, n), syn.generate_problems(split, n)):
-            groups.setdefault((p.item, len(p.terms)), set()).add(_skeleton(ex))
+            groups.setdefault((p.item, len(p.terms)), set()).add(wording_skeleton(ex.response))
         return groups
 
     train = by_group("train", 400)
@@ -286,7 +280,7 @@ def test_training_references_are_worded_alike_per_item_and_test_references_are_n
     test = by_group("test", 400)
     assert sum(len(v) for v in test.values()) > 300  # nearly one wording per reference
     # Under another generator seed the item kinds draw other wordings.
-    other = {(p.item, len(p.terms)): _skeleton(ex) for ex, p in
+    other = {(p.item, len(p.terms)): wording_skeleton(ex.response) for ex, p in
              zip(syn.generate_split("train", 400, seed=1), syn.generate_problems("train", 400, seed=1))}
     assert sum(other[key] != next(iter(train[key])) for key in train) >= len(train) // 2
 
