@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import make_char_tokenizer, paired_median_times, tiny_llama, toy_examples  # noqa: E402
-from overmem.scoring import IGNORE, encode_example, pad_right  # noqa: E402
+from overmem.data.encoding import IGNORE, encode_example, pad_right  # noqa: E402
 from overmem.train.losses import weighted_token_ce  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Peak memory of the Min-K%++ token statistics: chunked `token_stats` against the naive
+"""Peak memory of the Min-K%++ token statistics: chunked `score_batch(vocab_stats=True)` against the naive
 full (B, T, V) float32 log-softmax, on one long sequence with a large vocabulary.
 
     python benchmarks/bench_minkpp.py [--vocab 32000] [--length 2048] [--chunk 256] [--device cpu]
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import tiny_llama  # noqa: E402
-from overmem.analysis.mia import token_stats  # noqa: E402
-from overmem.scoring import IGNORE  # noqa: E402
+from overmem.data.encoding import IGNORE  # noqa: E402
+from overmem.scoring import score_batch  # noqa: E402
 
 MODES = ("forward", "naive", "chunked")
 
@@ -69,10 +69,11 @@ def child(args: argparse.Namespace) -> None:
     ids = torch.randint(3, args.vocab, (args.batch, args.length), generator=g).to(device)
     labels = ids.clone()
     labels[:, : args.length // 8] = IGNORE  # a short prompt, as in SFT data
+    id_rows, label_rows = ids.tolist(), labels.tolist()  # score_batch's input, built outside the measurement
     run = {
         "forward": lambda: _forward(model, ids),
         "naive": lambda: _naive(model, ids, labels),
-        "chunked": lambda: token_stats(model, ids, labels, chunk_size=args.chunk),
+        "chunked": lambda: score_batch(model, id_rows, label_rows, 0, vocab_stats=True, chunk_size=args.chunk),
     }[args.mode]
     if device.type == "cuda":
         torch.cuda.synchronize()

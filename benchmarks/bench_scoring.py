@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import make_char_tokenizer, paired_median_times, tiny_llama, toy_examples  # noqa: E402
-from overmem.scoring import encode_example, pad_right, score_examples  # noqa: E402
+from overmem.data.encoding import encode_example, pad_right  # noqa: E402
+from overmem.scoring import score_examples  # noqa: E402
 
 
 def main() -> None:

@@ -54,8 +54,8 @@ from trl import SFTConfig, SFTTrainer
 
 from overmem.callback import OverMemorizationCallback
 from overmem.config import EvalConfig, GenerationConfig
-from overmem.data.datasets import load_dataset_spec, parse_spec
 from overmem.data.example import format_prompt
+from overmem.data.specs import load_dataset_spec, parse_spec
 from overmem.phases import detect_phases
 from overmem.report import write_report
 from overmem.results import RunDir, write_json

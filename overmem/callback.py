@@ -14,7 +14,8 @@ trainer.train()
 At every epoch end (or every evaluation, `every="evaluate"`) it scores the tracked splits, writes
 the same `dynamics.jsonl` as `overmem run`, logs `overmem/<split>/ppl` and `.../accuracy`, runs
 the phase rule and, at the onset of over-memorization, warns, and optionally stops training
-(`on_onset="stop"`) and records the checkpoint to keep in `keep.json`.
+(`on_onset="stop"`) and records the checkpoint to keep in `keep.json` (chosen by
+`overmem.selection.checkpoint_to_keep`, the rule `overmem select` recommends by).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from .config import EvalConfig, GenerationConfig
+from .config import EvalConfig, GenerationConfig, PhaseRule, SelectionConfig
 from .data.example import Example
 from .dynamics import evaluate_checkpoint
-from .phases import PhaseRule, detect_phases
-from .results import RunDir, write_json
+from .phases import detect_phases, phase_split
+from .results import BASE, RunDir, epoch_name, step_name, write_json
+from .selection import checkpoint_to_keep
 
 logger = logging.getLogger("overmem")
 
@@ -40,13 +42,16 @@ class OverMemorizationCallback(TrainerCallback):
 
     Args:
         tokenizer: the model's tokenizer.
-        splits: name -> examples; the phase rule reads `phase_split` (default: the last one).
+        splits: name -> examples; the phase rule reads `rule.split`, by default the first split
+            that is neither "train" nor the validation split (as in `overmem run`), else the last.
         out_dir: folder for `dynamics.jsonl`, `samples/` and `keep.json`.
+        rule: the phase rule's settings (`overmem.config.PhaseRule`, the `phases` section of a run).
+        selection: the validation split and perplexity band of the checkpoint to keep.
         every: "epoch" (each epoch end) or "evaluate" (each time the Trainer evaluates).
         on_onset: "warn" (log a warning), "stop" (also stop training) or "mark" (only record).
         include_base: evaluate the model before training as `epoch-0`.
         token_splits: splits whose samples keep per-token losses for the report's token view
-            (default: `phase_split`).
+            (default: the phase split).
     """
 
     def __init__(
@@ -58,8 +63,8 @@ class OverMemorizationCallback(TrainerCallback):
         eval_cfg: EvalConfig | None = None,
         gen_cfg: GenerationConfig | None = None,
         max_length: int = 1024,
-        phase_split: str | None = None,
         rule: PhaseRule | None = None,
+        selection: SelectionConfig | None = None,
         every: Literal["epoch", "evaluate"] = "epoch",
         on_onset: Literal["warn", "stop", "mark"] = "warn",
         include_base: bool = True,
@@ -74,9 +79,10 @@ class OverMemorizationCallback(TrainerCallback):
         self.eval_cfg = eval_cfg or EvalConfig()
         self.gen_cfg = gen_cfg or GenerationConfig()
         self.max_length = max_length
-        self.phase_split = phase_split or list(self.splits)[-1]
-        self.token_splits = [self.phase_split] if token_splits is None else list(token_splits)
         self.rule = rule or PhaseRule()
+        self.selection = selection or SelectionConfig()
+        self.phase_split = phase_split(list(self.splits), self.rule, self.selection.valid_split)
+        self.token_splits = [self.phase_split] if token_splits is None else list(token_splits)
         self.every = every
         self.on_onset = on_onset
         self.include_base = include_base
@@ -91,15 +97,15 @@ class OverMemorizationCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.include_base and state.global_step == 0:
-            self._track(model, "epoch-0", 0.0, 0, control)
+            self._track(model, BASE, 0.0, 0, control)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if self.every == "epoch":
-            self._track(model, f"epoch-{round(state.epoch)}", state.epoch, state.global_step, control)
+            self._track(model, epoch_name(round(state.epoch)), state.epoch, state.global_step, control)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if self.every == "evaluate":
-            self._track(model, f"step-{state.global_step}", state.epoch, state.global_step, control)
+            self._track(model, step_name(state.global_step), state.epoch, state.global_step, control)
 
     def _track(self, model: Any, name: str, epoch: float | None, step: int, control: Any) -> None:
         new = evaluate_checkpoint(
@@ -118,14 +124,14 @@ class OverMemorizationCallback(TrainerCallback):
         self._check_onset(control)
 
     def _check_onset(self, control: Any) -> None:
-        report = detect_phases(self.run.read_dynamics(), split=self.phase_split, rule=self.rule)
+        rows = self.run.read_dynamics()
+        report = detect_phases(rows, split=self.phase_split, rule=self.rule)
         if report.onset is None or self.onset is not None:
             return
         self.onset = report.onset
-        labels = report.labels
-        healthy = [c for c, label in labels.items() if label == "healthy"]
-        keep = healthy[-1] if healthy else None
-        write_json(self.run.root / "keep.json", {"onset": self.onset, "keep": keep, "phases": report.to_dict()})
+        keep = checkpoint_to_keep(rows, phase_split=self.phase_split, valid_split=self.selection.valid_split,
+                                  ppl_band=self.selection.ppl_band).checkpoint
+        write_json(self.run.keep, {"onset": self.onset, "keep": keep, "phases": report.to_dict()})
         if self.on_onset in ("warn", "stop"):
             logger.warning("over-memorization onset at %s (split %s); checkpoint to keep: %s",
                            self.onset, self.phase_split, keep)

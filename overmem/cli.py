@@ -1,27 +1,26 @@
-"""`overmem` command line: each subcommand parses into a config and makes one library call."""
+"""`overmem` command line: each subcommand parses into a config and makes one library call.
+
+The subcommands are the table `COMMANDS`: name, handler, help, description and arguments, in
+the order `overmem --help` lists them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from . import __version__
 from .config import ConfigError, RunConfig, load_config
+from .results import RunDir, resolve_checkpoints
 
 _EPILOG = "Docs and examples: see the README. Configs are YAML; --set a.b=value overrides any field."
 
 
-def _add_config_args(p: argparse.ArgumentParser, config_positional: bool = False) -> None:
-    if config_positional:
-        p.add_argument("config", help="YAML config file (see examples/)")
-    else:
-        p.add_argument("--config", help="YAML config file (model, data, eval settings)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
-    p.add_argument("--data-dir", help="local data folder laid out like the datasets' own (env: OVERMEM_DATA_DIR)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+# ---- the commands ------------------------------------------------------------------------------
 
 
 def _config(args: argparse.Namespace, path: str | None) -> RunConfig:
@@ -35,27 +34,29 @@ def _config(args: argparse.Namespace, path: str | None) -> RunConfig:
     return load_config(path, overrides)
 
 
-def _run_config(run: Path, args: argparse.Namespace) -> RunConfig:
+def _run_config(run: RunDir, args: argparse.Namespace) -> RunConfig:
     """The config saved in a run folder, with command-line overrides applied."""
-    saved = run / "config.yaml"
-    return load_config(saved if saved.exists() else None, list(args.overrides))
+    return load_config(run.config if run.config.exists() else None, list(args.overrides))
+
+
+def _dynamics(run: RunDir) -> list[dict[str, Any]]:
+    rows = run.read_dynamics()
+    if not rows:
+        raise ConfigError(f"{run.dynamics}: no dynamics rows; run `overmem run` or `overmem scan` first")
+    return rows
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
 
-    cfg = _config(args, args.config)
-    out = run(cfg)
-    _print_outcome(out.root)
+    _print_outcome(run(_config(args, args.config)))
     return 0
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from .pipeline import scan
 
-    cfg = _config(args, args.config)
-    out = scan(args.folder, cfg)
-    _print_outcome(out.root)
+    _print_outcome(scan(args.folder, _config(args, args.config)))
     return 0
 
 
@@ -74,33 +75,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from .results import RunDir
-    from .selection import format_selection, select_checkpoint, write_selection
+    """`selection.json` as `overmem run` wrote it; selected afresh (and re-written) only when it is
+    missing, older than the dynamics, or made with other settings than the options ask for."""
+    from .selection import (
+        SelectionResult, format_selection, select_run_checkpoint, selection_is_current, write_selection,
+    )
 
-    cfg = _run_config(Path(args.run), args)
     run = RunDir(args.run)
-    rows = run.read_dynamics()
-    if not rows:
-        raise ConfigError(f"{run.dynamics}: no dynamics rows; run `overmem run` or `overmem scan` first")
-    tests = [s for s in dict.fromkeys(r["split"] for r in rows) if s not in ("train", cfg.selection.valid_split)]
-    sel = select_checkpoint(rows, valid_split=args.valid_split or cfg.selection.valid_split,
-                            test_splits=tests, ppl_band=cfg.selection.ppl_band if args.band is None else args.band)
-    write_selection(sel, run.root / "selection.json")
+    cfg = _run_config(run, args)
+    update = {k: v for k, v in (("ppl_band", args.band), ("valid_split", args.valid_split)) if v is not None}
+    cfg = cfg.model_copy(update={"selection": cfg.selection.model_copy(update=update)})
+    rows = _dynamics(run)
+    stored = run.read_json(run.selection)
+    if stored is not None and run.up_to_date(run.selection) and selection_is_current(stored, rows, cfg):
+        print(format_selection(SelectionResult.model_validate(stored)))
+        print(f"read {run.selection}")
+        return 0
+    sel = select_run_checkpoint(rows, cfg)
+    write_selection(sel, run.selection)
     print(format_selection(sel))
-    print(f"wrote {run.root / 'selection.json'}")
+    print(f"wrote {run.selection}")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .pipeline import finalize
-    from .results import RunDir
+    """The figure from `phases.json`; phases (and selection) are computed afresh by `finalize` only
+    when the file is missing, older than the dynamics, or made with other phase settings."""
+    from .phases import PhaseReport, phases_are_current
 
-    cfg = _run_config(Path(args.run), args)
     run = RunDir(args.run)
-    if not run.read_dynamics():
-        raise ConfigError(f"{run.dynamics}: no dynamics rows; run `overmem run` or `overmem scan` first")
-    out = finalize(run, cfg)
-    for f in out["figures"]:
+    cfg = _run_config(run, args)
+    rows = _dynamics(run)
+    stored = run.read_json(run.phases)
+    if stored is not None and run.up_to_date(run.phases) and phases_are_current(stored, rows, cfg):
+        from .plotting import plot_dynamics
+
+        figures = plot_dynamics(rows, run.root, phase_report=PhaseReport.model_validate(stored))
+    else:
+        from .pipeline import finalize
+
+        figures = finalize(run, cfg)["figures"]
+    for f in figures:
         print(f"wrote {f}")
     return 0
 
@@ -117,159 +132,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis.suite import analyze, format_table, json_path, resolve_checkpoints
+    from .analysis.base import ANALYSES
+    from .analysis.suite import analyze, format_table
 
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run}: not a run folder (no config.yaml); make one with `overmem run` or `overmem scan`")
+    run = RunDir(args.run)
+    if not run.config.is_file():
+        raise ConfigError(f"{run.root}: not a run folder (no config.yaml); "
+                          "make one with `overmem run` or `overmem scan`")
     if args.data_dir:
         args.overrides.append(f"data.data_dir={args.data_dir}")
     if args.quiet:
         args.overrides.append("quiet=true")
     cfg = _run_config(run, args)
-    suite = [s.strip() for s in args.suite.split(",") if s.strip()]
-    docs = analyze(run, args.checkpoints, suite, cfg)
-    names = [t.name for t in resolve_checkpoints(run, args.checkpoints)]
+    suite = list(ANALYSES) if args.suite is None else [s.strip() for s in args.suite.split(",") if s.strip()]
+    docs = analyze(run.root, args.checkpoints, suite, cfg)
+    names = [c.name for c in resolve_checkpoints(run.root, args.checkpoints)]
     for name, doc in docs.items():
         print(format_table(doc, names))
-        print(f"wrote {json_path(run, name)}\n")
+        print(f"wrote {run.analysis_json(name)}\n")
     return 0
 
 
-def _print_outcome(root: Path) -> None:
-    import json
-
-    phases = root / "phases.json"
-    if phases.exists():
-        p = json.loads(phases.read_text())
-        print(p.get("summary", ""))
-    sel = root / "selection.json"
-    if sel.exists():
-        from .selection import format_selection_json
-
-        print(format_selection_json(json.loads(sel.read_text())))
-    print(f"results in {root}")
-    if (root / "report.html").exists():
-        print(f"report: {root / 'report.html'}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="overmem",
-        description="Finetune LLMs on reasoning data while tracking learning dynamics; detect "
-        "over-memorization and choose the checkpoint to keep.",
-        epilog=_EPILOG,
-    )
-    parser.add_argument("--version", action="version", version=f"overmem {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("run", help="finetune and evaluate every checkpoint", epilog=_EPILOG,
-                       description="Finetune a model as the config says, evaluating the base model and every "
-                       "epoch checkpoint on the tracked splits; then detect phases, select a checkpoint and plot. "
-                       "Re-running on the same --out resumes.")
-    _add_config_args(p, config_positional=True)
-    p.add_argument("--out", help="run folder (default: the config's out_dir)")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("scan", help="track checkpoints you already have", epilog=_EPILOG,
-                       description="Evaluate every checkpoint in an overmem run or a Hugging Face Trainer output "
-                       "folder (checkpoint-STEP), as `run` does, without training.")
-    p.add_argument("folder", help="folder with checkpoint-STEP / epoch-N subfolders")
-    _add_config_args(p)
-    p.add_argument("--out", help="where to write results (default: FOLDER itself)")
-    p.set_defaults(func=cmd_scan)
-
-    p = sub.add_parser("evaluate", help="perplexity and accuracy of one model on one dataset", epilog=_EPILOG,
-                       description="Score reference solutions and check greedy answers for one model.")
-    p.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
-    p.add_argument("--adapter", help="PEFT adapter folder to apply on top of --model")
-    p.add_argument("--data", required=True, help="dataset spec, e.g. gsm8k:test[:200] or path/to/file.jsonl")
-    p.add_argument("--out", required=True, help="result JSON file (samples go beside it)")
-    p.add_argument("--max-examples", type=int, help="seeded subsample of the dataset")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_evaluate, out_dir=None)
-
-    p = sub.add_parser("select", help="which checkpoint to keep, and why", epilog=_EPILOG,
-                       description="Compare selection rules (paper sec. 6.1, Table 4) on a run's dynamics.")
-    p.add_argument("run", help="run folder")
-    p.add_argument("--band", type=float, help="relative validation-perplexity band (default 0.05)")
-    p.add_argument("--valid-split", help="validation split name (default: validation)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_select)
-
-    p = sub.add_parser("plot", help="draw the dynamics figure (PNG and SVG)", epilog=_EPILOG,
-                       description="Perplexity and accuracy against epoch per split, phases as background.")
-    p.add_argument("run", help="run folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_plot)
-
-    p = sub.add_parser("merge", help="merge checkpoints: base + sum_i w_i (theta_i - base)", epilog=_EPILOG,
-                       description="Merge two or more checkpoints (full models or LoRA adapters) into a dense "
-                       "model folder, exactly theta_base + sum_i w_i (theta_i - theta_base), streaming tensor by "
-                       "tensor (paper eq. 1). Put the output under RUN/checkpoints/ to have `overmem scan` track it.")
-    p.add_argument("--base", required=True, help="base model folder the checkpoints were trained from")
-    p.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders (two or more)")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per checkpoint (default: the mean)")
-    p.add_argument("--out", required=True, help="output model folder (written atomically)")
-    p.add_argument("--exact-adapter", action="store_true",
-                   help="also write an exact LoRA adapter by rank concatenation (all inputs LoRA over one base)")
-    p.add_argument("--initial-adapter", help="initial adapter of unconverted PiSSA/MiLoRA checkpoints")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("analyze", help="behavioural analyses of chosen checkpoints", epilog=_EPILOG,
-                       description="OOD accuracy, robustness to prompt preambles, diversity, calibration, membership "
-                       "inference and pre-memorization accuracy (paper sec. 5, app. D) of checkpoints side by side; "
-                       "writes RUN/analysis/NAME.json and per-sample JSONL, and resumes. Settings: --set analysis.*")
-    p.add_argument("run", help="run folder (its config.yaml gives model and data)")
-    p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
-                   help="names under RUN/checkpoints (epoch-0 = base model) or model/adapter folders")
-    p.add_argument("--suite", default="ood,robustness,diversity,calibration,mia,premem",
-                   help="comma-separated analyses (default: all six)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set analysis.mia.size=200 (repeatable)")
-    p.add_argument("--data-dir", help="local data folder laid out like the datasets' own (env: OVERMEM_DATA_DIR)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("demo", help="offline quickstart on the built-in synthetic task", epilog=_EPILOG,
-                       description="Pretrain (cached) and finetune a tiny model on the synthetic task on the CPU, "
-                       "tracking every epoch; shows over-memorization in minutes.")
-    p.add_argument("--out", default="demo-run", help="run folder (default: ./demo-run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=50, help="finetuning epochs (default: 50)")
-    # --epochs and --pretrain-steps are kept equal to demo.DEMO_EPOCHS and demo.DEMO_PRETRAIN.steps
-    # (the demo module, which imports torch, loads lazily; tests/test_demo.py checks).
-    p.add_argument("--pretrain-steps", type=int, default=1500, metavar="N",
-                   help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 1500, "
-                   "8-11 min once on 2 cores; 600 take about 5 min and give a weaker base)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("report", help="one self-contained HTML report of one or more runs", epilog=_EPILOG,
-                       description="Dynamics with phases, checkpoint selection, token-level losses of a healthy and "
-                       "an over-memorized checkpoint, analyses, merges, timings, config and versions, in one HTML file "
-                       "that opens offline. Several runs (e.g. a learning-rate sweep) are overlaid and compared.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
-    p.add_argument("--out", help="HTML file (default: RUN/report.html of the first run)")
-    p.add_argument("--example", metavar="ID", help="test example shown first in the token view")
-    p.add_argument("--examples", type=int, default=6, metavar="N", help="test examples in the token view (default 6)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("doctor", help="versions, device, dtype support and optional extras", epilog=_EPILOG,
-                       description="What this machine can run: package versions, CUDA/MPS/CPU devices and memory, "
-                       "bf16/fp16 support (tested with a tiny op), CPU threads, and which optional extras are "
-                       "installed, with the command that installs the missing ones.")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_doctor)
-    return parser
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_pretrain, run_demo
 
     run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs, quiet=args.quiet, overrides=args.overrides,
@@ -280,7 +164,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.runs, args.out, example=args.example, n_examples=args.examples, quiet=args.quiet)
+    path = write_report(args.runs, args.out, example=args.example, n_examples=args.examples)
     print(f"wrote {path}")
     return 0
 
@@ -293,6 +177,148 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     found = diagnose()
     print(json.dumps(found, indent=2) if args.json else format_report(found))
     return 0
+
+
+def _print_outcome(run: RunDir) -> None:
+    phases = run.read_json(run.phases)
+    if phases is not None:
+        print(phases.get("summary", ""))
+    selection = run.read_json(run.selection)
+    if selection is not None:
+        from .selection import format_selection_json
+
+        print(format_selection_json(selection))
+    print(f"results in {run.root}")
+    if run.report.exists():
+        print(f"report: {run.report}")
+
+
+# ---- the parser --------------------------------------------------------------------------------
+
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def _arg(*flags: str, **kwargs: Any) -> Arg:
+    return flags, kwargs
+
+
+def _set(help: str | None = None) -> Arg:
+    return _arg("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+_DATA_DIR = _arg("--data-dir", help="local data folder laid out like the datasets' own (env: OVERMEM_DATA_DIR)")
+_QUIET = _arg("-q", "--quiet", action="store_true", help="no progress bars")
+_QUIET_BARE = _arg("-q", "--quiet", action="store_true")
+_RUN_FOLDER = _arg("run", help="run folder")
+
+
+def _config_args(positional: bool = False) -> list[Arg]:
+    """A config file, `--set` overrides, the data folder and -q: what `run`, `scan` and `evaluate` share."""
+    config = (_arg("config", help="YAML config file (see examples/)") if positional
+              else _arg("--config", help="YAML config file (model, data, eval settings)"))
+    return [config, _set("override a config field, e.g. --set train.lr=1e-4 (repeatable)"), _DATA_DIR, _QUIET]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its handler, one-line help, description and arguments (in help order)."""
+
+    name: str
+    func: Callable[[argparse.Namespace], int]
+    help: str
+    description: str
+    args: list[Arg]
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("run", cmd_run, "finetune and evaluate every checkpoint",
+            "Finetune a model as the config says, evaluating the base model and every epoch checkpoint on the "
+            "tracked splits; then detect phases, select a checkpoint and plot. Re-running on the same --out resumes.",
+            [*_config_args(positional=True), _arg("--out", help="run folder (default: the config's out_dir)")]),
+    Command("scan", cmd_scan, "track checkpoints you already have",
+            "Evaluate every checkpoint in an overmem run or a Hugging Face Trainer output folder (checkpoint-STEP), "
+            "as `run` does, without training.",
+            [_arg("folder", help="folder with checkpoint-STEP / epoch-N subfolders"), *_config_args(),
+             _arg("--out", help="where to write results (default: FOLDER itself)")]),
+    Command("evaluate", cmd_evaluate, "perplexity and accuracy of one model on one dataset",
+            "Score reference solutions and check greedy answers for one model.",
+            [_arg("--model", required=True, help="hub id, local folder or .gguf file"),
+             _arg("--adapter", help="PEFT adapter folder to apply on top of --model"),
+             _arg("--data", required=True, help="dataset spec, e.g. gsm8k:test[:200] or path/to/file.jsonl"),
+             _arg("--out", required=True, help="result JSON file (samples go beside it)"),
+             _arg("--max-examples", type=int, help="seeded subsample of the dataset"), *_config_args()]),
+    Command("select", cmd_select, "which checkpoint to keep, and why",
+            "Compare selection rules (paper sec. 6.1, Table 4) on a run's dynamics.",
+            [_RUN_FOLDER, _arg("--band", type=float, help="relative validation-perplexity band (default 0.05)"),
+             _arg("--valid-split", help="validation split name (default: validation)"), _set()]),
+    Command("plot", cmd_plot, "draw the dynamics figure (PNG and SVG)",
+            "Perplexity and accuracy against epoch per split, phases as background.",
+            [_RUN_FOLDER, _set()]),
+    Command("merge", cmd_merge, "merge checkpoints: base + sum_i w_i (theta_i - base)",
+            "Merge two or more checkpoints (full models or LoRA adapters) into a dense model folder, exactly "
+            "theta_base + sum_i w_i (theta_i - theta_base), streaming tensor by tensor (paper eq. 1). Put the output "
+            "under RUN/checkpoints/ to have `overmem scan` track it.",
+            [_arg("--base", required=True, help="base model folder the checkpoints were trained from"),
+             _arg("--checkpoints", nargs="+", required=True, help="checkpoint folders (two or more)"),
+             _arg("--weights", nargs="+", type=float, help="one weight per checkpoint (default: the mean)"),
+             _arg("--out", required=True, help="output model folder (written atomically)"),
+             _arg("--exact-adapter", action="store_true",
+                  help="also write an exact LoRA adapter by rank concatenation (all inputs LoRA over one base)"),
+             _arg("--initial-adapter", help="initial adapter of unconverted PiSSA/MiLoRA checkpoints"),
+             _arg("--overwrite", action="store_true", help="replace an existing output folder"), _QUIET_BARE]),
+    Command("analyze", cmd_analyze, "behavioural analyses of chosen checkpoints",
+            "OOD accuracy, robustness to prompt preambles, diversity, calibration, membership inference and "
+            "pre-memorization accuracy (paper sec. 5, app. D) of checkpoints side by side; writes "
+            "RUN/analysis/NAME.json and per-sample JSONL, and resumes. Settings: --set analysis.*",
+            [_arg("run", help="run folder (its config.yaml gives model and data)"),
+             _arg("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                  help="names under RUN/checkpoints (epoch-0 = base model) or model/adapter folders"),
+             _arg("--suite", help="comma-separated analyses, e.g. ood,mia (default: all)"),
+             _set("override a config field, e.g. --set analysis.mia.size=200 (repeatable)"), _DATA_DIR, _QUIET]),
+    # --epochs and --pretrain-steps defaults are kept equal to demo.DEMO_EPOCHS and demo.DEMO_PRETRAIN.steps
+    # (the demo module, which imports torch, loads lazily; tests/test_demo.py checks).
+    Command("demo", cmd_demo, "offline quickstart on the built-in synthetic task",
+            "Pretrain (cached) and finetune a tiny model on the synthetic task on the CPU, tracking every epoch; "
+            "shows over-memorization in minutes.",
+            [_arg("--out", default="demo-run", help="run folder (default: ./demo-run)"),
+             _arg("--seed", type=int, default=0),
+             _arg("--epochs", type=int, default=50, help="finetuning epochs (default: 50)"),
+             _arg("--pretrain-steps", type=int, default=1500, metavar="N",
+                  help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 1500; "
+                  "fewer give a weaker base)"),
+             _set("override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)"), _QUIET_BARE]),
+    Command("report", cmd_report, "one self-contained HTML report of one or more runs",
+            "Dynamics with phases, checkpoint selection, token-level losses of a healthy and an over-memorized "
+            "checkpoint, analyses, merges, timings, config and versions, in one HTML file that opens offline. "
+            "Several runs (e.g. a learning-rate sweep) are overlaid and compared.",
+            [_arg("runs", nargs="+", metavar="RUN", help="run folder(s)"),
+             _arg("--out", help="HTML file (default: RUN/report.html of the first run)"),
+             _arg("--example", metavar="ID", help="test example shown first in the token view"),
+             _arg("--examples", type=int, default=6, metavar="N", help="test examples in the token view (default 6)"),
+             _QUIET]),
+    Command("doctor", cmd_doctor, "versions, device, dtype support and optional extras",
+            "What this machine can run: package versions, CUDA/MPS/CPU devices and memory, bf16/fp16 support (tested "
+            "with a tiny op), CPU threads, and which optional extras are installed, with the command that installs "
+            "the missing ones.",
+            [_arg("--json", action="store_true", help="machine-readable output")]),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="overmem",
+        description="Finetune LLMs on reasoning data while tracking learning dynamics; detect "
+        "over-memorization and choose the checkpoint to keep.",
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"overmem {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=_EPILOG)
+        for flags, kwargs in command.args:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(func=command.func)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

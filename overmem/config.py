@@ -8,11 +8,21 @@ q,k,v,up,down projections; tracked splits as in appendix B.1 (MetaTrain, MetaTes
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -142,6 +152,9 @@ class DataConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
+    """Decoding limits: the one place their defaults live (`overmem.generation.generate` and the
+    analyses' `Decoding` take them from here)."""
+
     max_new_tokens: int = Field(512, gt=0)
     batch_size: int = Field(16, gt=0)
     stop_at_answer: bool = True
@@ -157,7 +170,25 @@ class EvalConfig(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
 
 
-class PhaseConfig(_Strict):
+class PhaseRule(BaseModel):
+    """The phase rule's settings (`overmem.phases` applies the rule itself): which split it reads
+    and its thresholds.
+
+    - `eps = 0.5`: perplexity counts as risen once it is 50% above its running minimum. In the
+      paper's over-memorized states test ppl is 2-10x its minimum (Fig. 1 reaches 16; Table 1:
+      HumanEval 1.66 -> 4.08, GPQA 4.5 -> 40), while epoch-to-epoch noise of a mean ppl over
+      hundreds of examples is a few percent; 0.5 flags the onset early without firing on noise.
+    - `delta = 0.05`: accuracy "stays high" if it is within 5 points of its best so far. For
+      GSM8K test (n = 1319, accuracy ~0.7) the 95% bootstrap CI half-width is ~0.025, so a 5-point
+      drop is beyond sampling noise. For small sets (HumanEval, n = 164: half-width ~0.075) raise
+      delta to at least the CI half-width; `detect_phases` warns when it is smaller.
+    - `learn_frac = 0.8`: the model has "learned" the task once accuracy reaches 80% of the best
+      the run ever reaches; earlier checkpoints (the base model, the first rapid climb) form the
+      paper's black low-accuracy region.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     split: str | None = Field(None, description="split the phases are read from (default: first test)")
     eps: float = Field(0.5, gt=0, description="over-memorized once ppl >= (1+eps) x its minimum so far")
     delta: float = Field(0.05, ge=0, description="... while accuracy stays within delta of its best so far")
@@ -169,82 +200,30 @@ class SelectionConfig(_Strict):
     ppl_band: float = Field(0.05, ge=0)
 
 
-class _Sampled(_Strict):
-    """Settings shared by the analyses that sample: which data, how many queries, how to sample."""
-
-    data: str | None = Field(None, description="dataset spec (default: the run's first test set)")
-    size: int | None = Field(100, gt=0, description="seeded sample of queries (None: all)")
-    n_samples: int = Field(1, gt=0, description="sampled generations per query")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-
-
-class OodSettings(_Strict):
-    sets: dict[str, str] | None = Field(
-        None, description="name -> dataset spec (default: the run's tests + synthetic OOD or the paper's benchmarks)")
-    id_sets: list[str] | None = Field(None, description="in-distribution set names, left out of the OOD average")
-    size: int | None = Field(None, gt=0, description="seeded sample per set (None: all)")
-
-
-class RobustnessSettings(_Strict):
-    data: str | None = Field(None, description="dataset spec (default: the run's first test set)")
-    size: int | None = Field(None, gt=0)
-    paper_preambles: bool = Field(True, description="include the paper's four preambles (sec. 5.2)")
-    preambles: dict[str, str] = Field(default_factory=dict, description="more preambles: name -> text")
-    position: Literal["response", "instruction"] = Field(
-        "response", description="where the preamble goes: opening the response, or before the question")
-
-
-class DiversitySettings(_Sampled):
-    n_samples: int = Field(8, ge=2, description="N sampled responses per query")
-    scorer: str = Field("policy_logprob", description="Best-of-N scorer: policy_logprob (offline default) "
-                        "or a reward model hub id / folder (sequence classification, one label)")
-    ead_max_n: int = Field(5, gt=0, description="EAD is averaged over n = 1..ead_max_n")
-    sbert: bool = Field(True, description="Sentence-BERT diversity (needs overmem[analysis])")
-    sbert_model: str | None = Field(None, description="sentence-transformers model (default: packaged MiniLM)")
-
-
-class CalibrationSettings(_Sampled):
-    size: int | None = Field(None, gt=0, description="seeded sample of queries (None: all)")
-    n_bins: int = Field(10, gt=0)
-
-
-class MiaSettings(_Strict):
-    members: str | None = Field(None, description="member spec (default: the run's training set)")
-    nonmembers: str | None = Field(None, description="non-member spec (default: the unseen rest of its source; synthetic:nonmembers for a run trained on synthetic)")
-    size: int = Field(500, gt=0, description="members and non-members each, capped by availability")
-    ks: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)])
-    k: float = Field(0.2, gt=0, le=1, description="k of Min-K% / Min-K%++ in the table")
-
-    @field_validator("ks")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        if not v or not all(0 < k <= 1 for k in v):
-            raise ValueError("every k must lie in (0, 1]")
-        return v
-
-
-class PremSettings(_Sampled):
-    data: str | None = Field(None, description="training examples (default: the run's training set)")
-    size: int | None = Field(200, gt=0, description="seeded sample of training examples (None: all)")
-    n_samples: int = Field(5, gt=0)
-    temperature: float = Field(0.8, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    tau: float = Field(-2.4, description="memorized once log(log(ppl)) < tau: -2.4 GSM8K, -1.7 MATH")
-    compare_runs: list[str] = Field(default_factory=list, description="other run folders for the R^2")
-    test_split: str | None = Field(None, description="test split of the R^2 (default: the first test)")
+class AnalysisSettings(_Strict):
+    """Base of each analysis's own settings model (`analysis.NAME.*`), declared with the analysis
+    in `overmem.analysis.NAME`: the one place its defaults live."""
 
 
 class AnalysisConfig(_Strict):
-    """`overmem analyze` settings; `seed` seeds every sample and every sampled generation."""
+    """`overmem analyze` settings: `seed` seeds every sample and every sampled generation; then one
+    section per registered analysis, typed by its own settings model (`analysis_config_model`)."""
 
     seed: int = 0
-    ood: OodSettings = Field(default_factory=OodSettings)
-    robustness: RobustnessSettings = Field(default_factory=RobustnessSettings)
-    diversity: DiversitySettings = Field(default_factory=DiversitySettings)
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
-    mia: MiaSettings = Field(default_factory=MiaSettings)
-    premem: PremSettings = Field(default_factory=PremSettings)
+
+
+def analysis_config_model() -> type[AnalysisConfig]:
+    """`AnalysisConfig` with one field per registered analysis, in registration order, each
+    defaulting to that analysis's settings; unknown sections are refused like unknown fields."""
+    from .analysis.base import ANALYSES  # here, not at the top: every analysis imports this module
+
+    return _analysis_config_model(tuple((name, a.Settings) for name, a in ANALYSES.items()))
+
+
+@cache  # one model class per set of analyses: an analysis registered later gets its own
+def _analysis_config_model(sections: tuple[tuple[str, type[AnalysisSettings]], ...]) -> type[AnalysisConfig]:
+    fields: dict[str, Any] = {name: (settings, Field(default_factory=settings)) for name, settings in sections}
+    return create_model("AnalysisConfig", __base__=AnalysisConfig, __module__=__name__, **fields)
 
 
 class RunConfig(_Strict):
@@ -253,15 +232,22 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    phases: PhaseConfig = Field(default_factory=PhaseConfig)
+    phases: PhaseRule = Field(default_factory=PhaseRule)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    analysis: SerializeAsAny[AnalysisConfig] = Field(default_factory=lambda: analysis_config_model()())
     merge: list[list[str]] = Field(
         default_factory=list,
         description="checkpoint groups merged at the end of `run` and tracked, e.g. [[epoch-3, epoch-10]]",
     )
     out_dir: str | None = None
     quiet: bool = False
+
+    @field_validator("analysis", mode="before")
+    @classmethod
+    def _analysis_sections(cls, v: Any) -> Any:
+        # Validated by the model with every analysis's section; its errors keep their field path.
+        model = analysis_config_model()
+        return v if isinstance(v, model) else model.model_validate(v)
 
     @field_validator("merge")
     @classmethod

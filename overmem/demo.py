@@ -11,7 +11,6 @@ perplexity of the test references climbs.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,8 +21,8 @@ from .phases import THRESHOLD_TOL
 from .results import RunDir
 from .tiny import PretrainConfig, TinyModelConfig, get_tiny_base
 
-# Finetuning epochs: the test perplexity keeps climbing through them (2.29-2.55x its minimum at
-# 50 on seeds 0-2) while test accuracy holds within 5 points of its best (README, docs/commands/demo.md).
+# Finetuning epochs: enough for the test perplexity to climb past twice its minimum while test
+# accuracy holds within 5 points of its best (measured per seed: README, docs/commands/demo.md).
 DEMO_EPOCHS = 50
 
 # The pretraining stage: its wall time is printed on the first run (cached afterwards).
@@ -37,8 +36,8 @@ def demo_pretrain(steps: int = DEMO_PRETRAIN.steps) -> PretrainConfig:
     """The demo's pretraining stage with `steps` optimizer steps; the cool-down is the last
     2/15 of them (at least 100), so 1500 steps give `DEMO_PRETRAIN` and 600 a 100-step cool-down.
 
-    More steps give a stronger base at a one-time cost (about 0.43 s per step on 2 cores; see
-    the demo docs for what 600 and 1500 steps give).
+    More steps give a stronger base at a one-time cost (the demo docs give what 600 and 1500
+    steps cost and give).
     """
     if steps < 150:
         raise ValueError(f"--pretrain-steps: {steps} is too few; use at least 150 (default {DEMO_PRETRAIN.steps})")
@@ -99,8 +98,9 @@ class DemoCheck:
 
 
 def check_demo(run_dir: str | Path, split: str = "test") -> DemoCheck:
-    rows = sorted((r for r in RunDir(run_dir).read_dynamics() if r["split"] == split), key=lambda r: r["epoch"])
-    phases = json.loads((Path(run_dir) / "phases.json").read_text())
+    run = RunDir(run_dir)
+    rows = sorted((r for r in run.read_dynamics() if r["split"] == split), key=lambda r: r["epoch"])
+    phases = run.read_json(run.phases)
     labels = [c["label"] for c in phases["checkpoints"]]
     return DemoCheck(
         best_accuracy=max(r["accuracy"] for r in rows),
@@ -137,8 +137,8 @@ def run_demo(
           f"test perplexity: min {check.min_ppl:.3f}, last {check.last_ppl:.3f} ({check.ppl_ratio:.2f}x)")
     for what, ok in check.passed.items():
         print(f"  [{'x' if ok else ' '}] {what}")
-    print(f"figure: {run_dir.root / 'dynamics.png'}  (and .svg)")
-    if (run_dir.root / "report.html").exists():
-        print(f"report: {run_dir.root / 'report.html'}  (open it in a browser)")
-    print(f"results: {run_dir.dynamics}, {run_dir.root / 'selection.json'}, {run_dir.root / 'phases.json'}")
+    print(f"figure: {run_dir.figure.with_suffix('.png')}  (and .svg)")
+    if run_dir.report.exists():
+        print(f"report: {run_dir.report}  (open it in a browser)")
+    print(f"results: {run_dir.dynamics}, {run_dir.selection}, {run_dir.phases}")
     return {"run_dir": run_dir.root, "check": check, "seconds": wall}

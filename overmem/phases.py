@@ -37,37 +37,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, field_serializer
+
+from .config import PhaseRule, RunConfig
+from .data.splits import TRAIN, VALIDATION
 
 Phase = Literal["low_accuracy", "healthy", "over_memorized", "overfitting", "high_ppl", "low_ppl"]
 PHASES: tuple[str, ...] = ("low_accuracy", "healthy", "over_memorized", "overfitting", "high_ppl", "low_ppl")
 
-TRAIN_SPLIT = "train"
-VALID_SPLIT = "validation"
 THRESHOLD_TOL = 1e-9  # float slack for threshold comparisons (0.75 - 0.05 is not exactly 0.7)
-
-
-class PhaseRule(BaseModel):
-    """Thresholds of the phase rule (see the module docstring for the rule itself).
-
-    - `eps = 0.5`: perplexity counts as risen once it is 50% above its running minimum. In the
-      paper's over-memorized states test ppl is 2-10x its minimum (Fig. 1 reaches 16; Table 1:
-      HumanEval 1.66 -> 4.08, GPQA 4.5 -> 40), while epoch-to-epoch noise of a mean ppl over
-      hundreds of examples is a few percent; 0.5 flags the onset early without firing on noise.
-    - `delta = 0.05`: accuracy "stays high" if it is within 5 points of its best so far. For
-      GSM8K test (n = 1319, accuracy ~0.7) the 95% bootstrap CI half-width is ~0.025, so a 5-point
-      drop is beyond sampling noise. For small sets (HumanEval, n = 164: half-width ~0.075) raise
-      delta to at least the CI half-width; `detect_phases` warns when it is smaller.
-    - `learn_frac = 0.8`: the model has "learned" the task once accuracy reaches 80% of the best
-      the run ever reaches; earlier checkpoints (the base model, the first rapid climb) form the
-      paper's black low-accuracy region.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    eps: float = Field(0.5, gt=0, description="relative ppl rise over its running minimum that counts as elevated")
-    delta: float = Field(0.05, ge=0, description="accuracy drop below its best so far still counted as 'held'")
-    learn_frac: float = Field(0.8, gt=0, le=1, description="fraction of the run's best accuracy that marks 'learned'")
 
 
 class CheckpointPhase(BaseModel):
@@ -100,6 +78,11 @@ class PhaseReport(BaseModel):
     excluded: list[str] = Field(description="checkpoints off the training curve (epoch None, e.g. merges)")
     warnings: list[str]
 
+    @field_serializer("rule")
+    def _thresholds(self, rule: PhaseRule) -> dict[str, float]:
+        # The report names its split itself; the rule is recorded by its thresholds.
+        return rule.model_dump(exclude={"split"})
+
     @property
     def labels(self) -> dict[str, str]:
         """checkpoint -> label, in training order."""
@@ -125,9 +108,9 @@ def split_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["split"] for r in rows))
 
 
-def test_split_names(rows: Iterable[Mapping[str, Any]], valid_split: str = VALID_SPLIT) -> list[str]:
+def test_split_names(rows: Iterable[Mapping[str, Any]], valid_split: str = VALIDATION) -> list[str]:
     """Every split that is neither the training subset nor the validation set."""
-    return [s for s in split_names(rows) if s not in (TRAIN_SPLIT, valid_split)]
+    return [s for s in split_names(rows) if s not in (TRAIN, valid_split)]
 
 
 def default_split(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -136,6 +119,30 @@ def default_split(rows: Sequence[Mapping[str, Any]]) -> str:
     if not tests:
         raise ValueError(f"no test split among {split_names(rows)}; pass split=... explicitly")
     return tests[0]
+
+
+def phase_split(splits: Sequence[str], rule: PhaseRule, valid_split: str = VALIDATION) -> str:
+    """The split a run reads its phases from: `rule.split`, else the first test split (neither the
+    training subset nor `valid_split`), else the last split."""
+    tests = [s for s in splits if s not in (TRAIN, valid_split)]
+    return rule.split or (tests[0] if tests else splits[-1])
+
+
+def detect_run_phases(rows: Sequence[Mapping[str, Any]], cfg: RunConfig) -> PhaseReport:
+    """The phases of a run (what `phases.json` holds): its phase rule on its `phase_split`."""
+    split = phase_split(split_names(rows), cfg.phases, cfg.selection.valid_split)
+    return detect_phases(rows, split=split, rule=cfg.phases)
+
+
+def phases_are_current(stored: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], cfg: RunConfig) -> bool:
+    """Whether a stored `phases.json` was made with `cfg`'s phase rule on the split it names now."""
+    split = phase_split(split_names(rows), cfg.phases, cfg.selection.valid_split)
+    return stored.get("split") == split and stored.get("rule") == cfg.phases.model_dump(exclude={"split"})
+
+
+def has_accuracy(rows: Iterable[Mapping[str, Any]], split: str) -> bool:
+    """Whether any row of `split` has a measured accuracy."""
+    return any(r["split"] == split and r.get("accuracy") is not None for r in rows)
 
 
 def split_rows(rows: Iterable[Mapping[str, Any]], split: str) -> list[dict[str, Any]]:
@@ -172,10 +179,12 @@ def _order(row: Mapping[str, Any]) -> tuple[float, int]:
 
 
 def detect_phases(
-    rows: Sequence[Mapping[str, Any]], split: str | None = None, rule: PhaseRule = PhaseRule()
+    rows: Sequence[Mapping[str, Any]], split: str | None = None, rule: PhaseRule | None = None
 ) -> PhaseReport:
-    """Label every training checkpoint of `split` (default: the first test split) by `rule`."""
-    split = split or default_split(rows)
+    """Label every training checkpoint of `split` (default: `rule.split`, else the first test split)
+    by `rule` (default: `PhaseRule()`)."""
+    rule = rule or PhaseRule()
+    split = split or rule.split or default_split(rows)
     curve = split_curve(rows, split)
     if not curve:
         raise ValueError(f"split {split!r} has only off-curve rows (epoch None); nothing to label")

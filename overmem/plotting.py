@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .phases import PhaseReport, detect_phases, split_curve, split_names, test_split_names
+from .results import FIGURE
 
 PHASE_COLORS: dict[str, str] = {
     "low_accuracy": "#262626",  # the paper's black region
@@ -63,7 +64,7 @@ def plot_dynamics(
     phase_report: PhaseReport | None = None,
     title: str | None = None,
     log_ppl: bool = False,
-    name: str = "dynamics",
+    name: str = FIGURE,
 ) -> list[Path]:
     """Draw one run's dynamics; save `<name>.png` and `<name>.svg` in `out_dir` and return both paths.
 

@@ -4,13 +4,17 @@
 RUN/
   config.yaml                 resolved config
   checkpoints/epoch-N/        model or adapter folders (plain transformers / PEFT)
+  trainer_state/              the Trainer's own state while training runs (resume)
   dynamics.jsonl              one row per checkpoint x split
   samples/<checkpoint>/<split>.jsonl   one row per example
   phases.json  selection.json  dynamics.png  dynamics.svg
+  keep.json                   the early-stopping callback's verdict (Trainer integration)
+  analysis/NAME.json  analysis/NAME/<checkpoint>.jsonl   `overmem analyze`
   timings.json                wall time of each stage (train, merge, ...); evaluations: `seconds` in dynamics
   environment.json            versions and hardware of the machine that ran it
   report.html                 everything above in one self-contained page (`overmem report`)
 ```
+Every name above is a constant of this module; other modules reach the files through `RunDir`.
 Writes are atomic (temp file + rename) and `dynamics.jsonl` is append-only with one complete
 line per write, so a killed run never leaves a partial result that a resume would trust.
 """
@@ -19,15 +23,50 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
+# Files and folders of a run.
+CONFIG = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE_DIR = "trainer_state"
 DYNAMICS = "dynamics.jsonl"
+SAMPLES_DIR = "samples"
+PHASES = "phases.json"
+SELECTION = "selection.json"
+FIGURE = "dynamics"  # dynamics.png and dynamics.svg
+KEEP = "keep.json"
+ANALYSIS_DIR = "analysis"
 TIMINGS = "timings.json"
+ENVIRONMENT = "environment.json"
+REPORT = "report.html"
+
+# Files inside one checkpoint folder.
+CHECKPOINT_META = "overmem.json"  # {"epoch", "step"} written beside each saved checkpoint
+MODEL_CONFIG = "config.json"  # a transformers model folder
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder
+HF_TRAINER_STATE = "trainer_state.json"  # a Hugging Face Trainer checkpoint-STEP folder
+
+BASE = "epoch-0"  # the base model, evaluated as epoch 0
+_CHECKPOINT_NAME = re.compile(r"(epoch|step|checkpoint)-\d+|merge\(.*\)")
+
+
+def epoch_name(epoch: int) -> str:
+    """The checkpoint name of the end of `epoch` (`epoch-0` is the base model)."""
+    return f"epoch-{epoch}"
+
+
+def step_name(step: int) -> str:
+    """The checkpoint name of optimizer step `step` (extra checkpoints between epochs)."""
+    return f"step-{step}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -108,25 +147,76 @@ class RunDir:
 
     @property
     def config(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS_DIR
+
+    def checkpoint(self, name: str) -> Path:
+        """The folder of checkpoint `name` (e.g. `epoch_name(3)`)."""
+        return self.checkpoints / name
 
     @property
     def trainer_state(self) -> Path:
-        return self.root / "trainer_state"
+        return self.root / TRAINER_STATE_DIR
 
     @property
     def dynamics(self) -> Path:
         return self.root / DYNAMICS
 
     def samples(self, checkpoint: str, split: str) -> Path:
-        return self.root / "samples" / checkpoint / f"{split}.jsonl"
+        return self.root / SAMPLES_DIR / checkpoint / f"{split}.jsonl"
 
     def read_dynamics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.dynamics)
+
+    @property
+    def phases(self) -> Path:
+        return self.root / PHASES
+
+    @property
+    def selection(self) -> Path:
+        return self.root / SELECTION
+
+    @property
+    def figure(self) -> Path:
+        """The dynamics figure without suffix (`.png` and `.svg` lie there)."""
+        return self.root / FIGURE
+
+    @property
+    def keep(self) -> Path:
+        return self.root / KEEP
+
+    @property
+    def environment(self) -> Path:
+        return self.root / ENVIRONMENT
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / ANALYSIS_DIR
+
+    def analysis_json(self, name: str) -> Path:
+        """`analysis/NAME.json`: the aggregates of analysis `name`."""
+        return self.analysis_dir / f"{name}.json"
+
+    def analysis_samples(self, name: str, checkpoint: str) -> Path:
+        """`analysis/NAME/CHECKPOINT.jsonl`: the per-sample rows of analysis `name` on `checkpoint`."""
+        return self.analysis_dir / name / f"{checkpoint}.jsonl"
+
+    def read_json(self, path: Path) -> Any:
+        """The content of a JSON file of the run (e.g. `run.phases`), None if it does not exist."""
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def up_to_date(self, path: Path) -> bool:
+        """Whether `path` exists and was written after the last change to `dynamics.jsonl` (so a
+        result computed from the dynamics still describes them)."""
+        return path.exists() and (not self.dynamics.exists()
+                                  or path.stat().st_mtime_ns >= self.dynamics.stat().st_mtime_ns)
 
     @property
     def timings(self) -> Path:
@@ -154,3 +244,89 @@ class RunDir:
     def done(self) -> set[tuple[str, str]]:
         """(checkpoint, split) pairs already evaluated."""
         return {(r["checkpoint"], r["split"]) for r in self.read_dynamics()}
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model of a run: `path` None is the run's base model; `epoch` and `step` None when unknown."""
+
+    name: str
+    path: Path | None
+    epoch: float | None
+    step: int | None
+
+
+def is_model_folder(path: Path) -> bool:
+    """A transformers model folder or a PEFT adapter folder."""
+    return (path / MODEL_CONFIG).exists() or (path / ADAPTER_CONFIG).is_file()
+
+
+def _checkpoint_meta(path: Path) -> tuple[float | None, int]:
+    meta = path / CHECKPOINT_META
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        return m["epoch"], m["step"]
+    state = path / HF_TRAINER_STATE
+    if state.exists():
+        s = json.loads(state.read_text())
+        return s.get("epoch"), s.get("global_step", 0)
+    return None, 0
+
+
+def find_checkpoints(folder: str | Path) -> list[Checkpoint]:
+    """Checkpoints in an overmem run (`checkpoints/epoch-N`, `step-K`, `merge(...)`) or a Trainer output
+    folder (`checkpoint-STEP`), ordered by step; the step is 0 when no metadata tells it."""
+    folder = Path(folder)
+    root = folder / CHECKPOINTS_DIR if (folder / CHECKPOINTS_DIR).is_dir() else folder
+    if not root.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    found = []
+    for p in root.iterdir():
+        if not p.is_dir() or not _CHECKPOINT_NAME.fullmatch(p.name) or not is_model_folder(p):
+            continue
+        epoch, step = _checkpoint_meta(p)
+        if epoch is None and p.name.startswith("epoch-"):
+            epoch = float(p.name.split("-")[1])
+        found.append(Checkpoint(p.name, p, epoch, step))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no checkpoints (epoch-N, step-K or checkpoint-STEP folders) found")
+    return sorted(found, key=lambda c: (c.step, c.epoch or 0.0, c.name))
+
+
+def resolve_checkpoints(run_root: str | Path, names: Sequence[str]) -> list[Checkpoint]:
+    """Checkpoints for names of the run (RUN/checkpoints/NAME, `BASE` = the base model) or model folders
+    anywhere (named by their folder name; epoch and step known when they lie among checkpoints)."""
+    run = RunDir(run_root)
+    known = {c.name: c for c in find_checkpoints(run.root)} if run.checkpoints.is_dir() else {}
+    chosen: dict[str, Checkpoint] = {}
+    for name in names:
+        path = Path(name)
+        if name in known:
+            ckpt = known[name]
+        elif name == BASE:
+            ckpt = Checkpoint(BASE, None, 0.0, 0)
+        elif path.is_dir() and is_model_folder(path):
+            meta = {c.name: c for c in find_checkpoints(path.parent)} if _has_checkpoints(path.parent) else {}
+            c = meta.get(path.resolve().name)
+            ckpt = Checkpoint(path.resolve().name, path, c.epoch if c else None, c.step if c else None)
+        else:
+            available = ", ".join([BASE, *known]) or "none"
+            raise ConfigError(f"checkpoint {name!r}: not a checkpoint of {run.root} (available: {available}) "
+                              "and not a model or adapter folder")
+        if ckpt.name in chosen and chosen[ckpt.name].path != ckpt.path:
+            raise ConfigError(f"two checkpoints are named {ckpt.name!r}; rename one of the folders")
+        chosen[ckpt.name] = ckpt
+    if not chosen:
+        raise ConfigError("no checkpoints given (e.g. --checkpoints epoch-3 epoch-10)")
+    return list(chosen.values())
+
+
+def _has_checkpoints(folder: Path) -> bool:
+    try:
+        find_checkpoints(folder)
+    except FileNotFoundError:
+        return False
+    return True

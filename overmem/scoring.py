@@ -3,44 +3,30 @@
 Every perplexity, and every analysis that needs token probabilities, reads from `score_batch`
 so the numbers agree across the tool. Prompt and response are tokenized separately and
 concatenated, so the response tokens scored are exactly the tokens trained on.
+
+With `vocab_stats=True` the same pass also gives, per scored token, the statistics of the whole
+next-token distribution p that Min-K%++ (`overmem.analysis.mia`) needs:
+
+    mu_t     = sum_v p(v) log p(v)                      (minus the entropy at position t)
+    sigma_t  = sqrt(sum_v p(v) (log p(v) - mu_t)^2)     (spread of log p under p)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data.example import Example, format_prompt
+from .data.encoding import IGNORE, length_sorted_batches, pad_id_of, pad_right
+from .data.example import Example
 
-IGNORE = -100
-
-
-def encode_example(
-    tokenizer: PreTrainedTokenizerBase,
-    example: Example,
-    *,
-    max_length: int,
-    add_eos: bool,
-    template: str | None = None,
-) -> tuple[list[int], list[int]]:
-    """Token ids of prompt+response and labels that mask the prompt with -100.
-
-    Training appends EOS so the model learns to stop; scoring does not, so the perplexity
-    is that of the reference text alone. Over-long pairs lose the end of the response.
-    """
-    prompt = format_prompt(example.question) if template is None else format_prompt(example.question, template)
-    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    r_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    if add_eos and tokenizer.eos_token_id is not None:
-        r_ids = r_ids + [tokenizer.eos_token_id]
-    ids = (p_ids + r_ids)[:max_length]
-    labels = ([IGNORE] * len(p_ids) + r_ids)[:max_length]
-    return ids, labels
+# float32 log-probs below this are exp() == 0 exactly; clamping there keeps 0 * (-inf) out of mu/sigma.
+_LOGPROB_FLOOR = -1e4
+VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
 
 
 @dataclass
@@ -63,21 +49,35 @@ class TokenScores:
         return math.exp(self.nll_sum / self.n_tokens) if self.n_tokens else float("nan")
 
 
-def pad_right(seqs: Sequence[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+@dataclass
+class TokenStats(TokenScores):
+    """Scores of one reference response with the vocabulary statistics of each scored position."""
+
+    mu: torch.Tensor  # (T,) float32, sum_v p(v) log p(v) at each scored position
+    sigma: torch.Tensor  # (T,) float32, standard deviation of log p(v) under p at each scored position
 
 
 @torch.inference_mode()
 def score_batch(
-    model: PreTrainedModel, batch_ids: Sequence[list[int]], batch_labels: Sequence[list[int]], pad_id: int
+    model: PreTrainedModel,
+    batch_ids: Sequence[list[int]],
+    batch_labels: Sequence[list[int]],
+    pad_id: int,
+    *,
+    vocab_stats: bool = False,
+    chunk_size: int = VOCAB_CHUNK,
 ) -> list[TokenScores]:
-    """One batched forward pass (right padding); log-probs of every labelled token.
+    """One batched forward pass (right padding); log-probs of every labelled token, and with
+    `vocab_stats` also mu and sigma of each labelled position (`TokenStats`, see the module docstring).
 
     No attention mask is passed: with right padding, causal attention already keeps every
     real token from seeing the padding after it, and positions start at 0 in every row, so
     the scores are exact and the model takes its fastest (purely causal) attention path.
     """
+    if len(batch_ids) != len(batch_labels) or any(len(i) != len(y) for i, y in zip(batch_ids, batch_labels)):
+        raise ValueError("batch_ids and batch_labels must have the same number of rows and the same length per row")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = next(model.parameters()).device
     input_ids = pad_right(batch_ids, pad_id).to(device)  # (B, T)
     labels = pad_right(batch_labels, IGNORE).to(device)  # (B, T)
@@ -85,26 +85,72 @@ def score_batch(
     # Position t predicts token t+1: score only the labelled (response) positions.
     target = labels[:, 1:]
     keep = target != IGNORE  # (B, T-1)
+    counts = keep.sum(dim=1).tolist()
+    if vocab_stats:
+        lp, mu, sigma = (x.cpu().split(counts) for x in _vocab_stats(logits, target, keep, chunk_size))
+        return [TokenStats(*row) for row in zip(lp, mu, sigma)]
     picked = logits[:, :-1][keep].float()  # (N, V), N = labelled tokens in the batch
     lp = -F.cross_entropy(picked, target[keep], reduction="none")  # (N,)
-    counts = keep.sum(dim=1).tolist()
     return [TokenScores(chunk.cpu()) for chunk in lp.split(counts)]
 
 
-def length_sorted_batches(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, batch_size: int, max_length: int
-) -> Iterator[tuple[list[int], list[list[int]], list[list[int]]]]:
-    """Encoded examples (prompt masked, no EOS) in batches of similar length, so each batch
-    carries little padding: yields (indices into `examples`, input ids, labels)."""
-    encoded = [encode_example(tokenizer, ex, max_length=max_length, add_eos=False) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield idx, [encoded[i][0] for i in idx], [encoded[i][1] for i in idx]
+def _vocab_stats(
+    logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(l, mu, sigma), each (N,), of the N kept positions of (B, L, V) `logits`, in row-major order.
+
+    The (B, L, V) logits exist once, in the model's dtype; the float32 log-softmax and the
+    vocabulary sums run over `chunk_size` scored tokens at a time in two reused float32
+    buffers (plus one in the model's dtype if that is not float32), so the extra memory is
+    2 * chunk_size * V * 4 bytes rather than several (B, L, V) float32 tensors.
+    """
+    width, vocab = logits.shape[1], logits.shape[2]
+    flat = logits.reshape(-1, vocab)  # (B*L, V), a view of the contiguous logits
+    # Row-major order: each example's scored tokens are contiguous and in sequence order.
+    rows, cols = keep.nonzero(as_tuple=True)  # (N,), (N,)
+    index, targets = rows * width + cols, target[rows, cols]  # (N,) rows of `flat`, their tokens
+    if index.numel() == 0:
+        empty = torch.zeros(0, device=logits.device)
+        return empty, empty, empty
+    n_buf = min(chunk_size, index.numel())
+    x_buf = torch.empty(n_buf, vocab, dtype=torch.float32, device=logits.device)
+    p_buf = torch.empty_like(x_buf)
+    gather_buf = x_buf  # rows of a 16-bit model's logits land in their own buffer, then convert
+    if logits.dtype != torch.float32:
+        gather_buf = torch.empty(n_buf, vocab, dtype=logits.dtype, device=logits.device)
+    parts = []
+    for s in range(0, index.numel(), chunk_size):
+        idx = index[s : s + chunk_size]
+        n = idx.numel()
+        torch.index_select(flat, 0, idx, out=gather_buf[:n])
+        if gather_buf is not x_buf:
+            x_buf[:n].copy_(gather_buf[:n])
+        parts.append(_vocab_stats_(x_buf[:n], p_buf[:n], targets[s : s + chunk_size]))
+    lp, mu, sigma = (torch.cat(xs) for xs in zip(*parts))
+    return lp, mu, sigma
 
 
-def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+def _vocab_stats_(x: torch.Tensor, p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """l, mu, sigma of n positions. In place: `x` (n, V) float32 logits is overwritten, `p` is scratch.
+
+    Working in two caller-owned buffers means no (n, V) tensor is allocated per chunk: on CPU,
+    freshly allocated and freed chunk-sized tensors fragment glibc's heap and can cost more
+    resident memory than the chunking saves.
+    """
+    x.sub_(x.amax(dim=-1, keepdim=True))
+    torch.exp(x, out=p)
+    total = p.sum(dim=-1, keepdim=True)  # (n, 1)
+    x.sub_(total.log())  # log-softmax: log p(v)
+    p.div_(total)  # softmax: p(v)
+    token_lp = x.gather(-1, target[:, None]).squeeze(-1)  # (n,)
+    x.clamp_(min=_LOGPROB_FLOOR)
+    # einsum reduces over V without an (n, V) temporary.
+    mu = torch.einsum("nv,nv->n", p, x)
+    # Centered form sum_v p (log p - mu)^2 (equal to sum p log^2 p - mu^2) avoids the
+    # cancellation of the uncentered one when the distribution is flat.
+    x.sub_(mu[:, None]).square_()
+    var = torch.einsum("nv,nv->n", p, x)
+    return token_lp, mu, var.clamp_(min=0).sqrt_()
 
 
 def score_examples(
@@ -115,14 +161,17 @@ def score_examples(
     batch_size: int = 16,
     max_length: int = 2048,
     progress: Callable[[int], None] | None = None,
+    vocab_stats: bool = False,
+    chunk_size: int = VOCAB_CHUNK,
 ) -> list[TokenScores]:
-    """Teacher-forced scores of each example's reference response, in input order."""
+    """Teacher-forced scores of each example's reference response, in input order; `TokenStats`
+    (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`)."""
     was_training = model.training
     model.eval()
     out: list[TokenScores | None] = [None] * len(examples)
     pad_id = pad_id_of(tokenizer)
     for idx, ids, labels in length_sorted_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
-        for i, s in zip(idx, score_batch(model, ids, labels, pad_id)):
+        for i, s in zip(idx, score_batch(model, ids, labels, pad_id, vocab_stats=vocab_stats, chunk_size=chunk_size)):
             out[i] = s
         if progress:
             progress(len(idx))

@@ -14,6 +14,12 @@ perplexity and accuracy were measured. `last`, `min_valid_ppl` (ties: earlier) a
 (ties: earlier) are reported beside it, each with the test figures of every test split, so a
 run's `selection.json` reproduces Table 4. Only training-curve checkpoints (epoch not None) are
 candidates; off-curve rows such as merges are listed in `others` for comparison.
+
+Which checkpoint to keep has one answer, `checkpoint_to_keep`: the `recommended` rule on the
+validation split; for a run without validation accuracy (a training script tracking only test
+sets), the same rule on the phase split; without any accuracy, the lowest phase-split
+perplexity. `overmem select` (`selection.json`), the training callback (`keep.json`) and the
+report's token view all use it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .phases import THRESHOLD_TOL, VALID_SPLIT, split_curve, split_names, split_rows, test_split_names
+from .config import RunConfig
+from .data.splits import VALIDATION
+from .phases import THRESHOLD_TOL, split_curve, split_names, split_rows, test_split_names
 from .results import atomic_write_text
 
 CRITERIA: tuple[str, ...] = ("recommended", "last", "min_valid_ppl", "max_valid_acc")
@@ -77,7 +85,7 @@ class SelectionResult(BaseModel):
 def select_checkpoint(
     rows: Sequence[Mapping[str, Any]],
     *,
-    valid_split: str = VALID_SPLIT,
+    valid_split: str = VALIDATION,
     test_splits: Sequence[str] | None = None,
     ppl_band: float = 0.05,
 ) -> SelectionResult:
@@ -116,20 +124,12 @@ def select_checkpoint(
         )
 
     order = {r["checkpoint"]: i for i, r in enumerate(curve)}
-    ppl_min = min(r["ppl"] for r in scored)
-    limit = (1 + ppl_band) * ppl_min
-    band = [r for r in scored if r["ppl"] <= limit + THRESHOLD_TOL]  # a ppl on the edge is inside
-    rec = min(band, key=lambda r: (-r["accuracy"], r["ppl"], order[r["checkpoint"]]))
+    rec, reason = _recommend(curve, ppl_band, "validation")
     low = min(curve, key=lambda r: (r["ppl"], order[r["checkpoint"]]))
     top = min(scored, key=lambda r: (-r["accuracy"], order[r["checkpoint"]]))
     last = curve[-1]
     choices = [
-        choice(
-            "recommended", rec,
-            f"highest validation accuracy {rec['accuracy']:.3f} among the {len(band)} checkpoint(s) with validation "
-            f"ppl <= {limit:.4g} ({1 + ppl_band:g} x the minimum {ppl_min:.4g}): "
-            + ", ".join(r["checkpoint"] for r in band),
-        ),
+        choice("recommended", rec, reason),
         choice("last", last, f"last checkpoint of the run (epoch {last['epoch']:g}, step {last.get('step')})"),
         choice("min_valid_ppl", low, f"lowest validation perplexity {low['ppl']:.4g}"),
         choice(
@@ -147,6 +147,69 @@ def select_checkpoint(
         valid_split=valid_split, test_splits=tests, ppl_band=ppl_band,
         choices={c.criterion: c for c in choices}, others=others,
     )
+
+
+def _recommend(curve: Sequence[Mapping[str, Any]], ppl_band: float, role: str) -> tuple[Mapping[str, Any], str]:
+    """The paper's rule on one split's training curve (some rows with accuracy): the highest
+    accuracy among checkpoints whose ppl is within `ppl_band` (relative) of the minimum; ties to the
+    lower ppl, then the earlier checkpoint. Returns the row and the reason, naming the split `role`."""
+    order = {r["checkpoint"]: i for i, r in enumerate(curve)}
+    scored = [r for r in curve if r.get("accuracy") is not None]
+    ppl_min = min(r["ppl"] for r in scored)
+    limit = (1 + ppl_band) * ppl_min
+    band = [r for r in scored if r["ppl"] <= limit + THRESHOLD_TOL]  # a ppl on the edge is inside
+    rec = min(band, key=lambda r: (-r["accuracy"], r["ppl"], order[r["checkpoint"]]))
+    reason = (f"highest {role} accuracy {rec['accuracy']:.3f} among the {len(band)} checkpoint(s) with {role} "
+              f"ppl <= {limit:.4g} ({1 + ppl_band:g} x the minimum {ppl_min:.4g}): "
+              + ", ".join(r["checkpoint"] for r in band))
+    return rec, reason
+
+
+class Keep(BaseModel):
+    """The checkpoint to keep, the split the rule read, and why."""
+
+    checkpoint: str
+    split: str
+    reason: str
+
+
+def checkpoint_to_keep(
+    rows: Sequence[Mapping[str, Any]], *, phase_split: str, valid_split: str = VALIDATION, ppl_band: float = 0.05,
+) -> Keep:
+    """The one answer to "which checkpoint do I keep" (see the module docstring).
+
+    With validation accuracy at some training checkpoint it is `select_checkpoint`'s recommended
+    checkpoint. Otherwise the same rule reads `phase_split` (the split the phases are read from),
+    and when that has no accuracy either, its lowest perplexity (ties: the earlier checkpoint).
+    Raises ValueError if the split read has no training-curve rows.
+    """
+    valid = [r for r in split_rows(rows, valid_split) if r.get("epoch") is not None]
+    if any(r.get("accuracy") is not None for r in valid):
+        rec = select_checkpoint(rows, valid_split=valid_split, ppl_band=ppl_band).recommended
+        return Keep(checkpoint=rec.checkpoint, split=valid_split, reason=rec.reason)
+    curve = split_curve(rows, phase_split)
+    if not curve:
+        raise ValueError(f"split {phase_split!r} has no training-curve rows; no checkpoint to keep")
+    if any(r.get("accuracy") is not None for r in curve):
+        row, reason = _recommend(curve, ppl_band, phase_split)
+        reason += f" (no {valid_split} accuracy)"
+    else:
+        row = min(curve, key=lambda r: r["ppl"])  # min keeps the first of equal values: the earlier
+        reason = f"lowest {phase_split} perplexity {row['ppl']:.4g} (no accuracy measured)"
+    return Keep(checkpoint=row["checkpoint"], split=phase_split, reason=reason)
+
+
+def select_run_checkpoint(rows: Sequence[Mapping[str, Any]], cfg: RunConfig) -> SelectionResult:
+    """Every criterion on a run's rows with the run's selection settings (what `selection.json` holds);
+    the test splits are all splits but the training subset and the validation split."""
+    return select_checkpoint(rows, valid_split=cfg.selection.valid_split, ppl_band=cfg.selection.ppl_band)
+
+
+def selection_is_current(stored: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], cfg: RunConfig) -> bool:
+    """Whether a stored `selection.json` was made with `cfg`'s settings on these rows' splits."""
+    valid = cfg.selection.valid_split
+    return (stored.get("valid_split") == valid and stored.get("ppl_band") == cfg.selection.ppl_band
+            and stored.get("test_splits") == test_split_names(rows, valid))
 
 
 def _figures(row: Mapping[str, Any] | None) -> SplitFigures:

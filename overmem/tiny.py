@@ -8,7 +8,7 @@ Tokenizer: byte-level BPE trained on generator text, with every digit its own to
 arithmetic is done digit by digit) and the two fixed parts of the paper's prompt template as
 single added tokens (the prompt costs 2 tokens instead of ~40: sequences are short, training fast).
 It round-trips any text exactly. A BOS token is prepended by the post-processor; EOS is not added
-automatically: training code appends `tokenizer.eos_token_id` to the response (`overmem.scoring.encode_example`).
+automatically: training code appends `tokenizer.eos_token_id` to the response (`overmem.data.encoding.encode_example`).
 
 Base model: pretraining on an endless stream of generated problems (`synthetic.pretrain_stream`,
 disjoint from every split), each with a fresh random solution path. It learns the arithmetic and
@@ -44,8 +44,9 @@ from transformers import (
 )
 
 from overmem.data import synthetic
+from overmem.data.encoding import encode_example
 from overmem.data.example import PROMPT_TEMPLATE, Example
-from overmem.scoring import encode_example
+from overmem.data.synthetic_problems import sample_problem, sample_solution
 from overmem.train.trainer import ResponseOnlyCollator
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
@@ -64,8 +65,8 @@ def _tokenizer_corpus(n_problems: int, seed: int) -> list[str]:
     for split_settings in synthetic.SPLIT_SETTINGS.values():
         settings = replace(split_settings, product_prob=synthetic.PRETRAIN.product_prob)
         for _ in range(n_problems // len(synthetic.SPLIT_SETTINGS)):
-            problem = synthetic.sample_problem(settings, rng)
-            texts.append(problem.question + "\n" + synthetic.sample_solution(problem, rng))
+            problem = sample_problem(settings, rng)
+            texts.append(problem.question + "\n" + sample_solution(problem, rng))
     return texts
 
 

@@ -71,7 +71,7 @@ def toy_examples(n: int, prefix: str = "toy", offset: int = 0) -> list[Example]:
 def wording_skeleton(response: str) -> str:
     """A synthetic reference with its numbers, operations and the person's name blanked: what
     its wording chose."""
-    from overmem.data.synthetic import PEOPLE
+    from overmem.data.synthetic_wording import PEOPLE
 
     text = re.sub(r"[+-]", "OP", re.sub(r"\d+", "N", response))
     return re.sub(r"\b(" + "|".join(p[0] for p in PEOPLE) + r")\b", "NAME", text)

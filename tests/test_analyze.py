@@ -11,14 +11,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import Field
 
-from overmem.analysis import ood, robustness, runners, sampling, suite
+from overmem.analysis import calibration, diversity, mia, ood, premem, robustness, sampling
+from overmem.analysis.base import ANALYSES, Analysis, AnalysisResult, Context, Prepared
 from overmem.analysis.sampling import Decoding
 from overmem.cli import main
-from overmem.config import ConfigError, config_from_dict, dump_config, load_config
+from overmem.config import AnalysisSettings, ConfigError, config_from_dict, dump_config, load_config
 from overmem.data.answers import is_correct
 from overmem.data.example import PROMPT_TEMPLATE, Example, format_prompt
-from overmem.results import read_jsonl
+from overmem.results import RunDir, read_jsonl
 from tests.conftest import DATA_DIR, make_tiny_llama, toy_examples, wording_skeleton
 
 
@@ -142,7 +144,8 @@ def test_default_ood_sets():
 def test_paper_sets_load_with_their_answer_kinds(tmp_path):
     cfg = config_from_dict({"data": {"train": "gsm8k:train[:100]", "data_dir": str(DATA_DIR)},
                             "analysis": {"ood": {"size": 3}}})
-    settings, (data, id_sets), total = suite._prepare_ood(suite.Context(suite.RunDir(tmp_path), cfg))
+    prepared = ood.Ood(Context(RunDir(tmp_path), cfg)).prepare()
+    settings, (data, id_sets), total = prepared.settings, prepared.data, prepared.total
     assert set(data) == {"gsm8k", "math500", "svamp", "asdiv", "mawps", "tabmwp", "mmlu_stem"} and total == 21
     assert {ex.kind for ex in data["math500"]} == {"math"} and {ex.kind for ex in data["mmlu_stem"]} == {"choice"}
     assert all(ex.question.startswith("Table") and "|" in ex.question for ex in data["tabmwp"])  # table in the prompt
@@ -205,9 +208,9 @@ def test_diversity_metrics_against_brute_force(monkeypatch, char_tokenizer):
         return [[{"text": t, "extracted": None, "correct": c, "n_tokens": len(t), "mean_logprob": lp,
                   "confidence": math.exp(lp)} for t, c, lp in zip(*row)] for row in zip(texts, correct, logprob)]
 
-    monkeypatch.setattr(runners, "sample_answers", fake_sample)
+    monkeypatch.setattr(diversity, "sample_answers", fake_sample)
     emb = {"ab": [1.0, 0.0], "abc": [0.0, 1.0], "x": [1.0, 1.0], "yz": [1.0, -1.0]}
-    res = runners.diversity_analysis(None, char_tokenizer, exs, Decoding(temperature=1.0, n_samples=3),
+    res = diversity.diversity_analysis(None, char_tokenizer, exs, Decoding(temperature=1.0, n_samples=3),
                                      ead_ns=[1, 2], embed=lambda ts: np.array([emb[t] for t in ts]))
     m = res.metrics
     for k in (1, 2, 3):
@@ -227,8 +230,8 @@ def test_diversity_metrics_against_brute_force(monkeypatch, char_tokenizer):
     assert m["sbert"] == pytest.approx(((1 - cos_q1) + (1 - cos_q2)) / 2)
     assert [r["n_correct"] for r in res.rows] == [1, 2] and res.rows[0]["samples"][2]["score"] == -0.5
     with pytest.raises(ValueError, match="at least 2"):
-        runners.diversity_analysis(None, char_tokenizer, exs, Decoding(temperature=1.0, n_samples=1))
-    no_sbert = runners.diversity_analysis(None, char_tokenizer, exs, Decoding(temperature=1.0, n_samples=3), embed=None)
+        diversity.diversity_analysis(None, char_tokenizer, exs, Decoding(temperature=1.0, n_samples=1))
+    no_sbert = diversity.diversity_analysis(None, char_tokenizer, exs, Decoding(temperature=1.0, n_samples=3), embed=None)
     assert no_sbert.metrics["sbert"] is None
 
 
@@ -241,7 +244,7 @@ def test_reward_model_scorer_matches_unbatched_logits(tmp_path, char_tokenizer):
     rm = LlamaForSequenceClassification(cfg).eval()
     rm.save_pretrained(tmp_path / "rm")
     char_tokenizer.save_pretrained(tmp_path / "rm")
-    score = runners.reward_model_scorer(tmp_path / "rm", batch_size=2, device="cpu")
+    score = diversity.reward_model_scorer(tmp_path / "rm", batch_size=2, device="cpu")
     questions, responses = ["1+1?", "2+5?"], [["#### 2", "it is 3, I think"], ["7", "#### 7 apples"]]
     got = score(questions, responses, None)
     assert got.shape == (2, 2)
@@ -252,7 +255,7 @@ def test_reward_model_scorer_matches_unbatched_logits(tmp_path, char_tokenizer):
     LlamaForSequenceClassification(cfg.__class__(**{**cfg.to_dict(), "num_labels": 2})).save_pretrained(tmp_path / "rm2")
     char_tokenizer.save_pretrained(tmp_path / "rm2")
     with pytest.raises(ValueError, match="one output label"):
-        runners.reward_model_scorer(tmp_path / "rm2")
+        diversity.reward_model_scorer(tmp_path / "rm2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,18 +270,18 @@ def test_calibration_ece_empty_responses_and_one_bin(monkeypatch):
         return [[{"text": "t", "extracted": None, "correct": c, "n_tokens": n, "mean_logprob": math.log(p),
                   "confidence": p} for p, c, n in per] for per in rows]
 
-    monkeypatch.setattr(runners, "sample_answers", fake_sample)
+    monkeypatch.setattr(calibration, "sample_answers", fake_sample)
     dec = Decoding(temperature=1.0, n_samples=2)
-    m = runners.calibration_analysis(None, None, exs, dec, n_bins=10).metrics
+    m = calibration.calibration_analysis(None, None, exs, dec, n_bins=10).metrics
     conf, corr = [0.95, 0.85, 0.3], [1, 0, 1]
     assert m["ece"] == pytest.approx((0.05 + 0.85 + 0.7) / 3) == pytest.approx(_ece(conf, corr, 10))
     assert (m["n"], m["n_empty"]) == (3, 1)
     assert m["accuracy"] == pytest.approx(2 / 3) and m["confidence"] == pytest.approx(0.7)
     assert m["bin_counts"][2] == m["bin_counts"][8] == m["bin_counts"][9] == 1 and m["bin_accuracy"][0] is None
-    one = runners.calibration_analysis(None, None, exs, dec, n_bins=1).metrics
+    one = calibration.calibration_analysis(None, None, exs, dec, n_bins=1).metrics
     assert one["ece"] == pytest.approx(abs(2 / 3 - 0.7))
     rows[:] = [[(float("nan"), False, 0)] * 2] * 2
-    assert runners.calibration_analysis(None, None, exs, dec).metrics["ece"] is None
+    assert calibration.calibration_analysis(None, None, exs, dec).metrics["ece"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +290,7 @@ def test_calibration_ece_empty_responses_and_one_bin(monkeypatch):
 
 def test_mia_scores_and_roc_against_independent_computation(model, char_tokenizer):
     members, nonmembers = toy_examples(5, "m"), toy_examples(6, "n", 40)
-    res = runners.mia_analysis(model, char_tokenizer, members, nonmembers, ks=[0.2, 1.0], batch_size=4)
+    res = mia.mia_analysis(model, char_tokenizer, members, nonmembers, ks=[0.2, 1.0], batch_size=4)
     rows = {r["id"]: r for r in res.rows}
     for ex in members[:2] + nonmembers[:1]:
         lp = _ref_logprobs(model, char_tokenizer, ex.question, ex.response)
@@ -312,7 +315,7 @@ def test_mia_direction_on_texts_the_model_prefers(model, char_tokenizer):
     greedy = generate(model, char_tokenizer, [format_prompt(ex.question) for ex in base[:3]], max_new_tokens=12,
                       stop_at_answer=False)
     members = [Example(f"g{i}", ex.question, texts[0], ex.answer) for i, (ex, texts) in enumerate(zip(base, greedy))]
-    res = runners.mia_analysis(model, char_tokenizer, members, base[3:], ks=[0.2])
+    res = mia.mia_analysis(model, char_tokenizer, members, base[3:], ks=[0.2])
     assert res.metrics["loss/auroc"] == 1.0 and res.metrics["min_k@0.2/auroc"] == 1.0
     assert res.metrics["loss/tpr_at_5fpr"] == 1.0
 
@@ -323,7 +326,8 @@ def test_mia_non_members_of_a_synthetic_run_are_worded_like_its_training_set(tmp
     other runs keep the unseen rest of their source or the validation set."""
     cfg = config_from_dict({"data": {"train": "synthetic:train@30", "validation": "synthetic:validation"},
                             "analysis": {"mia": {"size": 40}}})
-    settings, (members, nonmembers), _ = suite._prepare_mia(suite.Context(suite.RunDir(tmp_path), cfg))
+    prepared = mia.Mia(Context(RunDir(tmp_path), cfg)).prepare()
+    settings, (members, nonmembers) = prepared.settings, prepared.data
     assert settings["nonmembers"] == "synthetic:nonmembers"
     assert len(members) == 30 and len(nonmembers) == 40
     assert all(ex.id.startswith("synthetic-nonmembers-") for ex in nonmembers)
@@ -334,15 +338,15 @@ def test_mia_non_members_of_a_synthetic_run_are_worded_like_its_training_set(tmp
         wording.setdefault(key, set()).add(wording_skeleton(ex.response))
     assert all(len(v) == 1 for v in wording.values()) and len(wording) > 5
     cfg = config_from_dict({"data": {"train": str(toy_jsonl["train"]), "validation": str(toy_jsonl["test"])}})
-    settings, _, _ = suite._prepare_mia(suite.Context(suite.RunDir(tmp_path), cfg))
+    settings = mia.Mia(Context(RunDir(tmp_path), cfg)).prepare().settings
     assert settings["nonmembers"] == f"unseen: {toy_jsonl['test']}"
 
 
 def test_mia_needs_both_classes_and_drops_empty_texts(model, char_tokenizer):
     with pytest.raises(ValueError, match="only members"):
-        runners.mia_analysis(model, char_tokenizer, toy_examples(3), [], ks=[0.2])
+        mia.mia_analysis(model, char_tokenizer, toy_examples(3), [], ks=[0.2])
     empty = Example("e", "Say nothing.", "", "0")
-    res = runners.mia_analysis(model, char_tokenizer, toy_examples(2), [*toy_examples(2, "n", 9), empty], ks=[0.2])
+    res = mia.mia_analysis(model, char_tokenizer, toy_examples(2), [*toy_examples(2, "n", 9), empty], ks=[0.2])
     assert (res.metrics["n_empty"], res.metrics["n_nonmembers"]) == (1, 2)
 
 
@@ -359,10 +363,10 @@ def test_premem_checkpoint_accuracy_ppl_and_mask(monkeypatch, model, char_tokeni
         q = next(q for q in answers if q in prompt)
         return [f"#### {answers[q]}"] * right[q] + ["#### -1"] * (2 - right[q])
 
-    monkeypatch.setattr(runners, "decode", _fake_decode(respond))
+    monkeypatch.setattr(premem, "decode", _fake_decode(respond))
     ppls = [math.exp(-_ref_logprobs(model, char_tokenizer, ex.question, ex.response).mean()) for ex in exs]
     tau = math.log(math.log(sorted(ppls)[1]))  # the middle ppl sits exactly on the threshold: not memorized
-    res = runners.premem_checkpoint(model, char_tokenizer, exs, Decoding(temperature=0.8, n_samples=2), tau=tau)
+    res = premem.premem_checkpoint(model, char_tokenizer, exs, Decoding(temperature=0.8, n_samples=2), tau=tau)
     assert [r["acc"] for r in res.rows] == [1.0, 0.5, 0.0]
     assert [r["ppl"] for r in res.rows] == pytest.approx(ppls, rel=1e-5)
     assert [r["not_memorized"] for r in res.rows] == [p >= sorted(ppls)[1] for p in ppls]
@@ -374,12 +378,12 @@ def test_premem_summary_hand_worked():
     acc = [[0.4, 0.0], [0.8, 0.6], [1.0, 0.2]]
     ppl = [[2.0, 2.0], [2.0, 1.0], [1.0, 2.0]]
     per_ckpt = [[{"id": f"e{i}", "acc": a, "ppl": p} for i, (a, p) in enumerate(zip(ar, pr))] for ar, pr in zip(acc, ppl)]
-    means, last, ids = runners.premem_summary(per_ckpt, tau=-2.4)
+    means, last, ids = premem.premem_summary(per_ckpt, tau=-2.4)
     # e0: best unmemorized 0.4, 0.8, 0.8 -> min with acc: 0.4, 0.8, 0.8; e1: 0, 0 (memorized at t=1), 0.2 -> min 0.2
     assert means.tolist() == pytest.approx([0.2, 0.4, 0.5]) and last.tolist() == pytest.approx([0.8, 0.2])
     assert ids == ["e0", "e1"]
     with pytest.raises(ValueError, match="same training examples"):
-        runners.premem_summary([per_ckpt[0], per_ckpt[1][::-1]], tau=-2.4)
+        premem.premem_summary([per_ckpt[0], per_ckpt[1][::-1]], tau=-2.4)
 
 
 def test_premem_r2_across_runs(tmp_path):
@@ -392,12 +396,12 @@ def test_premem_r2_across_runs(tmp_path):
         rows = [{"checkpoint": f"epoch-{i}", "split": "test", "accuracy": a} for i, a in enumerate(acc[name])]
         (root / "dynamics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         runs.append((root, {"checkpoints": {f"epoch-{i}": {"pm": p} for i, p in enumerate(pm[name])}}))
-    out = suite.premem_r2(runs, "test")
+    out = premem.premem_r2(runs, "test")
     x, y = pm["a"] + pm["b"], acc["a"] + acc["b"]
     assert len(out["points"]) == 5
     assert out["value"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
-    assert suite.premem_r2(runs[:1], "other")["value"] is None
-    two = suite.premem_r2(runs[1:], "test")
+    assert premem.premem_r2(runs[:1], "other")["value"] is None
+    two = premem.premem_r2(runs[1:], "test")
     assert two["value"] is None and "at least 3" in two["reason"]
 
 
@@ -459,7 +463,7 @@ def test_analyze_end_to_end_schema_and_resume(tiny_run, toy_jsonl, capsys):
     out = capsys.readouterr().out
     assert "w/o perturb" in out and "min_k++@0.2 AUROC" in out and "BoN@3" in out
     files = sorted(p for p in (tiny_run / "analysis").rglob("*") if p.is_file())
-    for name in suite.ANALYSES:
+    for name in ANALYSES:
         doc = json.loads((tiny_run / "analysis" / f"{name}.json").read_text())
         assert {"analysis", "settings", "checkpoints", "table", "figures", "samples"} <= set(doc)
         assert doc["analysis"] == name and list(doc["checkpoints"]) == ["epoch-0", "epoch-1"]
@@ -567,6 +571,47 @@ def test_sentence_bert_diversity_end_to_end(tiny_run, toy_jsonl):
     doc = json.loads((tiny_run / "analysis" / "diversity.json").read_text())
     sb = doc["checkpoints"]["epoch-1"]["sbert"]
     assert sb is not None and -1e-6 <= sb <= 2
+
+
+class _LengthSettings(AnalysisSettings):
+    size: int = Field(2, gt=0)
+
+
+class _Length(Analysis[_LengthSettings]):
+    """The smallest analysis: reference lengths of the run's first test set (no model needed)."""
+
+    name = "length"
+    description = "Mean reference length"
+    Settings = _LengthSettings
+
+    def prepare(self):
+        examples = self.ctx.load(self.ctx.first_test("analysis.length.data"), self.settings.size)
+        return Prepared({"size": self.settings.size, **self.ctx.common()}, examples, len(examples))
+
+    def run(self, data, model, tokenizer, progress):
+        progress(len(data))
+        rows = [{"id": ex.id, "chars": len(ex.response)} for ex in data]
+        return AnalysisResult({"mean_chars": float(np.mean([r["chars"] for r in rows]))}, rows)
+
+    def columns(self, settings):
+        return [("mean chars", "mean_chars")]
+
+
+def test_a_registered_analysis_gets_a_config_section_and_runs(tiny_run, monkeypatch, capsys):
+    """The contract: a registered analysis is a section of the run config (defaults from its own
+    settings model, overrides validated at load) and runs under `overmem analyze` like the others."""
+    monkeypatch.setitem(ANALYSES, _Length.name, _Length)
+    assert dump_config(config_from_dict({})).endswith("  length:\n    size: 2\nmerge: []\nout_dir: null\nquiet: false\n")
+    with pytest.raises(ConfigError, match="field 'analysis.length.size'"):
+        load_config(None, ["analysis.length.size=0"])
+    assert main(["analyze", str(tiny_run), "--checkpoints", "epoch-1", "--suite", "length", "-q",
+                 "--set", "analysis.length.size=3"]) == 0
+    assert "mean chars" in capsys.readouterr().out
+    doc = json.loads((tiny_run / "analysis" / "length.json").read_text())
+    rows = read_jsonl(tiny_run / "analysis" / "length" / "epoch-1.jsonl")
+    assert doc["settings"]["size"] == 3 and len(rows) == 3 and doc["figures"] == []
+    assert doc["table"] == {"columns": ["checkpoint", "mean chars"],
+                            "rows": [["epoch-1", pytest.approx(np.mean([r["chars"] for r in rows]))]]}
 
 
 def test_analyze_help(capsys):

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from overmem.analysis.calibration import (
-    expected_calibration_error,
-    plot_reliability,
-    reliability_bins,
-    sequence_confidence,
-)
+from overmem.analysis.calibration import expected_calibration_error, plot_reliability, reliability_bins
+from overmem.analysis.sampling import sequence_confidence
 from overmem.data.answers import is_correct
 
 CONF = [0.1, 0.35, 0.8, 0.95]

@@ -3,10 +3,10 @@ import json
 from transformers import Trainer, TrainerControl, TrainingArguments
 
 from overmem.callback import OverMemorizationCallback
-from overmem.config import EvalConfig, GenerationConfig, ModelConfig
+from overmem.config import EvalConfig, GenerationConfig, ModelConfig, PhaseRule
+from overmem.data.encoding import encode_example
 from overmem.models import load_model, load_tokenizer
 from overmem.results import append_jsonl, read_jsonl
-from overmem.scoring import encode_example
 from overmem.train.trainer import ResponseOnlyCollator
 from tests.conftest import toy_examples
 
@@ -47,3 +47,13 @@ def test_onset_stops_training_and_marks_the_checkpoint_to_keep(tmp_path, char_to
     assert control.should_training_stop and cb.onset == "epoch-3"
     keep = json.loads((tmp_path / "keep.json").read_text())
     assert keep["onset"] == "epoch-3" and keep["keep"] == "epoch-2"
+
+
+def test_phase_split_defaults_to_the_runs_first_test_split(tmp_path, char_tokenizer):
+    splits = {name: toy_examples(2) for name in ("train", "validation", "gsm8k", "math")}
+    cb = OverMemorizationCallback(char_tokenizer, splits, tmp_path)
+    assert cb.phase_split == "gsm8k" and cb.token_splits == ["gsm8k"]
+    cb = OverMemorizationCallback(char_tokenizer, splits, tmp_path, rule=PhaseRule(split="math"))
+    assert cb.phase_split == "math"
+    only_valid = {"train": toy_examples(2), "validation": toy_examples(2)}
+    assert OverMemorizationCallback(char_tokenizer, only_valid, tmp_path).phase_split == "validation"

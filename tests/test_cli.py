@@ -51,12 +51,24 @@ def test_run_end_to_end_and_resume(tiny_model_dir, toy_jsonl, tmp_path, capsys):
     assert _run(tmp_path, tiny_model_dir, toy_jsonl, out) == 0
     assert (out / "dynamics.jsonl").read_text() == before
 
-    assert main(["select", str(out)]) == 0
+    capsys.readouterr()
+    before = (out / "selection.json").read_text()
+    assert main(["select", str(out)]) == 0  # the run's own selection.json, read back
     text = capsys.readouterr().out
-    assert "recommended" in text and "min_valid_ppl" in text
+    assert "recommended" in text and "min_valid_ppl" in text and f"read {out / 'selection.json'}" in text
     sel = json.loads((out / "selection.json").read_text())
     assert set(sel["choices"]) == {"recommended", "last", "min_valid_ppl", "max_valid_acc"}
-    assert main(["plot", str(out)]) == 0
+    assert (out / "selection.json").read_text() == before
+    assert main(["select", str(out), "--band", "0.5"]) == 0  # another rule: selected afresh
+    assert f"wrote {out / 'selection.json'}" in capsys.readouterr().out
+    assert json.loads((out / "selection.json").read_text())["ppl_band"] == 0.5
+
+    phases = (out / "phases.json").read_text()
+    assert main(["plot", str(out)]) == 0  # drawn from the run's phases.json
+    assert (out / "phases.json").read_text() == phases
+    assert main(["plot", str(out), "--set", "phases.eps=0.25"]) == 0  # another rule: phases detected afresh
+    assert json.loads((out / "phases.json").read_text())["rule"]["eps"] == 0.25
+    assert "dynamics.png" in capsys.readouterr().out
 
 
 def test_scan_and_evaluate(tiny_model_dir, toy_jsonl, tmp_path):

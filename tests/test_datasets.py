@@ -1,4 +1,4 @@
-"""Dataset registry, loaders over the real local copies, specs, file loading, B.1 splits."""
+"""Dataset registry, loaders over the real local copies, specs, file loading."""
 
 from __future__ import annotations
 
@@ -13,17 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from overmem.data import datasets as ds
-from overmem.data.datasets import (
-    DataSpec,
-    load_dataset_spec,
-    load_file,
-    make_monitor_splits,
-    parse_spec,
-    register_dataset,
-    sample_examples,
-)
+from overmem.data import builtin, registry
 from overmem.data.example import Example
+from overmem.data.readers import load_file
+from overmem.data.registry import register_dataset
+from overmem.data.specs import DataSpec, load_dataset_spec, parse_spec, sample_examples
 
 DATA = Path(
     os.environ.get("OVERMEM_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -34,7 +28,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data folder
 @pytest.fixture(autouse=True)
 def _no_env_data_dir(monkeypatch):
     # Tests pass data_dir explicitly; an inherited OVERMEM_DATA_DIR must not change what they test.
-    monkeypatch.delenv(ds.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(registry.DATA_DIR_ENV, raising=False)
 
 
 @cache
@@ -60,20 +54,20 @@ def test_builtin_names_are_listed():
         "mmlu_stem",
         "synthetic",
     }
-    assert expected <= set(ds.list_datasets())
+    assert expected <= set(registry.list_datasets())
 
 
 def test_unknown_name_suggests_closest():
     with pytest.raises(
         ValueError, match=r"unknown dataset 'gsm8': did you mean 'gsm8k'\? \(known: .*svamp"
     ):
-        ds.get_dataset("gsm8")
+        registry.get_dataset("gsm8")
     with pytest.raises(ValueError, match=r"unknown dataset 'zzzz' \(known: "):
         load_dataset_spec("zzzz:test")
 
 
 def test_register_and_load_custom_dataset(monkeypatch):
-    monkeypatch.setattr(ds, "_REGISTRY", dict(ds._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     calls = []
 
     @register_dataset("toy", kind="numeric", splits=("a", "b"))
@@ -84,7 +78,7 @@ def test_register_and_load_custom_dataset(monkeypatch):
     out = load_dataset_spec("toy:b[2:5]")
     assert [e.id for e in out] == ["toy/b/2", "toy/b/3", "toy/b/4"]
     assert calls == [("b", None)]
-    assert ds.get_dataset("toy").splits == ("a", "b")
+    assert registry.get_dataset("toy").splits == ("a", "b")
 
     def other(split, data_dir):
         return []
@@ -94,8 +88,8 @@ def test_register_and_load_custom_dataset(monkeypatch):
 
 
 def test_lazy_module_missing_gives_clear_error(monkeypatch):
-    monkeypatch.setitem(ds._LAZY_MODULES, "ghost", "overmem.data._no_such_module")
-    assert "ghost" in ds.list_datasets()
+    monkeypatch.setitem(registry._LAZY_MODULES, "ghost", "overmem.data._no_such_module")
+    assert "ghost" in registry.list_datasets()
     with pytest.raises(
         ValueError, match=r"'ghost' is provided by module overmem\.data\._no_such_module"
     ):
@@ -254,7 +248,7 @@ def test_mmlu_letters_match_source_indices():
 
 @needs_data
 def test_data_dir_from_environment(monkeypatch):
-    monkeypatch.setenv(ds.DATA_DIR_ENV, str(DATA))
+    monkeypatch.setenv(registry.DATA_DIR_ENV, str(DATA))
     assert len(load_dataset_spec("svamp:test[:3]")) == 3
 
 
@@ -284,7 +278,7 @@ def fake_hub(monkeypatch):
 
 def test_hub_fallback_uses_same_mapping(fake_hub, tmp_path):
     examples = load_dataset_spec("mmlu_stem:test", data_dir=tmp_path)  # empty folder -> hub
-    assert fake_hub == [("cais/mmlu", s, "test") for s in ds.MMLU_STEM_SUBJECTS]
+    assert fake_hub == [("cais/mmlu", s, "test") for s in builtin.MMLU_STEM_SUBJECTS]
     assert len(examples) == 18
     assert examples[0].question == "abstract_algebra q?\nA. w\nB. x\nC. y\nD. z"
     assert [e.answer for e in examples[:4]] == ["B", "C", "D", "A"]
@@ -427,97 +421,6 @@ def test_sample_examples_disjoint_complement():
     assert sample_examples(pool, 10, seed=0) == picked
     with pytest.raises(ValueError):
         sample_examples(pool, 31, seed=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# MetaTrain / MetaTest (appendix B.1)
-
-
-def _pool(n: int, repeat_every: int = 0) -> list[Example]:
-    # With repeat_every=k, example i > 0 with i % k == 0 repeats the question of example i - 1.
-    out = []
-    for i in range(n):
-        q = f"q{i - 1}" if repeat_every and i and i % repeat_every == 0 else f"q{i}"
-        out.append(Example(f"p/{i}", q, f"r{i}", str(i)))
-    return out
-
-
-def test_monitor_splits_structure():
-    pool = _pool(100)
-    training, monitor, valid = make_monitor_splits(
-        pool, train_size=60, monitor_size=20, valid_size=30, seed=0
-    )
-    assert training == pool[:60]
-    assert len(monitor) == 20 and {e.id for e in monitor} <= {e.id for e in training}
-    assert len(valid) == 30 and {e.id for e in valid} <= {e.id for e in pool[60:]}
-    assert {e.id for e in valid}.isdisjoint(e.id for e in training)
-    assert len({e.id for e in monitor}) == 20 and len({e.id for e in valid}) == 30
-    # Deterministic; a different seed gives different samples.
-    assert make_monitor_splits(pool, train_size=60, monitor_size=20, valid_size=30, seed=0) == (
-        training,
-        monitor,
-        valid,
-    )
-    _, monitor1, valid1 = make_monitor_splits(
-        pool, train_size=60, monitor_size=20, valid_size=30, seed=1
-    )
-    assert monitor1 != monitor and valid1 != valid
-    # The validation sample does not depend on the monitor size.
-    assert (
-        make_monitor_splits(pool, train_size=60, monitor_size=5, valid_size=30, seed=0)[2] == valid
-    )
-    # Contract: each sample is random.Random(seed).sample over positions, kept in source order.
-    assert [e.id for e in valid] == [
-        f"p/{60 + i}" for i in sorted(random.Random(0).sample(range(40), 30))
-    ]
-    # Without the question filter the validation set still comes from the unseen remainder only.
-    _, _, unfiltered = make_monitor_splits(
-        pool, train_size=60, monitor_size=20, valid_size=40, seed=0, exclude_train_questions=False
-    )
-    assert [e.id for e in unfiltered] == [e.id for e in pool[60:]]
-
-
-def test_monitor_splits_errors():
-    pool = _pool(100)
-    with pytest.raises(
-        ValueError,
-        match=r"valid_size 41 exceeds the 40 unseen examples left after the "
-        r"first 60 of 100",
-    ):
-        make_monitor_splits(pool, train_size=60, monitor_size=10, valid_size=41, seed=0)
-    with pytest.raises(ValueError, match="0 unseen examples"):
-        make_monitor_splits(pool, train_size=None, monitor_size=10, valid_size=1, seed=0)
-    with pytest.raises(ValueError, match="monitor_size 61 exceeds the training set"):
-        make_monitor_splits(pool, train_size=60, monitor_size=61, valid_size=1, seed=0)
-    with pytest.raises(ValueError, match="train_size 101"):
-        make_monitor_splits(pool, train_size=101, monitor_size=1, valid_size=0, seed=0)
-
-
-def test_monitor_splits_exclude_seen_questions():
-    pool = _pool(100, repeat_every=10)  # p/60 repeats q59, which is in the training set
-    seen = {e.question for e in pool[:60]}
-    _, _, valid = make_monitor_splits(pool, train_size=60, monitor_size=1, valid_size=39, seed=0)
-    assert "p/60" not in {e.id for e in valid}
-    assert all(e.question not in seen for e in valid)
-    with pytest.raises(
-        ValueError, match="the 39 unseen examples .*questions seen in training excluded"
-    ):
-        make_monitor_splits(pool, train_size=60, monitor_size=1, valid_size=40, seed=0)
-    _, _, kept = make_monitor_splits(
-        pool, train_size=60, monitor_size=1, valid_size=40, seed=0, exclude_train_questions=False
-    )
-    assert "p/60" in {e.id for e in kept}
-
-
-@needs_data
-def test_monitor_splits_on_real_data():
-    source = list(_load("mawps:test"))
-    training, monitor, valid = make_monitor_splits(
-        source, train_size=1500, monitor_size=300, valid_size=500, seed=0
-    )
-    assert len(training) == 1500 and len(monitor) == 300 and len(valid) == 500
-    assert {e.question for e in valid}.isdisjoint(e.question for e in training)
-    assert {e.id for e in monitor} <= {e.id for e in training}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, full_ckpts, tmp_pa
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("overmem.merge.save_file", disk_full)
+    monkeypatch.setattr("overmem.merge_writing.save_file", disk_full)
     with pytest.raises(OSError, match="No space"):
         merge_checkpoints(tiny_model_dir, full_ckpts[:2], out=tmp_path / "merged", progress=False)
     assert list(tmp_path.iterdir()) == []

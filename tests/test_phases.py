@@ -5,7 +5,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from overmem.phases import PhaseReport, PhaseRule, describe_phases, detect_phases
+from overmem.config import PhaseRule, RunConfig
+from overmem.phases import (
+    PhaseReport, describe_phases, detect_phases, detect_run_phases, phase_split, phases_are_current,
+)
 
 
 def curve(ppls, accs, split="test", epochs=None, ci=None):
@@ -209,3 +212,23 @@ def test_rule_validation():
         PhaseRule(learn_frac=1.5)
     with pytest.raises(ValidationError):
         PhaseRule(delta=-0.1)
+
+
+def test_run_phases_read_the_configured_rule_and_split():
+    rows = (curve([2, 1.5, 1.2], [0.3, 0.5, 0.6], split="train")
+            + curve([3, 2, 2.1], [0.3, 0.5, 0.55], split="validation")
+            + curve([3, 2, 4.0], [0.3, 0.6, 0.62], split="gsm8k"))
+    names = ["train", "validation", "gsm8k"]
+    assert phase_split(names, PhaseRule()) == "gsm8k"
+    assert phase_split(names, PhaseRule(split="validation")) == "validation"
+    assert phase_split(names, PhaseRule(), valid_split="gsm8k") == "validation"  # the first non-validation split
+    assert phase_split(["train", "validation"], PhaseRule()) == "validation"  # no test split: the last one
+    cfg = RunConfig.model_validate({"phases": {"eps": 0.6}})
+    report = detect_run_phases(rows, cfg)
+    assert report.split == "gsm8k" and report.rule.eps == 0.6
+    stored = report.to_dict()
+    assert stored["rule"] == {"eps": 0.6, "delta": 0.05, "learn_frac": 0.8}  # the split is the report's own
+    assert phases_are_current(stored, rows, cfg)
+    assert not phases_are_current(stored, rows, RunConfig())
+    assert not phases_are_current(stored, rows, RunConfig.model_validate({"phases": {"eps": 0.6, "split": "train"}}))
+    assert detect_phases(rows, rule=PhaseRule(split="validation")).split == "validation"

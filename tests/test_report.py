@@ -1,6 +1,6 @@
 """The HTML report: built from a tiny real run (with a merge and a hand-made analysis file),
-self-contained, every section present, token losses stored or computed, several runs compared,
-and loaded in headless Chromium."""
+self-contained, every section present, token losses stored (or a note saying how to get them),
+several runs compared, and loaded in headless Chromium."""
 
 import json
 import re
@@ -13,6 +13,7 @@ from overmem.cli import main
 from overmem.report.build import analysis_body
 from overmem.report.tokens import choose_checkpoints, choose_examples, sentence_spans
 from overmem.results import read_jsonl, write_jsonl
+from overmem.selection import Keep
 from overmem.scoring import response_pieces
 from tests.conftest import toy_examples, write_toy_jsonl
 
@@ -96,7 +97,7 @@ def test_test_samples_store_token_losses_that_add_up(tiny_run, char_tokenizer):
     assert json.loads((tiny_run / "environment.json").read_text())["versions"]["overmem"]
 
 
-def test_token_losses_are_computed_when_samples_lack_them(tiny_run, tmp_path):
+def test_token_view_says_how_to_get_losses_the_samples_lack(tiny_run, tmp_path):
     run = tmp_path / "old-run"
     shutil.copytree(tiny_run, run)
     for path in (run / "samples").glob("*/test.jsonl"):
@@ -104,13 +105,23 @@ def test_token_losses_are_computed_when_samples_lack_them(tiny_run, tmp_path):
                            for r in read_jsonl(path)])
     assert main(["report", str(run), "--examples", "2", "-q"]) == 0
     html = report_text(run / "report.html")
-    assert "computed for this report by loading epoch-0 and epoch-2" in html
-    # The computed losses are the stored ones (same forward pass), as the token tooltips show.
-    stored = {r["id"]: r["token_nll"] for r in read_jsonl(tiny_run / "samples" / "epoch-2" / "test.jsonl")}
-    first_id = re.search(r'data-example="([^"]+)"', html).group(1)
-    panels = html.split(f'data-example="{first_id}"')[1].split('class="panel"')
-    shown = [float(x) for x in re.findall(r'title="-log p = ([0-9.]+)"', panels[2])]
-    assert shown == pytest.approx(stored[first_id], abs=2e-3)
+    view = html.split('id="r0-tokens"')[1].split("</section>")[0]
+    assert "do not store per-token losses" in view and "re-evaluate with token losses kept" in view
+    assert f"overmem scan {run} --out NEW_FOLDER" in view
+    assert 'class="tok"' not in view
+
+
+def test_phases_and_selection_a_run_lacks_are_derived(tiny_run, tmp_path):
+    run = tmp_path / "callback-like"
+    shutil.copytree(tiny_run, run)
+    (run / "phases.json").unlink()
+    (run / "selection.json").unlink()
+    assert main(["report", str(run), "-q"]) == 0
+    html = report_text(run / "report.html")
+    for name in ("summary", "dynamics", "selection", "tokens"):
+        assert f'id="r0-{name}"' in html, name
+    assert json.loads((tiny_run / "phases.json").read_text())["summary"] in html.replace("&#x27;", "'")
+    assert not (run / "phases.json").exists()  # the report only reads
 
 
 def test_example_option_and_unknown_example(tiny_run, tmp_path, capsys):
@@ -163,16 +174,22 @@ def phase_row(name, ppl, label):
     return {"checkpoint": name, "ppl": ppl, "label": label}
 
 
-def test_checkpoint_pair_prefers_healthy_minimum_and_last_over_memorized():
+def test_checkpoint_pair_is_the_one_to_keep_and_the_last_over_memorized():
     cps = [phase_row("epoch-0", 9, "low_accuracy"), phase_row("epoch-1", 2.0, "healthy"),
            phase_row("epoch-2", 1.8, "healthy"), phase_row("epoch-3", 3.0, "over_memorized"),
            phase_row("epoch-4", 4.0, "over_memorized"), phase_row("epoch-5", 4.5, "overfitting")]
-    pair = choose_checkpoints({"split": "test", "checkpoints": cps})
-    assert (pair.healthy, pair.late) == ("epoch-2", "epoch-4")
+    keep = Keep(checkpoint="epoch-1", split="validation", reason="highest validation accuracy ...")
+    pair = choose_checkpoints({"split": "test", "checkpoints": cps}, keep)
+    assert (pair.early, pair.late) == ("epoch-1", "epoch-4") and "the checkpoint to keep (highest" in pair.why
+    pair = choose_checkpoints({"split": "test", "checkpoints": cps}, None)  # no rule to read: the lowest ppl
+    assert (pair.early, pair.late) == ("epoch-2", "epoch-4")
     falling = [phase_row("epoch-0", 9, "low_accuracy"), phase_row("epoch-1", 3, "low_accuracy")]
-    pair = choose_checkpoints({"split": "test", "checkpoints": falling})
-    assert (pair.healthy, pair.late) == ("epoch-0", "epoch-1") and "never rose" in pair.why
-    assert choose_checkpoints({"split": "test", "checkpoints": falling[:1]}) is None
+    pair = choose_checkpoints({"split": "test", "checkpoints": falling}, keep)
+    assert (pair.early, pair.late) == ("epoch-0", "epoch-1") and "never rose" in pair.why
+    rising = [phase_row("epoch-0", 2, "healthy"), phase_row("epoch-1", 2.5, "healthy")]
+    pair = choose_checkpoints({"split": "test", "checkpoints": rising}, keep)
+    assert (pair.early, pair.late) == ("epoch-0", "epoch-1") and "No over-memorized checkpoint follows" in pair.why
+    assert choose_checkpoints({"split": "test", "checkpoints": falling[:1]}, keep) is None
 
 
 def test_examples_both_correct_first_then_largest_ppl_rise():

@@ -1,11 +1,15 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 
+from overmem.data.encoding import IGNORE, encode_example, pad_right
 from overmem.data.example import format_prompt
-from overmem.scoring import encode_example, score_examples
+from overmem.scoring import TokenStats, score_batch, score_examples
 from tests.conftest import make_tiny_llama, toy_examples
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def reference_logprobs(model, tokenizer, example):
     """Independent computation: one example at a time, no padding, explicit log_softmax."""
@@ -38,3 +42,93 @@ def test_encode_masks_prompt_and_appends_eos(char_tokenizer):
     assert labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == char_tokenizer.eos_token_id
     assert char_tokenizer.decode(ids[n_prompt:-1]) == ex.response
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary statistics (Min-K%++): the same pass, chunked, against a full float64 softmax
+
+
+@pytest.fixture(scope="module")
+def vocab50_model():
+    return make_tiny_llama(vocab_size=50, seed=3)
+
+
+def _rows() -> tuple[list[list[int]], list[list[int]]]:
+    """Three rows of different lengths (so the batch is padded); prompts masked; the last row
+    scores nothing."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (12, 7, 5)]
+    labels = [[IGNORE] * 4 + r[4:] for r in rows[:2]] + [[IGNORE] * 5]
+    return rows, labels
+
+
+def _naive_stats(model, rows, labels) -> list[tuple[np.ndarray, ...]]:
+    """Full (B, L, V) float64 computation with the uncentered formula of the reference code."""
+    ids, lab = pad_right(rows, 0), pad_right(labels, IGNORE)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)[:, :-1]  # (B, L-1, V)
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    sigma = ((p * logp**2).sum(-1) - mu**2).sqrt()
+    target = lab[:, 1:]
+    out = []
+    for b in range(ids.shape[0]):
+        keep = target[b] != IGNORE
+        lp = logp[b][keep].gather(-1, target[b][keep][:, None]).squeeze(-1)
+        out.append((lp.numpy(), mu[b][keep].numpy(), sigma[b][keep].numpy()))
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4096])
+def test_vocab_stats_match_full_vocabulary_float64(vocab50_model, chunk_size):
+    rows, labels = _rows()
+    stats = score_batch(vocab50_model, rows, labels, 0, vocab_stats=True, chunk_size=chunk_size)
+    assert [s.n_tokens for s in stats] == [8, 3, 0] and all(isinstance(s, TokenStats) for s in stats)
+    for got, (lp, mu, sigma) in zip(stats, _naive_stats(vocab50_model, rows, labels)):
+        assert got.logprobs.dtype == got.mu.dtype == got.sigma.dtype == torch.float32
+        np.testing.assert_allclose(got.logprobs.numpy(), lp, atol=1e-5)
+        np.testing.assert_allclose(got.mu.numpy(), mu, atol=1e-5)
+        np.testing.assert_allclose(got.sigma.numpy(), sigma, atol=1e-5)
+
+
+def test_vocab_stats_of_a_bfloat16_model():
+    """16-bit logits go through their own gather buffer before the float32 statistics."""
+    model = make_tiny_llama(vocab_size=50, seed=3).to(torch.bfloat16)
+    rows, labels = _rows()
+    stats = score_batch(model, rows, labels, 0, vocab_stats=True, chunk_size=5)
+    for got, (lp, mu, sigma) in zip(stats, _naive_stats(model, rows, labels)):
+        np.testing.assert_allclose(got.logprobs.numpy(), lp, atol=1e-5)
+        np.testing.assert_allclose(got.mu.numpy(), mu, atol=1e-5)
+        np.testing.assert_allclose(got.sigma.numpy(), sigma, atol=1e-5)
+
+
+def test_vocab_stats_with_nothing_to_score(vocab50_model):
+    rows, _ = _rows()
+    stats = score_batch(vocab50_model, rows, [[IGNORE] * len(r) for r in rows], 0, vocab_stats=True)
+    assert [s.n_tokens for s in stats] == [0, 0, 0] and math.isnan(stats[0].ppl)
+
+
+def test_vocab_stats_logprobs_agree_with_the_plain_pass(vocab50_model):
+    rows, labels = _rows()
+    reference = score_batch(vocab50_model, rows, labels, pad_id=0)
+    for got, ref in zip(score_batch(vocab50_model, rows, labels, 0, vocab_stats=True, chunk_size=2), reference):
+        torch.testing.assert_close(got.logprobs, ref.logprobs)
+
+
+def test_score_batch_rejects_bad_input(vocab50_model):
+    rows, labels = _rows()
+    with pytest.raises(ValueError, match="chunk_size"):
+        score_batch(vocab50_model, rows, labels, 0, vocab_stats=True, chunk_size=0)
+    with pytest.raises(ValueError, match="same length"):
+        score_batch(vocab50_model, rows, [labels[0][:-1], *labels[1:]], 0, vocab_stats=True)
+
+
+def test_example_vocab_stats_agree_with_plain_scores(char_tokenizer):
+    model = make_tiny_llama(len(char_tokenizer), seed=1)
+    examples = toy_examples(5)
+    stats = score_examples(model, char_tokenizer, examples, batch_size=2, vocab_stats=True, chunk_size=16)
+    reference = score_examples(model, char_tokenizer, examples, batch_size=3)
+    for ex, got, ref in zip(examples, stats, reference):
+        assert got.n_tokens == len(char_tokenizer(ex.response, add_special_tokens=False)["input_ids"])
+        assert got.mu.shape == got.sigma.shape == got.logprobs.shape
+        torch.testing.assert_close(got.logprobs, ref.logprobs)

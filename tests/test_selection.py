@@ -5,13 +5,17 @@ import math
 
 import pytest
 
+from overmem.config import RunConfig
 from overmem.selection import (
     CRITERIA,
     SelectionResult,
+    checkpoint_to_keep,
     format_selection,
     format_selection_json,
     read_selection,
     select_checkpoint,
+    select_run_checkpoint,
+    selection_is_current,
     write_selection,
 )
 
@@ -165,3 +169,33 @@ def test_table():
     assert "72.0 [70.0, 74.0]" in rec and rec.endswith("69.0")
     assert "recommended: epoch-3 - highest validation accuracy 0.630" in table
     assert format_selection_json(json.loads(json.dumps(select_checkpoint(run_rows()).to_dict()))) == table
+
+
+def test_checkpoint_to_keep_is_the_recommended_one_or_reads_the_phase_split():
+    rows = run_rows()
+    keep = checkpoint_to_keep(rows, phase_split="test")
+    rec = select_checkpoint(rows).recommended
+    assert (keep.checkpoint, keep.split, keep.reason) == (rec.checkpoint, "validation", rec.reason)
+    # Without a validation split the same rule reads the phase split: test ppl minimum 1.9 (epoch-2);
+    # a 20% band admits epoch-1 (2.0), epoch-2 (1.9) and epoch-3 (2.2); the most accurate is epoch-3.
+    no_valid = [r for r in rows if r["split"] != "validation"]
+    keep = checkpoint_to_keep(no_valid, phase_split="test", ppl_band=0.2)
+    assert (keep.checkpoint, keep.split) == ("epoch-3", "test") and "no validation accuracy" in keep.reason
+    assert checkpoint_to_keep(no_valid, phase_split="test").checkpoint == "epoch-2"  # 5%: only the minimum
+    # Without any accuracy: the lowest perplexity of the phase split.
+    blind = curve("validation", VALID_PPL, [None] * 6) + curve("test", [3.5, 2.0, 1.9, 1.9, 2.9, 3.8], [None] * 6)
+    keep = checkpoint_to_keep(blind, phase_split="test")
+    assert (keep.checkpoint, keep.split) == ("epoch-2", "test") and "lowest test perplexity" in keep.reason
+
+
+def test_run_selection_follows_the_config_and_tells_a_stale_file():
+    rows = [{**r, "split": "metatest"} if r["split"] == "validation" else r for r in run_rows()]
+    cfg = RunConfig.model_validate({"selection": {"valid_split": "metatest", "ppl_band": 0.05}})
+    result = select_run_checkpoint(rows, cfg)
+    assert result.valid_split == "metatest" and result.test_splits == ["test", "gsm8k"]
+    assert result.recommended.checkpoint == "epoch-3"
+    stored = json.loads(json.dumps(result.to_dict()))
+    assert selection_is_current(stored, rows, cfg)
+    wider = cfg.model_copy(update={"selection": cfg.selection.model_copy(update={"ppl_band": 0.2})})
+    assert not selection_is_current(stored, rows, wider)
+    assert not selection_is_current(stored, rows + curve("math", [2.0], [0.5]), cfg)

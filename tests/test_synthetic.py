@@ -9,6 +9,15 @@ from dataclasses import replace
 import pytest
 
 from overmem.data import synthetic as syn
+from overmem.data.synthetic_problems import (
+    check_solution,
+    enumerate_plans,
+    render_solution,
+    sample_plan,
+    sample_solution,
+    sample_solutions,
+)
+from overmem.data.synthetic_wording import ITEMS, PEOPLE, PLAIN, RICH, STEP_TEMPLATES
 from tests.conftest import wording_skeleton
 
 N = 60  # problems per split checked; enough to hit every template many times
@@ -47,7 +56,7 @@ def _assert_valid(solution: str, answer: int) -> None:
         assert shown_expr.replace(" ", "") == note_expr
     assert solution.splitlines()[-1] == f"#### {answer}"
     assert notes[-1][1] == answer
-    assert syn.check_solution(solution) == (True, answer)
+    assert check_solution(solution) == (True, answer)
 
 
 @pytest.mark.parametrize("split", syn.SPLITS)
@@ -69,29 +78,29 @@ def test_answer_is_signed_sum_of_question_numbers():
 def test_every_plan_and_phrasing_is_valid():
     problems = syn.generate_problems("test", 25)
     for p in problems:
-        plans = syn.enumerate_plans(p)
+        plans = enumerate_plans(p)
         # Problems with three or more amounts have several calculation orders; every problem
         # (two amounts included) has many valid written solutions.
         assert len(plans) >= 2 or len(p.terms) == 2
-        assert len(set(syn.sample_solutions(p, 10, seed=1))) >= 5
+        assert len(set(sample_solutions(p, 10, seed=1))) >= 5
         rng = random.Random(0)
         for plan in plans:
             for _ in range(3):
-                _assert_valid(syn.render_solution(p, plan, rng), p.answer)
+                _assert_valid(render_solution(p, plan, rng), p.answer)
 
 
 def test_sampled_plans_are_enumerated():
     for p in syn.generate_problems("validation", 20):
-        plans = set(syn.enumerate_plans(p))
+        plans = set(enumerate_plans(p))
         rng = random.Random(1)
         for _ in range(20):
-            assert syn.sample_plan(p, rng) in plans
+            assert sample_plan(p, rng) in plans
 
 
 def test_many_distinct_solutions_per_problem():
     # Free choices must dominate the reference: many distinct texts for one problem.
     for p in syn.generate_problems("test", 10):
-        sols = syn.sample_solutions(p, 40, seed=3)
+        sols = sample_solutions(p, 40, seed=3)
         assert len(set(sols)) >= 30
         for s in sols:
             _assert_valid(s, p.answer)
@@ -103,9 +112,9 @@ def test_every_step_template_is_reachable():
     # Some templates need rare structures (two losses summed first): draw many problems.
     for p in syn.generate_problems("train", 2000):
         for _ in range(3):
-            seen.update(syn.sample_solution(p, rng).splitlines())
+            seen.update(sample_solution(p, rng).splitlines())
     text = "\n".join(seen)
-    for kind, templates in syn.STEP_TEMPLATES.items():
+    for kind, templates in STEP_TEMPLATES.items():
         for t in templates:
             if not t:
                 continue
@@ -114,10 +123,10 @@ def test_every_step_template_is_reachable():
 
 
 def test_check_solution_rejects_errors():
-    assert syn.check_solution("a 3 + 4 = <<3+4=8>>8 b\n#### 8")[0] is False
-    assert syn.check_solution("a 3 + 4 = <<3+4=7>>8 b\n#### 8")[0] is False
-    assert syn.check_solution("a 3 + 4 = <<3+4=7>>7 b\n#### 8")[0] is False
-    assert syn.check_solution("a 3 + 4 = <<3+4=7>>7 b\n#### 7") == (True, 7)
+    assert check_solution("a 3 + 4 = <<3+4=8>>8 b\n#### 8")[0] is False
+    assert check_solution("a 3 + 4 = <<3+4=7>>8 b\n#### 8")[0] is False
+    assert check_solution("a 3 + 4 = <<3+4=7>>7 b\n#### 8")[0] is False
+    assert check_solution("a 3 + 4 = <<3+4=7>>7 b\n#### 7") == (True, 7)
 
 
 def test_splits_disjoint():
@@ -198,13 +207,13 @@ def test_in_order_paths_are_a_subset_and_the_splits_use_them():
     assert syn.STANDARD.reorder is False and syn.REORDER.reorder is True
     rng = random.Random(2)
     for p in syn.generate_problems("test", 30):
-        in_order = set(syn.enumerate_plans(p, reorder=False))
-        assert in_order <= set(syn.enumerate_plans(p, reorder=True))
+        in_order = set(enumerate_plans(p, reorder=False))
+        assert in_order <= set(enumerate_plans(p, reorder=True))
         assert all(plan.strategy == "sequential" and plan.order == tuple(range(1, len(p.terms)))
                    for plan in in_order)
         for _ in range(10):
-            assert syn.sample_plan(p, rng, reorder=False) in in_order
-        sols = syn.sample_solutions(p, 40, seed=4, reorder=False)
+            assert sample_plan(p, rng, reorder=False) in in_order
+        sols = sample_solutions(p, 40, seed=4, reorder=False)
         assert len(set(sols)) >= 30
         for s in sols:
             _assert_valid(s, p.answer)
@@ -234,7 +243,7 @@ def test_plain_phrasing_is_what_the_splits_use_and_every_choice_is_reachable():
     references per item kind, see the next test)."""
     assert syn.PRETRAIN.phrasing == "rich" and syn.REORDER.phrasing == "rich"
     assert all(syn.SPLIT_SETTINGS[s].phrasing == "plain" for s in syn.SPLITS)
-    plain = syn.PLAIN
+    plain = PLAIN
     examples = syn.generate_split("test", 600)
     lines = [line for e in examples for line in e.response.splitlines()]
     steps = [line for line in lines if "<<" in line]
@@ -271,7 +280,7 @@ def test_training_references_are_worded_alike_per_item_and_test_references_are_n
         return groups
 
     train = by_group("train", 400)
-    assert len(train) == 2 * len(syn.ITEMS)  # every item kind with 1 and 2 changes
+    assert len(train) == 2 * len(ITEMS)  # every item kind with 1 and 2 changes
     assert all(len(skeletons) == 1 for skeletons in train.values())
     # The wordings differ between item kinds (12 draws out of 54 first lines).
     assert len({next(iter(v)).splitlines()[0] for v in train.values()}) >= 6
@@ -294,13 +303,13 @@ def test_unknown_wording_key_is_a_clear_error():
 
 def test_no_plain_closing_starts_like_a_step_line():
     """Another step or the closing: the question decides, so no free choice may decide it."""
-    names = {p[0] for p in syn.PEOPLE}
-    step_words = {o.split()[0].rstrip(",") for o in syn.PLAIN.openers if o}
-    step_words |= {s.split()[0] for s in syn.PLAIN.steps}
-    for closing in syn.PLAIN.closings:
+    names = {p[0] for p in PEOPLE}
+    step_words = {o.split()[0].rstrip(",") for o in PLAIN.openers if o}
+    step_words |= {s.split()[0] for s in PLAIN.steps}
+    for closing in PLAIN.closings:
         if closing:
             first = closing.split()[0].rstrip(":")
             assert first not in step_words, closing
             assert first == "{name}" or first not in names
     # RICH (the pretraining text) does not have this property: "So ..." starts both.
-    assert any(c.startswith("So ") for c in syn.RICH.closings) and "So " in syn.RICH.openers
+    assert any(c.startswith("So ") for c in RICH.closings) and "So " in RICH.openers

@@ -1,15 +1,18 @@
-"""Metrics over scored and generated data: each module small, pure, and fed by `overmem.scoring`.
+"""The analyses of `overmem analyze`: one module each, owning its settings, metrics and runner.
 
-mia          membership-inference scores (higher = more likely a member) and ROC metrics
-calibration  expected calibration error, reliability bins and their figure
-diversity    pass@k, best-of-n, EAD and Sentence-BERT diversity
-premem       pre-memorization train accuracy (Kang et al.) and its R^2 against test accuracy
-
-On top of them, what `overmem analyze` runs (each a library function over a model and examples):
-sampling     decoding, answer checking and re-scoring of generations, shared by the runners
+base         the contract (`Analysis`, `register`, `Context`) and the registry `ANALYSES`
+sampling     decoding, answer checking and re-scoring of generations, shared by the analyses
 ood          accuracy on in-distribution and OOD sets (paper Table 2)
 robustness   accuracy with the paper's neutral preambles (Table 3)
-runners      diversity, calibration, MIA and pre-memorization runners
+diversity    pass@k, best-of-n, EAD and Sentence-BERT diversity (Fig. 5, Table 8)
+calibration  expected calibration error, reliability bins and their figure (App. D.1)
+mia          membership-inference scores and ROC metrics (App. D.2, Table 7)
+premem       pre-memorization train accuracy (Kang et al.) and its R^2 against test accuracy
 figures      ROC and metric-against-k figures
 suite        the analyses over a run's checkpoints: resumable files, tables (schema in its docstring)
+
+Importing the package registers every analysis, in the order below: the order of the default
+suite, of the run config's `analysis` sections and of the printed tables.
 """
+
+from . import ood, robustness, diversity, calibration, mia, premem  # noqa: F401, I001  (registration order)

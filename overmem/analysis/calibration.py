@@ -10,22 +10,32 @@ B_m. Bin m (0-based) holds the confidences in (m/M, (m+1)/M]; confidence 0 goes 
 Empty bins contribute nothing.
 
 A generation with no extractable answer is simply incorrect (`is_correct` is False) and keeps
-its confidence. A generation with no tokens has no confidence (`sequence_confidence` gives NaN),
-and the ECE functions refuse NaN: decide before binning whether to drop such generations.
+its confidence. A generation with no tokens has no confidence (`sampling.sequence_confidence`
+gives NaN), and the ECE functions refuse NaN: decide before binning whether to drop such
+generations (`calibration_analysis` leaves them out and counts them).
+
+`analysis.calibration.*`: the sampling settings (`data`, `size`, `n_samples`, `temperature`,
+`top_p`) and `n_bins`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pydantic import Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data.example import Example
+from ..results import read_jsonl
+from .base import Analysis, AnalysisResult, Prepared, Progress, SampledSettings, register
 from .figures import save_figure
+from .sampling import Decoding, sample_answers
 
 
 @dataclass(frozen=True)
@@ -86,14 +96,6 @@ def expected_calibration_error(
     return reliability_bins(confidences, correct, n_bins).ece
 
 
-def sequence_confidence(token_logprobs: torch.Tensor | np.ndarray | Sequence[float]) -> float:
-    """Confidence of one generation: mean token probability (1/T) sum_t exp(l_t); NaN if T = 0."""
-    if isinstance(token_logprobs, torch.Tensor):
-        token_logprobs = token_logprobs.detach().cpu().double().numpy()
-    lp = np.asarray(token_logprobs, dtype=np.float64)
-    return float(np.exp(lp).mean()) if lp.size else float("nan")
-
-
 def plot_reliability(bins: ReliabilityBins, path: str | Path, title: str | None = None) -> list[Path]:
     """Reliability diagram: accuracy per confidence bin against the diagonal, with ECE in the title.
 
@@ -117,3 +119,82 @@ def plot_reliability(bins: ReliabilityBins, path: str | Path, title: str | None 
     ax.set_title(f"{title} ({ece_text})" if title else ece_text)
     ax.legend(loc="upper left")
     return save_figure(fig, path)
+
+
+def calibration_analysis(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    decoding: Decoding,
+    *,
+    n_bins: int = 10,
+    score_batch_size: int = 16,
+    max_length: int = 2048,
+    progress: Callable[[int], None] | None = None,
+) -> AnalysisResult:
+    """ECE of sampled answers (paper App. D.1): confidence = mean token probability of the response.
+
+    Empty responses have no confidence; they are left out of the ECE and counted in `n_empty`.
+    Metrics: `ece`, `accuracy` and `confidence` (means over the binned responses), `n`, `n_empty`,
+    and `bin_counts`, `bin_accuracy`, `bin_confidence` (lists, null for empty bins). One row per response.
+    """
+    rows = sample_answers(model, tokenizer, examples, decoding, score_batch_size=score_batch_size,
+                          max_length=max_length, progress=progress)
+    flat = [{"id": ex.id, "sample": j, "answer": ex.answer, **r} for ex, per in zip(examples, rows) for j, r in enumerate(per)]
+    kept = [r for r in flat if r["n_tokens"] > 0]
+    metrics: dict[str, Any] = {"n": len(kept), "n_empty": len(flat) - len(kept)}
+    if kept:
+        bins = reliability_bins([r["confidence"] for r in kept], [r["correct"] for r in kept], n_bins)
+        metrics.update(ece=bins.ece, accuracy=float(np.mean([r["correct"] for r in kept])),
+                       confidence=float(np.mean([r["confidence"] for r in kept])),
+                       bin_counts=bins.counts.tolist(), bin_accuracy=_nan_to_none(bins.accuracy),
+                       bin_confidence=_nan_to_none(bins.confidence))
+    else:
+        metrics.update(ece=None, accuracy=None, confidence=None)
+    return AnalysisResult(metrics, flat)
+
+
+def _nan_to_none(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
+
+
+class CalibrationSettings(SampledSettings):
+    size: int | None = Field(None, gt=0, description="seeded sample of queries (None: all)")
+    n_bins: int = Field(10, gt=0)
+
+
+@register
+class Calibration(Analysis[CalibrationSettings]):
+    name = "calibration"
+    description = "ECE of sampled answers, confidence = mean token probability (App. D.1)"
+    Settings = CalibrationSettings
+
+    def prepare(self) -> Prepared:
+        settings, examples = self.ctx.sampled(self.settings, self.name, n_bins=self.settings.n_bins,
+                                              confidence="mean token probability of the sampled response")
+        return Prepared(settings, examples, len(examples))
+
+    def run(self, data: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+            progress: Progress) -> AnalysisResult:
+        cfg = self.ctx.cfg
+        return calibration_analysis(model, tokenizer, data, self.ctx.decoding(self.settings), n_bins=self.settings.n_bins,
+                                    score_batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length,
+                                    progress=progress)
+
+    def columns(self, settings: dict[str, Any]) -> list[tuple[str, str]]:
+        return [("ECE", "ece"), ("accuracy", "accuracy"), ("confidence", "confidence")]
+
+    def figures(self, doc: dict[str, Any], fresh: set[str]) -> list[str]:
+        """One reliability diagram per checkpoint; only new or missing ones are drawn."""
+        figures = []
+        for ckpt in doc["checkpoints"]:
+            out = self.ctx.run.analysis_dir / "calibration" / f"{ckpt}_reliability"
+            rows = [r for r in read_jsonl(self.ctx.run.root / doc["samples"][ckpt]) if r["n_tokens"] > 0]
+            if not rows:
+                continue
+            if ckpt in fresh or not out.with_suffix(".png").exists():
+                bins = reliability_bins([r["confidence"] for r in rows], [r["correct"] for r in rows],
+                                        doc["settings"]["n_bins"])
+                plot_reliability(bins, out, title=ckpt)
+            figures.append(self.ctx.relative(out.with_suffix(".png")))
+        return figures

@@ -13,6 +13,11 @@ EAD, expectation-adjusted distinct n-grams (Liu et al. 2022), pooled over the re
   n = 1..5 (`ead_mean`). With C = 0 (every response shorter than n tokens) EAD_n is 0.
 Sentence-BERT diversity (Kirk et al. 2024): 1 - mean over pairs i < j of cos(e_i, e_j), the
   embeddings of a question's responses (`sbert_embed`, all-MiniLM-L6-v2 from a PyPI package).
+
+`diversity_analysis` computes them all on N sampled responses per query (paper sec. 5.3, Fig. 5,
+Table 8), with a Best-of-N scorer: (questions (Q,), responses (Q, N) texts, sampled rows) ->
+(Q, N) scores, the policy's own log-prob offline or a reward model. `analysis.diversity.*`: the
+sampling settings, `scorer`, `ead_max_n`, `sbert`, `sbert_model`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,18 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import lru_cache
 from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from pydantic import Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..config import ConfigError
+from ..data.example import Example, format_prompt
+from .base import Analysis, AnalysisResult, Prepared, Progress, SampledSettings, register
+from .figures import plot_curves
+from .sampling import Decoding, sample_answers
 
 INSTALL_HINT = "pip install overmem[analysis]"
 
@@ -189,3 +204,160 @@ def sbert_embed(
     path = minilm_path() if model_name_or_path is None else model_name_or_path
     model = _sentence_model(str(path), device)
     return np.asarray(model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False))
+
+
+Scorer = Callable[[Sequence[str], Sequence[Sequence[str]], Sequence[Sequence[dict[str, Any]]]], np.ndarray]
+POLICY_LOGPROB = "policy_logprob"  # `analysis.diversity.scorer` naming `policy_logprob_scorer`
+
+
+def policy_logprob_scorer(questions, responses, rows) -> np.ndarray:
+    """The offline default Best-of-N scorer: the policy's OWN mean token log-prob of each response.
+
+    Not a reward model: it needs nothing beyond the model being analysed, and it ranks the
+    responses the model is most sure of first (so BoN with it measures self-consistency, not
+    what a process reward model would pick as in the paper's Figure 5).
+    """
+    return np.array([[r["mean_logprob"] for r in per_query] for per_query in rows], dtype=np.float64)
+
+
+def reward_model_scorer(name_or_path: str | Path, *, batch_size: int = 8, device: str | None = None) -> Scorer:
+    """A Best-of-N scorer from a sequence-classification reward model (hub id or folder).
+
+    The model must have one output label (its logit is the reward). The query and response are
+    given through the reward tokenizer's chat template when it has one, else as the paper's
+    prompt followed by the response. Process reward models that need custom code (as the paper's
+    Skywork PRM) are not supported: overmem never enables trust_remote_code.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path)).eval()
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {name_or_path}: expected one output label (a scalar reward), "
+                         f"got {model.config.num_labels}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def text_of(question: str, response: str) -> str:
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template([{"role": "user", "content": question},
+                                            {"role": "assistant", "content": response}], tokenize=False)
+        return format_prompt(question) + response
+
+    @torch.inference_mode()
+    def score(questions, responses, rows) -> np.ndarray:
+        texts = [text_of(q, r) for q, rs in zip(questions, responses) for r in rs]
+        out = []
+        for s in range(0, len(texts), batch_size):
+            enc = tok(texts[s : s + batch_size], return_tensors="pt", padding=True, truncation=True)
+            out.append(model(**enc.to(model.device)).logits[:, 0].float().cpu())  # (b,)
+        flat = torch.cat(out).double().numpy()
+        return flat.reshape(len(questions), -1)
+
+    return score
+
+
+def diversity_analysis(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    decoding: Decoding,
+    *,
+    scorer: Scorer = policy_logprob_scorer,
+    ead_ns: Sequence[int] = range(1, 6),
+    embed: Callable[[Sequence[str]], np.ndarray] | None = sbert_embed,
+    score_batch_size: int = 16,
+    max_length: int = 2048,
+    progress: Callable[[int], None] | None = None,
+) -> AnalysisResult:
+    """N = decoding.n_samples sampled responses per query (paper sec. 5.3, Fig. 5, Table 8).
+
+    Metrics: `pass@k` (unbiased estimator) and `bon@k` (Best-of-k with `scorer`) for k = 1..N,
+    `ead` (mean over queries of EAD averaged over `ead_ns`, tokens of `tokenizer`, V = its size) and
+    `sbert` (mean over queries of 1 - mean pairwise cosine of `embed`'s embeddings; skipped when
+    `embed` is None). One row per query with its N responses.
+    """
+    n = decoding.n_samples
+    if n < 2:
+        raise ValueError(f"diversity needs at least 2 samples per query, got n_samples={n}")
+    rows = sample_answers(model, tokenizer, examples, decoding, score_batch_size=score_batch_size,
+                          max_length=max_length, progress=progress)
+    texts = [[r["text"] for r in per_query] for per_query in rows]
+    correct = np.array([[r["correct"] for r in per_query] for per_query in rows], dtype=bool)  # (Q, N)
+    scores = np.asarray(scorer([ex.question for ex in examples], texts, rows), dtype=np.float64)  # (Q, N)
+    vocab = len(tokenizer)
+    eads = [ead_mean(t, vocab, tokenizer.tokenize, ns=ead_ns) for t in texts]
+    sberts = [semantic_diversity(embed(t)) for t in texts] if embed is not None else None
+    metrics: dict[str, Any] = {f"pass@{k}": v for k, v in pass_at_k_curve(correct, range(1, n + 1)).items()}
+    metrics.update({f"bon@{k}": best_of_n(scores, correct, k) for k in range(1, n + 1)})
+    metrics["ead"] = float(np.mean(eads))
+    metrics["sbert"] = float(np.mean(sberts)) if sberts is not None else None
+    metrics["n"] = len(examples)
+    out = []
+    for i, ex in enumerate(examples):
+        for r, s in zip(rows[i], scores[i]):
+            r["score"] = float(s)
+        out.append({"id": ex.id, "answer": ex.answer, "n_correct": int(correct[i].sum()), "ead": eads[i],
+                    "sbert": None if sberts is None else sberts[i], "samples": rows[i]})
+    return AnalysisResult(metrics, out)
+
+
+class DiversitySettings(SampledSettings):
+    n_samples: int = Field(8, ge=2, description="N sampled responses per query")
+    scorer: str = Field(POLICY_LOGPROB, description="Best-of-N scorer: policy_logprob (offline default) "
+                        "or a reward model hub id / folder (sequence classification, one label)")
+    ead_max_n: int = Field(5, gt=0, description="EAD is averaged over n = 1..ead_max_n")
+    sbert: bool = Field(True, description="Sentence-BERT diversity (needs overmem[analysis])")
+    sbert_model: str | None = Field(None, description="sentence-transformers model (default: packaged MiniLM)")
+
+
+@register
+class Diversity(Analysis[DiversitySettings]):
+    name = "diversity"
+    description = "Pass@k, Best-of-N, EAD and Sentence-BERT diversity of N samples (Fig. 5, Table 8)"
+    Settings = DiversitySettings
+
+    def prepare(self) -> Prepared:
+        s = self.settings
+        label = ("policy_logprob (offline default: the policy's own mean token log-prob, not a reward model)"
+                 if s.scorer == POLICY_LOGPROB else f"reward model {s.scorer}")
+        settings, examples = self.ctx.sampled(s, self.name, scorer=s.scorer, scorer_label=label,
+                                              ead_ns=list(range(1, s.ead_max_n + 1)),
+                                              sbert=(s.sbert_model or "all-MiniLM-L6-v2 (packaged)") if s.sbert else None)
+        if s.scorer != POLICY_LOGPROB:
+            from ..models import ModelSource
+
+            try:
+                ModelSource.parse(s.scorer)
+            except FileNotFoundError as err:
+                raise ConfigError(f"analysis.diversity.scorer: {err}") from None
+        if s.sbert and s.sbert_model is None:
+            minilm_path()  # fails now, with the extra to install, rather than after sampling
+        return Prepared(settings, examples, len(examples))
+
+    def run(self, data: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+            progress: Progress) -> AnalysisResult:
+        s, cfg = self.settings, self.ctx.cfg
+        scorer = policy_logprob_scorer if s.scorer == POLICY_LOGPROB else reward_model_scorer(s.scorer)
+        embed = (lambda texts: sbert_embed(texts, s.sbert_model)) if s.sbert else None
+        return diversity_analysis(model, tokenizer, data, self.ctx.decoding(s), scorer=scorer,
+                                  ead_ns=range(1, s.ead_max_n + 1), embed=embed, score_batch_size=cfg.eval.batch_size,
+                                  max_length=cfg.train.max_length, progress=progress)
+
+    def columns(self, settings: dict[str, Any]) -> list[tuple[str, str]]:
+        n = settings["n_samples"]
+        cols = [("pass@1", "pass@1"), (f"pass@{n}", f"pass@{n}"), (f"BoN@{n}", f"bon@{n}"), ("EAD", "ead")]
+        return cols + ([("SBERT", "sbert")] if settings.get("sbert") else [])
+
+    def figures(self, doc: dict[str, Any], fresh: set[str]) -> list[str]:
+        """Pass@k and Best-of-k against k, one line per checkpoint."""
+        ks = list(range(1, doc["settings"]["n_samples"] + 1))
+        panels: dict[str, dict[str, tuple]] = {"Pass@k": {}, "Best-of-k": {}}
+        for ckpt, m in doc["checkpoints"].items():
+            panels["Pass@k"][ckpt] = (ks, [m[f"pass@{k}"] for k in ks])
+            panels["Best-of-k"][ckpt] = (ks, [m[f"bon@{k}"] for k in ks])
+        path = plot_curves(panels, self.ctx.run.analysis_dir / "diversity", xlabel="k", ylabel="accuracy")
+        return [self.ctx.figure(path)]

@@ -3,8 +3,8 @@
 Convention, for every score in this module: HIGHER = MORE likely a member (a text the model was
 finetuned on). Members are labelled 1 in `roc_metrics`. No score is ever negated later.
 
-All attacks read one teacher-forced forward pass (`token_stats`), which gives, for each scored
-token x_t (the response, for SFT data):
+All attacks read one teacher-forced forward pass (`overmem.scoring.score_examples` with
+`vocab_stats=True`), which gives, for each scored token x_t (the response, for SFT data):
 
     l_t      = log p(x_t | x_<t)
     mu_t     = sum_v p(v) log p(v)                      (minus the entropy at position t)
@@ -21,139 +21,34 @@ With T scored tokens, the number of tokens kept by min_k / min_k++ is max(1, flo
 short text with k*T < 1 the single least likely token is used rather than none (the reference
 code would average an empty set and return NaN). An empty text (T = 0) scores NaN everywhere,
 and `roc_metrics` refuses NaN, so empty texts must be dropped before evaluation.
+
+`analysis.mia.*`: `members` (default: the run's training set), `nonmembers` (default: the unseen
+rest of its source; `synthetic:nonmembers` for a run trained on `synthetic`), `size`, `ks`, `k`.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import AnalysisSettings, ConfigError
 from ..data.example import Example
-from ..scoring import IGNORE, TokenScores, length_sorted_batches, pad_id_of, pad_right
+from ..results import read_jsonl
+from ..scoring import TokenStats, score_examples
+from .base import Analysis, AnalysisResult, Prepared, Progress, register
+from .figures import plot_roc
 
 DEFAULT_KS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1, 0.2, ..., 1.0
 DEFAULT_K = 0.2  # the value of k the Min-K% papers report by default
 TARGET_FPR = 0.05  # TPR is reported at this false-positive rate
-# float32 log-probs below this are exp() == 0 exactly; clamping there keeps 0 * (-inf) out of mu/sigma.
-_LOGPROB_FLOOR = -1e4
 _SIGMA_FLOOR = 1e-12  # a one-hot next-token distribution has sigma 0: z = 0 / floor, not 0 / 0
-
-
-@dataclass
-class TokenStats(TokenScores):
-    """Per-token statistics of one text: log-prob of the actual token and of the whole vocabulary."""
-
-    mu: torch.Tensor  # (T,) float32, sum_v p(v) log p(v) at each scored position
-    sigma: torch.Tensor  # (T,) float32, standard deviation of log p(v) under p at each scored position
-
-
-def _vocab_stats_(x: torch.Tensor, p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """l, mu, sigma of n positions. In place: `x` (n, V) float32 logits is overwritten, `p` is scratch.
-
-    Working in two caller-owned buffers means no (n, V) tensor is allocated per chunk: on CPU,
-    freshly allocated and freed chunk-sized tensors fragment glibc's heap and can cost more
-    resident memory than the chunking saves.
-    """
-    x.sub_(x.amax(dim=-1, keepdim=True))
-    torch.exp(x, out=p)
-    total = p.sum(dim=-1, keepdim=True)  # (n, 1)
-    x.sub_(total.log())  # log-softmax: log p(v)
-    p.div_(total)  # softmax: p(v)
-    token_lp = x.gather(-1, target[:, None]).squeeze(-1)  # (n,)
-    x.clamp_(min=_LOGPROB_FLOOR)
-    # einsum reduces over V without an (n, V) temporary.
-    mu = torch.einsum("nv,nv->n", p, x)
-    # Centered form sum_v p (log p - mu)^2 (equal to sum p log^2 p - mu^2) avoids the
-    # cancellation of the uncentered one when the distribution is flat.
-    x.sub_(mu[:, None]).square_()
-    var = torch.einsum("nv,nv->n", p, x)
-    return token_lp, mu, var.clamp_(min=0).sqrt_()
-
-
-@torch.inference_mode()
-def token_stats(
-    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 256
-) -> list[TokenStats]:
-    """One forward pass; per scored token l_t, mu_t and sigma_t (see the module docstring).
-
-    `input_ids` and `labels` are (B, L) and right-padded (`overmem.scoring.pad_right`); labels
-    are -100 where no token is scored, as in `overmem.scoring.encode_example`. Logits at
-    position t score the label at t+1, exactly as `score_batch`, so `logprobs` agree with it.
-
-    The (B, L, V) logits exist once, in the model's dtype; the float32 log-softmax and the
-    vocabulary sums run over `chunk_size` scored tokens at a time in two reused float32
-    buffers (plus one in the model's dtype if that is not float32), so the extra memory is
-    2 * chunk_size * V * 4 bytes rather than several (B, L, V) float32 tensors.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if input_ids.shape != labels.shape or input_ids.ndim != 2:
-        raise ValueError("input_ids and labels must both be (B, L); "
-                         f"got {tuple(input_ids.shape)} and {tuple(labels.shape)}")
-    device = next(model.parameters()).device
-    input_ids, labels = input_ids.to(device), labels.to(device)
-    logits = model(input_ids=input_ids).logits  # (B, L, V), model dtype
-    width, vocab = logits.shape[1], logits.shape[2]
-    flat = logits.reshape(-1, vocab)  # (B*L, V), a view of the contiguous logits
-    target = labels[:, 1:]  # (B, L-1): the token that logits[:, t] predicts
-    keep = target != IGNORE
-    # Row-major order: each example's scored tokens are contiguous and in sequence order.
-    rows, cols = keep.nonzero(as_tuple=True)  # (N,), (N,)
-    index, targets = rows * width + cols, target[rows, cols]  # (N,) rows of `flat`, their tokens
-    n_buf = min(chunk_size, index.numel())
-    x_buf = torch.empty(n_buf, vocab, dtype=torch.float32, device=device)
-    p_buf = torch.empty_like(x_buf)
-    gather_buf = x_buf  # rows of a 16-bit model's logits land in their own buffer, then convert
-    if logits.dtype != torch.float32:
-        gather_buf = torch.empty(n_buf, vocab, dtype=logits.dtype, device=device)
-    parts = []
-    for s in range(0, index.numel(), chunk_size):
-        idx = index[s : s + chunk_size]
-        n = idx.numel()
-        torch.index_select(flat, 0, idx, out=gather_buf[:n])
-        if gather_buf is not x_buf:
-            x_buf[:n].copy_(gather_buf[:n])
-        parts.append(_vocab_stats_(x_buf[:n], p_buf[:n], targets[s : s + chunk_size]))
-    if parts:
-        lp_all, mu_all, sigma_all = (torch.cat(xs) for xs in zip(*parts))
-    else:
-        lp_all = mu_all = sigma_all = torch.zeros(0, device=device)
-    counts = keep.sum(dim=1).tolist()
-    return [
-        TokenStats(lp.cpu(), mu.cpu(), sigma.cpu())
-        for lp, mu, sigma in zip(lp_all.split(counts), mu_all.split(counts), sigma_all.split(counts))
-    ]
-
-
-def example_token_stats(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    *,
-    batch_size: int = 16,
-    max_length: int = 2048,
-    chunk_size: int = 256,
-) -> list[TokenStats]:
-    """`token_stats` of each example's reference response (prompt masked), in input order.
-
-    Encodes exactly as `overmem.scoring.score_examples`, so `logprobs` are the same numbers.
-    """
-    was_training = model.training
-    model.eval()
-    out: list[TokenStats | None] = [None] * len(examples)
-    pad_id = pad_id_of(tokenizer)
-    for idx, ids, labels in length_sorted_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
-        stats = token_stats(model, pad_right(ids, pad_id), pad_right(labels, IGNORE), chunk_size=chunk_size)
-        for i, st in zip(idx, stats):
-            out[i] = st
-    model.train(was_training)
-    return out  # type: ignore[return-value]
 
 
 def _as_float64(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
@@ -263,3 +158,122 @@ def roc_metrics(scores: np.ndarray | Sequence[float], labels: np.ndarray | Seque
         "fpr": fpr,
         "tpr": tpr,
     }
+
+
+def mia_analysis(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    members: Sequence[Example],
+    nonmembers: Sequence[Example],
+    *,
+    ks: Sequence[float] = DEFAULT_KS,
+    batch_size: int = 16,
+    max_length: int = 2048,
+) -> AnalysisResult:
+    """Loss, Zlib, Min-K% and Min-K%++ (each k in `ks`) on the reference responses, from one forward
+    pass per example (`score_examples` with `vocab_stats`); higher score = more likely a member.
+
+    Metrics `<attack>/auroc` and `<attack>/tpr_at_5fpr` per attack (members labelled 1), plus
+    `n_members`, `n_nonmembers` and `n_empty` (responses with no tokens, left out). One row per example.
+    """
+    examples = [*members, *nonmembers]
+    labels = [1] * len(members) + [0] * len(nonmembers)
+    stats = score_examples(model, tokenizer, examples, batch_size=batch_size, max_length=max_length, vocab_stats=True)
+    rows = [{"id": ex.id, "member": y, "n_tokens": st.n_tokens, **all_scores(st, ex.response, ks)}
+            for ex, y, st in zip(examples, labels, stats)]
+    kept = [r for r in rows if r["n_tokens"] > 0]
+    attacks = [k for k in rows[0] if k not in ("id", "member", "n_tokens")] if rows else []
+    metrics: dict[str, Any] = {"n_members": sum(r["member"] for r in kept),
+                               "n_nonmembers": sum(1 - r["member"] for r in kept), "n_empty": len(rows) - len(kept)}
+    y = [r["member"] for r in kept]
+    for attack in attacks:
+        roc = roc_metrics([r[attack] for r in kept], y)
+        metrics[f"{attack}/auroc"] = roc["auroc"]
+        metrics[f"{attack}/tpr_at_5fpr"] = roc["tpr_at_5fpr"]
+    return AnalysisResult(metrics, rows)
+
+
+SYNTHETIC_NONMEMBERS = "synthetic:nonmembers"
+
+
+class MiaSettings(AnalysisSettings):
+    members: str | None = Field(None, description="member spec (default: the run's training set)")
+    nonmembers: str | None = Field(None, description="non-member spec (default: the unseen rest of its source; synthetic:nonmembers for a run trained on synthetic)")
+    size: int = Field(500, gt=0, description="members and non-members each, capped by availability")
+    ks: list[float] = Field(default_factory=lambda: list(DEFAULT_KS))
+    k: float = Field(DEFAULT_K, gt=0, le=1, description="k of Min-K% / Min-K%++ in the table")
+
+    @field_validator("ks")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or not all(0 < k <= 1 for k in v):
+            raise ValueError("every k must lie in (0, 1]")
+        return v
+
+
+@register
+class Mia(Analysis[MiaSettings]):
+    name = "mia"
+    description = "Membership inference on training vs unseen references (App. D.2, Table 7)"
+    Settings = MiaSettings
+
+    def prepare(self) -> Prepared:
+        s, ctx = self.settings, self.ctx
+        members, members_desc = self._members()
+        nonmembers, nonmembers_desc = self._nonmembers()
+        if not members or not nonmembers:
+            which, desc = ("members", members_desc) if not members else ("nonmembers", nonmembers_desc)
+            raise ConfigError(f"analysis.mia.{which}: no examples ({desc})")
+        members, nonmembers = ctx.sample(members, s.size), ctx.sample(nonmembers, s.size)
+        if s.k not in s.ks:
+            raise ConfigError(f"analysis.mia.k: {s.k} is not among analysis.mia.ks {s.ks}")
+        settings = {"members": members_desc, "nonmembers": nonmembers_desc, "size": s.size, "n_members": len(members),
+                    "n_nonmembers": len(nonmembers), "ks": list(s.ks), "k": s.k, "scored": "reference responses",
+                    "score_direction": "higher = more likely a member", "batch_size": ctx.cfg.eval.batch_size,
+                    **ctx.common()}
+        return Prepared(settings, (members, nonmembers), 0)
+
+    def _members(self) -> tuple[list[Example], str]:
+        if self.settings.members:
+            return self.ctx.load(self.settings.members), self.settings.members
+        pools = self.ctx.pools
+        return pools.train, f"the run's training set ({pools.train_desc})"
+
+    def _nonmembers(self) -> tuple[list[Example], str]:
+        if self.settings.nonmembers:
+            return self.ctx.load(self.settings.nonmembers), self.settings.nonmembers
+        if self.ctx.train_source == "synthetic":
+            # The generator's own pool: worded like its training split (per item kind), which the
+            # validation and test references are not, so that members and non-members differ only
+            # in having been trained on.
+            return self.ctx.load(SYNTHETIC_NONMEMBERS), SYNTHETIC_NONMEMBERS
+        pools = self.ctx.pools
+        if pools.unseen is None:
+            raise ConfigError(f"{pools.unseen_desc}; set analysis.mia.nonmembers")
+        return pools.unseen, f"unseen: {pools.unseen_desc}"
+
+    def run(self, data: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+            progress: Progress) -> AnalysisResult:
+        members, nonmembers = data
+        cfg = self.ctx.cfg
+        return mia_analysis(model, tokenizer, members, nonmembers, ks=self.settings.ks,
+                            batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length)
+
+    def columns(self, settings: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(f"{a} {label}", f"{a}/{key}") for a in _table_attacks(settings)
+                for label, key in (("AUROC", "auroc"), ("TPR@5%FPR", "tpr_at_5fpr"))]
+
+    def figures(self, doc: dict[str, Any], fresh: set[str]) -> list[str]:
+        """ROC curves of the table's attacks, one panel per attack, one curve per checkpoint."""
+        curves: dict[str, dict[str, tuple]] = {a: {} for a in _table_attacks(doc["settings"])}
+        for ckpt in doc["checkpoints"]:
+            rows = [r for r in read_jsonl(self.ctx.run.root / doc["samples"][ckpt]) if r["n_tokens"] > 0]
+            for attack in curves:
+                roc = roc_metrics([r[attack] for r in rows], [r["member"] for r in rows])
+                curves[attack][ckpt] = (roc["fpr"], roc["tpr"], roc["auroc"])
+        return [self.ctx.figure(plot_roc(curves, self.ctx.run.analysis_dir / "mia_roc"))]
+
+
+def _table_attacks(settings: Mapping[str, Any]) -> list[str]:
+    k = settings["k"]
+    return ["loss", "zlib", score_name("min_k", k), score_name("min_k++", k)]

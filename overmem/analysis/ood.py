@@ -5,17 +5,23 @@ sets (`id_avg`) and over the others (`ood_avg`), each an unweighted mean of per-
 as in the paper's table. Sets are dataset specs; the loaders already render what a benchmark
 needs into the question (TabMWP's table, MMLU-STEM's lettered choices) and give the answer
 kind that `is_correct` checks (numeric, math via math-verify, choice).
+
+`analysis.ood.*`: `sets` (name -> dataset spec; default `default_sets`), `id_sets`, `size`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import AnalysisSettings, ConfigError
 from ..data.example import Example, format_prompt
-from .sampling import AnalysisResult, Decoding, accuracy_ci, check, decode
+from .base import Analysis, AnalysisResult, Prepared, Progress, register
+from .sampling import Decoding, accuracy_ci, check, decode
 
 # The paper's OOD benchmarks (Table 2) that have a local copy; Minerva-MATH has none. MATH counts
 # as in-distribution there, because MetaMathQA is synthesized from it.
@@ -70,3 +76,40 @@ def ood_accuracy(
     for key, names in (("id_avg", [s for s in sets if s in id_sets]), ("ood_avg", [s for s in sets if s not in id_sets])):
         metrics[key] = float(np.mean([metrics[s] for s in names])) if names else float("nan")
     return AnalysisResult(metrics, rows)
+
+
+class OodSettings(AnalysisSettings):
+    sets: dict[str, str] | None = Field(
+        None, description="name -> dataset spec (default: the run's tests + synthetic OOD or the paper's benchmarks)")
+    id_sets: list[str] | None = Field(None, description="in-distribution set names, left out of the OOD average")
+    size: int | None = Field(None, gt=0, description="seeded sample per set (None: all)")
+
+
+@register
+class Ood(Analysis[OodSettings]):
+    name = "ood"
+    description = "Greedy accuracy on in-distribution and OOD sets (paper Table 2)"
+    Settings = OodSettings
+
+    def prepare(self) -> Prepared:
+        s, ctx = self.settings, self.ctx
+        sets, id_sets = (dict(s.sets), []) if s.sets else default_sets(ctx.cfg.data.tests, ctx.train_source)
+        if s.id_sets is not None:
+            id_sets = list(s.id_sets)
+        unknown = [n for n in id_sets if n not in sets]
+        if unknown:
+            raise ConfigError(f"analysis.ood.id_sets: {', '.join(unknown)} not among the sets ({', '.join(sets)})")
+        data = {name: ctx.load(spec, s.size) for name, spec in sets.items()}
+        settings = {"sets": sets, "id_sets": id_sets, "size": s.size, "bootstrap": ctx.cfg.eval.bootstrap,
+                    "confidence": ctx.cfg.eval.confidence, "decoding": "greedy", **ctx.common()}
+        return Prepared(settings, (data, id_sets), sum(len(v) for v in data.values()))
+
+    def run(self, data: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+            progress: Progress) -> AnalysisResult:
+        sets, id_sets = data
+        ev = self.ctx.cfg.eval
+        return ood_accuracy(model, tokenizer, sets, id_sets=id_sets, decoding=self.ctx.decoding(), n_boot=ev.bootstrap,
+                            confidence=ev.confidence, progress=progress)
+
+    def columns(self, settings: dict[str, Any]) -> list[tuple[str, str]]:
+        return [*[(n, n) for n in settings["sets"]], ("ID avg", "id_avg"), ("OOD avg", "ood_avg")]

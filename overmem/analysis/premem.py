@@ -15,14 +15,30 @@ the mean of PM_j(i) over i; across training runs it predicts test accuracy with 
 Memorization is a perplexity threshold: tau = -2.4 for GSM8K (ppl >= ~1.095 is not memorized)
 and -1.7 for MATH (ppl >= ~1.20). When ppl <= 1, log(ppl) <= 0 and log(log(ppl)) is undefined
 (-inf at ppl = 1); such a reference is reproduced exactly, so it counts as memorized (m = 0).
+
+`premem_checkpoint` gives one checkpoint's acc_t and ppl_t; PM_j needs the checkpoints up to j,
+so the analysis combines them (`premem_summary`) after each checkpoint, exports the ranking of
+training examples, and fits R^2 against test accuracy across runs (`premem_r2`).
+`analysis.premem.*`: the sampling settings, `tau`, `compare_runs`, `test_split`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
+from pydantic import Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..config import ConfigError
+from ..data.example import Example, format_prompt
+from ..results import RunDir, read_jsonl, write_jsonl
+from ..scoring import score_examples
+from .base import Analysis, AnalysisResult, Prepared, Progress, SampledSettings, register
+from .figures import plot_curves
+from .sampling import Decoding, check, decode
 
 GSM8K_TAU = -2.4
 MATH_TAU = -1.7
@@ -98,3 +114,157 @@ def rank_examples(ids: Sequence[Hashable], pm: np.ndarray | Sequence[float]) -> 
         raise ValueError("PM values must not be NaN")
     order = np.argsort(values, kind="stable")
     return [(ids[i], float(values[i])) for i in order]
+
+
+def premem_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    decoding: Decoding,
+    *,
+    tau: float,
+    score_batch_size: int = 16,
+    max_length: int = 2048,
+    progress: Callable[[int], None] | None = None,
+) -> AnalysisResult:
+    """One checkpoint's inputs to pre-memorization accuracy (Kang et al.): per training example the
+    sampled accuracy acc_t(i) over `decoding.n_samples` samples and the perplexity ppl_t(i) of its
+    reference, and the mask m_t(i) = [log log ppl >= tau] (1 = not yet memorized).
+
+    Metrics: `train_accuracy` (mean acc_t), `memorized` (fraction with m_t = 0), `ppl` (mean).
+    PM_j needs every checkpoint up to j: `premem_summary` combines the checkpoints.
+    """
+    prompts = [format_prompt(ex.question) for ex in examples]
+    texts = check(examples, decode(model, tokenizer, prompts, decoding, progress))
+    ppl = np.array([s.ppl for s in score_examples(model, tokenizer, examples, batch_size=score_batch_size,
+                                                  max_length=max_length)])
+    mask = not_memorized_mask(ppl, tau)
+    rows = []
+    for ex, per, p, m in zip(examples, texts, ppl, mask):
+        n_correct = sum(r["correct"] for r in per)
+        rows.append({"id": ex.id, "acc": n_correct / len(per), "n_correct": n_correct, "ppl": float(p),
+                     "not_memorized": bool(m), "extracted": [r["extracted"] for r in per]})
+    accs = [r["acc"] for r in rows]
+    metrics = {"train_accuracy": float(np.mean(accs)), "memorized": float(1 - mask.mean()),
+               "ppl": float(ppl.mean()), "n": len(rows)}
+    return AnalysisResult(metrics, rows)
+
+
+def premem_summary(
+    per_checkpoint: Sequence[Sequence[dict[str, Any]]], tau: float
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """PM_j over checkpoints in training order, from `premem_checkpoint` rows of each.
+
+    Returns (PM mean per checkpoint (T,), PM per example at the last checkpoint (N,), example ids).
+    Every checkpoint must cover the same examples in the same order.
+    """
+    ids = [r["id"] for r in per_checkpoint[0]]
+    for rows in per_checkpoint[1:]:
+        if [r["id"] for r in rows] != ids:
+            raise ValueError("pre-memorization needs the same training examples at every checkpoint")
+    acc = np.array([[r["acc"] for r in rows] for rows in per_checkpoint])  # (T, N)
+    ppl = np.array([[r["ppl"] for r in rows] for rows in per_checkpoint])  # (T, N)
+    result = pre_memorization_accuracy(acc, ppl, tau)
+    return result.mean, result.per_example[-1], ids
+
+
+def premem_r2(runs: Sequence[tuple[str | Path, Mapping[str, Any]]], test_split: str | None) -> dict[str, Any]:
+    """R^2 of dataset PM against test accuracy (Kang et al.), one point per (run, checkpoint) that has
+    both a PM value (in the run's premem.json content) and a `test_split` accuracy in its dynamics.
+
+    Returns {"test_split", "points": [{"run", "checkpoint", "pm", "test_accuracy"}], "value"} with
+    value null and a "reason" when R^2 is undefined or meaningless (fewer than 3 points, constant x or y).
+    """
+    points = []
+    for run_root, doc in runs:
+        acc = {r["checkpoint"]: r["accuracy"] for r in RunDir(run_root).read_dynamics()
+               if r["split"] == test_split and r.get("accuracy") is not None}
+        points += [{"run": str(run_root), "checkpoint": c, "pm": m["pm"], "test_accuracy": acc[c]}
+                   for c, m in doc["checkpoints"].items() if m.get("pm") is not None and c in acc]
+    out: dict[str, Any] = {"test_split": test_split, "points": points, "value": None}
+    if len(points) < 3:  # a line fits two points exactly: R^2 = 1 says nothing
+        out["reason"] = f"R^2 needs at least 3 (run, checkpoint) points, got {len(points)}"
+        return out
+    try:
+        out["value"] = r_squared([p["pm"] for p in points], [p["test_accuracy"] for p in points])
+    except ValueError as err:
+        out["reason"] = str(err)
+    return out
+
+
+class PremSettings(SampledSettings):
+    data: str | None = Field(None, description="training examples (default: the run's training set)")
+    size: int | None = Field(200, gt=0, description="seeded sample of training examples (None: all)")
+    n_samples: int = Field(5, gt=0)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    tau: float = Field(GSM8K_TAU, description="memorized once log(log(ppl)) < tau: -2.4 GSM8K, -1.7 MATH")
+    compare_runs: list[str] = Field(default_factory=list, description="other run folders for the R^2")
+    test_split: str | None = Field(None, description="test split of the R^2 (default: the first test)")
+
+
+@register
+class Premem(Analysis[PremSettings]):
+    name = "premem"
+    description = "Pre-memorization train accuracy (Kang et al. 2025)"
+    Settings = PremSettings
+
+    def prepare(self) -> Prepared:
+        s, ctx = self.settings, self.ctx
+        if s.data is None:
+            pools = ctx.pools
+            desc = f"the run's training set ({pools.train_desc})"
+            examples = ctx.sample(pools.train, s.size)
+        else:
+            desc = s.data
+            examples = ctx.load(s.data, s.size)
+        test_split = s.test_split or (next(iter(ctx.cfg.data.tests)) if ctx.cfg.data.tests else None)
+        for other in s.compare_runs:
+            if not RunDir(other).config.exists():
+                raise ConfigError(f"analysis.premem.compare_runs: {other} is not a run folder (no config.yaml)")
+        settings = {"data": desc, "size": s.size, "n_samples": s.n_samples, "temperature": s.temperature,
+                    "top_p": s.top_p, "tau": s.tau, "test_split": test_split, "compare_runs": list(s.compare_runs),
+                    "batch_size": ctx.cfg.eval.batch_size, **ctx.common()}
+        return Prepared(settings, examples, len(examples))
+
+    def run(self, data: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+            progress: Progress) -> AnalysisResult:
+        s, cfg = self.settings, self.ctx.cfg
+        return premem_checkpoint(model, tokenizer, data, self.ctx.decoding(s), tau=s.tau,
+                                 score_batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length,
+                                 progress=progress)
+
+    def columns(self, settings: dict[str, Any]) -> list[tuple[str, str]]:
+        return [("train acc", "train_accuracy"), ("memorized", "memorized"), ("PM", "pm")]
+
+    def finish(self, doc: dict[str, Any]) -> None:
+        """PM_j over the checkpoints with a known training position, the ranking export, R^2."""
+        run = self.ctx.run
+        ordered = [c for c, m in doc["checkpoints"].items() if m.get("step") is not None]
+        for m in doc["checkpoints"].values():
+            m["pm"] = None
+        if ordered:
+            per_ckpt = [read_jsonl(run.root / doc["samples"][c]) for c in ordered]
+            means, last, ids = premem_summary(per_ckpt, doc["settings"]["tau"])
+            for c, v in zip(ordered, means):
+                doc["checkpoints"][c]["pm"] = float(v)
+            acc_last = {r["id"]: r["acc"] for r in per_ckpt[-1]}
+            ranking = run.analysis_dir / "premem" / "ranking.jsonl"
+            write_jsonl(ranking, [{"rank": i + 1, "id": ex_id, "pm": pm, "acc": acc_last[ex_id], "checkpoint": ordered[-1]}
+                                  for i, (ex_id, pm) in enumerate(rank_examples(ids, last))])
+            doc["ranking"] = self.ctx.relative(ranking)
+        others = [(Path(r), RunDir(r).read_json(RunDir(r).analysis_json(self.name))) for r in doc["settings"]["compare_runs"]]
+        doc["r2"] = premem_r2([(run.root, doc), *[(r, d) for r, d in others if d is not None]],
+                              doc["settings"]["test_split"])
+
+    def figures(self, doc: dict[str, Any], fresh: set[str]) -> list[str]:
+        """PM and sampled train accuracy against the checkpoints in training order."""
+        ordered = [c for c, m in doc["checkpoints"].items() if m.get("pm") is not None]
+        if not ordered:
+            return []
+        x = list(range(len(ordered)))
+        series = {label: (x, [doc["checkpoints"][c][key] for c in ordered])
+                  for label, key in (("PM", "pm"), ("train accuracy", "train_accuracy"))}
+        path = plot_curves({"pre-memorization accuracy": series}, self.ctx.run.analysis_dir / "premem",
+                           xlabel="checkpoint (" + ", ".join(ordered) + ")")
+        return [self.ctx.figure(path)]

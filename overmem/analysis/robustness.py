@@ -10,18 +10,24 @@ opens the response: the prompt is the template followed by the preamble, and the
 from there. `position="instruction"` instead puts it before the question, separated by a space.
 The strings are the paper's, verbatim except that its typeset apostrophes (U+2019, which LaTeX
 makes of a plain ') are written as the plain ASCII apostrophe a user or model would type.
+
+`analysis.robustness.*`: `data` (default: the run's first test set), `size`, `paper_preambles`,
+`preambles` (more: name -> text), `position`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import AnalysisSettings, ConfigError
 from ..data.example import Example, format_prompt
-from .sampling import AnalysisResult, Decoding, accuracy_ci, check, decode
+from .base import Analysis, AnalysisResult, Prepared, Progress, register
+from .sampling import Decoding, accuracy_ci, check, decode
 
 UNPERTURBED = "none"
 PAPER_PREAMBLES = {
@@ -74,3 +80,44 @@ def prompt_robustness(
     metrics["drop"] = metrics[UNPERTURBED] - metrics["avg"]
     metrics["n"] = len(examples)
     return AnalysisResult(metrics, rows)
+
+
+class RobustnessSettings(AnalysisSettings):
+    data: str | None = Field(None, description="dataset spec (default: the run's first test set)")
+    size: int | None = Field(None, gt=0)
+    paper_preambles: bool = Field(True, description="include the paper's four preambles (sec. 5.2)")
+    preambles: dict[str, str] = Field(default_factory=dict, description="more preambles: name -> text")
+    position: Position = Field(
+        "response", description="where the preamble goes: opening the response, or before the question")
+
+
+@register
+class Robustness(Analysis[RobustnessSettings]):
+    name = "robustness"
+    description = "Greedy accuracy with neutral preambles (paper Table 3)"
+    Settings = RobustnessSettings
+
+    def prepare(self) -> Prepared:
+        s, ctx = self.settings, self.ctx
+        preambles = {**(PAPER_PREAMBLES if s.paper_preambles else {}), **s.preambles}
+        if not preambles:
+            raise ConfigError("analysis.robustness: no preambles (paper_preambles is false and preambles is empty)")
+        if UNPERTURBED in preambles:
+            raise ConfigError(f"analysis.robustness.preambles: the name {UNPERTURBED!r} is reserved")
+        spec = s.data or ctx.first_test("analysis.robustness.data")
+        examples = ctx.load(spec, s.size)
+        settings = {"data": spec, "size": s.size, "preambles": preambles, "position": s.position,
+                    "bootstrap": ctx.cfg.eval.bootstrap, "confidence": ctx.cfg.eval.confidence, "decoding": "greedy",
+                    **ctx.common()}
+        return Prepared(settings, (examples, preambles), len(examples) * (1 + len(preambles)))
+
+    def run(self, data: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+            progress: Progress) -> AnalysisResult:
+        examples, preambles = data
+        ev = self.ctx.cfg.eval
+        return prompt_robustness(model, tokenizer, examples, preambles, position=self.settings.position,
+                                 decoding=self.ctx.decoding(), n_boot=ev.bootstrap, confidence=ev.confidence,
+                                 progress=progress)
+
+    def columns(self, settings: dict[str, Any]) -> list[tuple[str, str]]:
+        return [("w/o perturb", UNPERTURBED), *[(n, n) for n in settings["preambles"]], ("Avg", "avg")]

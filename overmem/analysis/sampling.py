@@ -4,7 +4,8 @@
 else seeded sampling through `overmem.generation.generate`), checks each with
 `overmem.data.answers.is_correct`, and scores each response teacher-forced under the same model
 with `overmem.scoring.score_examples` (prompt = the paper's template, response = the decoded
-text). That pass gives the token log-probs behind calibration confidence (mean token probability)
+text). That pass gives the token log-probs behind calibration confidence (`sequence_confidence`,
+the mean token probability)
 and the offline Best-of-N score (mean token log-prob). The probabilities are the model's own
 (temperature 1), whatever temperature the samples were drawn at. Re-scoring the decoded text
 rather than keeping generate()'s scores means the response is tokenized exactly as training and
@@ -18,40 +19,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.answers import is_correct
 from ..data.example import Example, format_prompt
 from ..dynamics import bootstrap_ci
-from ..generation import generate
+from ..generation import DEFAULTS, generate
 from ..scoring import score_examples
-from .calibration import sequence_confidence
 
 
 @dataclass(frozen=True)
 class Decoding:
-    """How to decode: greedy when `temperature` is None; `batch_size` prompts per generate call."""
+    """How to decode: greedy when `temperature` is None; `batch_size` prompts per generate call.
+    The limits default to the run config's `generation` section."""
 
-    max_new_tokens: int = 512
-    batch_size: int = 16
+    max_new_tokens: int = DEFAULTS.max_new_tokens
+    batch_size: int = DEFAULTS.batch_size
     temperature: float | None = None
     top_p: float = 1.0
     n_samples: int = 1
     seed: int = 0
-    stop_at_answer: bool = True
-    cache: str = "dynamic"
+    stop_at_answer: bool = DEFAULTS.stop_at_answer
+    cache: str = DEFAULTS.cache
 
     def __post_init__(self) -> None:
         if self.temperature is None and self.n_samples != 1:
             raise ValueError("greedy decoding gives one response per query; set a temperature to sample more")
-
-
-@dataclass
-class AnalysisResult:
-    """What every analysis runner returns: aggregate metrics and one row per sample."""
-
-    metrics: dict[str, Any]
-    rows: list[dict[str, Any]]
 
 
 def decode(
@@ -81,6 +75,14 @@ def check(examples: Sequence[Example], texts: Sequence[Sequence[str]]) -> list[l
             rows.append({"text": text, "extracted": extracted, "correct": bool(ok)})
         out.append(rows)
     return out
+
+
+def sequence_confidence(token_logprobs: torch.Tensor | np.ndarray | Sequence[float]) -> float:
+    """Confidence of one generation: mean token probability (1/T) sum_t exp(l_t); NaN if T = 0."""
+    if isinstance(token_logprobs, torch.Tensor):
+        token_logprobs = token_logprobs.detach().cpu().double().numpy()
+    lp = np.asarray(token_logprobs, dtype=np.float64)
+    return float(np.exp(lp).mean()) if lp.size else float("nan")
 
 
 def response_logprobs(

@@ -1,5 +1,5 @@
 """The HTML report of one or more runs (`overmem report`), from results files only."""
 
-from .build import REPORT, build_report, write_report
+from .build import build_report, write_report
 
-__all__ = ["REPORT", "build_report", "write_report"]
+__all__ = ["build_report", "write_report"]

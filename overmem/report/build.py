@@ -1,8 +1,10 @@
 """`overmem report`: one self-contained HTML page built from run folders' results files only.
 
-Read: `config.yaml`, `dynamics.jsonl`, `phases.json`, `selection.json`, `samples/`, `analysis/*.json`,
-`timings.json`, `environment.json`. Whatever a run lacks is left out of its page. With several runs
-the page starts with their curves overlaid and a comparison table, then shows each run.
+Read: `config.yaml`, `dynamics.jsonl`, `phases.json`, `selection.json`, `keep.json`, `samples/`,
+`analysis/*.json`, `timings.json`, `environment.json`. Whatever a run lacks is left out of its page;
+only a run without `phases.json` (e.g. one tracked by the training callback) has its phases detected
+here, by the function `overmem run` writes them with. With several runs the page starts with their
+curves overlaid and a comparison table, then shows each run.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from typing import Any
 
 import yaml
 
-from ..phases import PHASES, PhaseReport, detect_phases, test_split_names
+from ..config import RunConfig, config_from_dict
+from ..phases import PHASES, PhaseReport, detect_run_phases, has_accuracy
 from ..plotting import plot_dynamics, plot_runs
 from ..results import RunDir, atomic_write_text
+from ..selection import Keep, checkpoint_to_keep, select_run_checkpoint
 from .html import (
     Section, details, esc, fmt, image_file, kv_table, note, page, pct, phase_chip, pre, render_sections, table,
 )
 from .tokens import token_view
-
-REPORT = "report.html"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RunResults:
     rows: list[dict[str, Any]]
     config_text: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    settings: RunConfig = field(default_factory=RunConfig)  # `config`, validated (defaults without one)
     phases: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     timings: list[dict[str, Any]] = field(default_factory=list)
@@ -56,16 +59,13 @@ class RunResults:
         if run.config.exists():
             out.config_text = run.config.read_text()
             out.config = yaml.safe_load(out.config_text) or {}
-        out.phases = _read_json(run.root / "phases.json")
-        if out.phases is None and test_split_names(rows):  # e.g. a callback run: detect with the default rule
-            try:
-                out.phases = detect_phases(rows).to_dict()
-            except ValueError:  # no training-curve rows to label
-                pass
-        out.selection = _read_json(run.root / "selection.json")
-        out.environment = _read_json(run.root / "environment.json")
-        out.keep = _read_json(run.root / "keep.json")
-        for path in sorted((run.root / "analysis").glob("*.json")):
+            out.settings = config_from_dict(out.config, str(run.config))
+        out.phases = run.read_json(run.phases)
+        out.selection = run.read_json(run.selection)
+        out.derive_missing()
+        out.environment = run.read_json(run.environment)
+        out.keep = run.read_json(run.keep)
+        for path in sorted(run.analysis_dir.glob("*.json")):
             try:
                 data = json.loads(path.read_text())
                 out.analyses.append((path, data if isinstance(data, dict) else "not a JSON object"))
@@ -79,22 +79,40 @@ class RunResults:
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
+    def derive_missing(self) -> None:
+        """Phases and selection where the run has no `phases.json` / `selection.json` (e.g. a run of
+        the training callback), by the functions `overmem run` writes them with."""
+        try:
+            if self.phases is None:
+                self.phases = detect_run_phases(self.rows, self.settings).to_dict()
+            if self.selection is None and has_accuracy(self.rows, self.settings.selection.valid_split):
+                self.selection = select_run_checkpoint(self.rows, self.settings).to_dict()
+        except ValueError:  # no training-curve rows to label or select from
+            pass
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    def checkpoint_to_keep(self) -> Keep | None:
+        """The checkpoint to keep by the run's selection settings (`overmem.selection.checkpoint_to_keep`),
+        None without phases or when the rule has no curve to read."""
+        if not self.phases:
+            return None
+        s = self.settings.selection
+        try:
+            return checkpoint_to_keep(self.rows, phase_split=self.phases["split"], valid_split=s.valid_split,
+                                      ppl_band=s.ppl_band)
+        except ValueError:
+            return None
 
 
 def write_report(
-    runs: Sequence[str | Path], out: str | Path | None = None, *, example: str | None = None,
-    n_examples: int = 6, quiet: bool = True,
+    runs: Sequence[str | Path], out: str | Path | None = None, *, example: str | None = None, n_examples: int = 6,
 ) -> Path:
     """Write the report of one or more runs; default `<first run>/report.html`. Returns its path."""
     if not runs:
         raise ValueError("report: give at least one run folder")
     labels = _labels([Path(r) for r in runs])
     results = [RunResults.load(r, label) for r, label in zip(runs, labels)]
-    path = Path(out) if out else results[0].root / REPORT
-    atomic_write_text(path, build_report(results, example=example, n_examples=n_examples, quiet=quiet))
+    path = Path(out) if out else RunDir(results[0].root).report
+    atomic_write_text(path, build_report(results, example=example, n_examples=n_examples))
     return path
 
 
@@ -104,9 +122,7 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
-def build_report(
-    results: Sequence[RunResults], *, example: str | None = None, n_examples: int = 6, quiet: bool = True,
-) -> str:
+def build_report(results: Sequence[RunResults], *, example: str | None = None, n_examples: int = 6) -> str:
     """The HTML text of the report."""
     many = len(results) > 1
     nav, body = [], []
@@ -115,7 +131,7 @@ def build_report(
         nav.append(comparison)
         body.append(render_sections([comparison]))
     for i, res in enumerate(results):
-        sections = run_sections(res, f"r{i}", example=example, n_examples=n_examples, quiet=quiet, nested=many)
+        sections = run_sections(res, f"r{i}", example=example, n_examples=n_examples, nested=many)
         if many:
             head = Section(f"r{i}", f"Run {res.label}", f'<p class="run-title">{esc(res.root)}</p>')
             nav.append(head)
@@ -129,7 +145,7 @@ def build_report(
 
 
 def run_sections(
-    res: RunResults, prefix: str, *, example: str | None, n_examples: int, quiet: bool, nested: bool = False,
+    res: RunResults, prefix: str, *, example: str | None, n_examples: int, nested: bool = False,
 ) -> list[Section]:
     """The sections of one run, in reading order; absent parts are left out."""
     level = 3 if nested else 2
@@ -139,7 +155,8 @@ def run_sections(
     ]
     if res.selection:
         sections.append(Section(f"{prefix}-selection", "Checkpoint selection (paper Table 4)", selection_body(res)))
-    tokens = token_view(res.root, res.phases, f"{prefix}-tokens", n=n_examples, first=example, quiet=quiet)
+    tokens = token_view(res.root, res.phases, res.checkpoint_to_keep(), f"{prefix}-tokens", n=n_examples,
+                        first=example)
     if tokens:
         sections.append(Section(f"{prefix}-tokens", "Token-level losses (paper Figure 1, right)", tokens))
     merges = merges_body(res)
@@ -193,7 +210,7 @@ def dynamics_body(res: RunResults) -> str:
     except ValueError as err:
         fig = note(f"No figure: {err}")
     if not res.phases:
-        return fig + note("No test split: phases were not detected.")
+        return fig + note("No phases: the phase split has no training-curve rows to label.")
     cps = res.phases["checkpoints"]
     rows = [
         [esc(c["checkpoint"]), fmt(c["epoch"]), fmt(c["ppl"]), f"{c['ppl_ratio']:.2f}", fmt(c["accuracy"], 3),

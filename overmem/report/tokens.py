@@ -1,11 +1,10 @@
 """The token-level view of the paper's Figure 1 (right): a test problem's reference solution with
-each token shaded by its loss, for a healthy and an over-memorized checkpoint side by side, and
-the perplexity of each sentence.
+each token shaded by its loss, for the checkpoint to keep and an over-memorized checkpoint side by
+side, and the perplexity of each sentence.
 
 Per-token losses are read from the samples files (`tokens`, `token_nll`: `overmem run` and
-`overmem scan` write them for test splits). For a run without them (made before they existed, or
-by the callback with a config.yaml and checkpoints beside it) they are computed here by loading
-the two checkpoints and scoring only the examples shown; the view says which of the two it did.
+`overmem scan` write them for test splits; the training callback for its `token_splits`). A run
+whose samples files do not store them gets one line saying how to get them.
 """
 
 from __future__ import annotations
@@ -22,16 +21,13 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
 from ..results import RunDir, read_jsonl
+from ..selection import Keep
 from .html import esc, note, phase_chip
 
 # A sentence ends at a newline, or at . ! ? followed by whitespace or the end (so "3.5" is one number).
 _SENTENCE_END = re.compile(r"(?:[.!?]+(?=\s|$)|\n)\s*")
 _CMAP = colormaps["Reds"]
 _DARKEST = 0.85  # top of the colour map used, so the darkest token stays readable
-
-
-class Unavailable(Exception):
-    """Token losses are not stored and cannot be computed (the message says why)."""
 
 
 @dataclass
@@ -48,11 +44,11 @@ class TokenLosses:
 
 @dataclass
 class CheckpointPair:
-    """The two checkpoints shown side by side, with why each was chosen."""
+    """The two checkpoints shown side by side (`early` left, `late` right), with why each was chosen."""
 
     split: str
-    healthy: str
-    healthy_label: str
+    early: str
+    early_label: str
     late: str
     late_label: str
     why: str
@@ -90,26 +86,27 @@ def sentence_ppl(nll: Sequence[float], span: tuple[int, int]) -> float:
     return math.exp(sum(part) / len(part))
 
 
-def choose_checkpoints(phases: Mapping[str, Any]) -> CheckpointPair | None:
-    """Healthy: the lowest-perplexity checkpoint labelled healthy (else the perplexity minimum).
-    Over-memorized: the last over-memorized checkpoint (else the last checkpoint, whatever its label).
-    When the last checkpoint is the perplexity minimum, the first checkpoint and the minimum are
-    shown instead. None for a run of one checkpoint."""
+def choose_checkpoints(phases: Mapping[str, Any], keep: Keep | None) -> CheckpointPair | None:
+    """Left: the checkpoint to keep (`overmem.selection.checkpoint_to_keep`; the lowest perplexity
+    when there is none or it is not on the phase split's curve). Right: the last over-memorized
+    checkpoint (else the last checkpoint, whatever its label). When that is the kept one, the first
+    checkpoint and the kept one are shown instead. None for a run of one checkpoint."""
     cps = phases.get("checkpoints") or []
     if len(cps) < 2:
         return None
-    healthy = [c for c in cps if c["label"] == "healthy"]
-    h = min(healthy, key=lambda c: c["ppl"]) if healthy else min(cps, key=lambda c: c["ppl"])
+    lowest = min(cps, key=lambda c: c["ppl"])
+    kept = next((c for c in cps if keep is not None and c["checkpoint"] == keep.checkpoint), None)
+    h = kept or lowest
+    why_h = f"the checkpoint to keep ({keep.reason})" if kept else "lowest perplexity"
     om = [c for c in cps if c["label"] == "over_memorized"]
     late = om[-1] if om else cps[-1]
     if late["checkpoint"] == h["checkpoint"]:
-        # Perplexity never rose above its minimum: show how training got there instead.
+        # Nothing later to compare with: show how training got there instead.
         first = cps[0]
         return CheckpointPair(phases["split"], first["checkpoint"], first["label"], h["checkpoint"], h["label"],
-                              f"Perplexity never rose above its minimum, so there is no over-memorized checkpoint. "
-                              f"Left: {first['checkpoint']}, the first checkpoint; right: {h['checkpoint']}, the "
-                              "lowest perplexity")
-    why_h = "lowest perplexity among healthy checkpoints" if healthy else "lowest perplexity (no checkpoint is healthy)"
+                              ("Perplexity never rose above its minimum, so there is no over-memorized checkpoint. "
+                               if h is lowest else f"No over-memorized checkpoint follows {h['checkpoint']}. ")
+                              + f"Left: {first['checkpoint']}, the first checkpoint; right: {h['checkpoint']}, {why_h}")
     why_l = ("last over-memorized checkpoint" if om
              else f"last checkpoint (labelled {late['label'].replace('_', ' ')}; none is over-memorized)")
     return CheckpointPair(phases["split"], h["checkpoint"], h["label"], late["checkpoint"], late["label"],
@@ -135,59 +132,17 @@ def choose_examples(
     return chosen
 
 
-def collect_examples(
-    run: RunDir, pair: CheckpointPair, *, n: int, first: str | None, quiet: bool = True,
-) -> tuple[list[ExampleView], str]:
-    """The examples to show and where their token losses came from (stored or computed)."""
-    rows = {c: {r["id"]: r for r in read_jsonl(run.samples(c, pair.split))} for c in (pair.healthy, pair.late)}
-    ids = choose_examples(rows[pair.healthy], rows[pair.late], n, first)
+def collect_examples(run: RunDir, pair: CheckpointPair, *, n: int, first: str | None) -> list[ExampleView] | None:
+    """The examples to show with their stored token losses; None when the samples files do not
+    store them."""
+    rows = {c: {r["id"]: r for r in read_jsonl(run.samples(c, pair.split))} for c in (pair.early, pair.late)}
+    ids = choose_examples(rows[pair.early], rows[pair.late], n, first)
     views = [ExampleView(i, rows[pair.late][i].get("question"), rows={c: rows[c][i] for c in rows}) for i in ids]
-    if all("token_nll" in v.rows[c] for v in views for c in rows):
-        for v in views:
-            v.losses = {c: TokenLosses(v.rows[c]["tokens"], v.rows[c]["token_nll"]) for c in rows}
-        return views, "Token losses stored in the samples files at evaluation time."
-    try:
-        compute_token_losses(run, pair, views, quiet=quiet)
-    except (OSError, ValueError) as err:  # missing config, checkpoints or data
-        raise Unavailable(str(err)) from err
-    return views, (f"Token losses computed for this report by loading {pair.healthy} and {pair.late} "
-                   "(the samples files do not store them).")
-
-
-def compute_token_losses(run: RunDir, pair: CheckpointPair, views: Sequence[ExampleView], *, quiet: bool) -> None:
-    """Score the shown examples' references with both checkpoints (the run's config.yaml says which
-    model, data and lengths); fills `views[i].losses` and `.question`."""
-    from tqdm.auto import tqdm
-
-    from ..config import load_config
-    from ..data.datasets import load_dataset_spec, parse_spec
-    from ..models import load_checkpoint, load_model, load_tokenizer
-    from ..scoring import response_pieces, score_examples
-
-    if not run.config.exists():
-        raise FileNotFoundError(f"{run.config}: needed to compute token losses (which model and data)")
-    cfg = load_config(run.config)
-    spec_text = cfg.data.tests.get(pair.split)
-    if spec_text is None:
-        raise ValueError(f"split {pair.split!r} is not a test set of the run's config")
-    spec = parse_spec(spec_text, seed=cfg.data.seed)
-    by_id = {ex.id: ex for ex in load_dataset_spec(spec, data_dir=cfg.data.data_dir,
-                                                   field_map=cfg.data.field_map if spec.is_file else None)}
-    missing = [v.id for v in views if v.id not in by_id]
-    if missing:
-        raise ValueError(f"examples {missing[:3]} not found in {spec_text}")
-    examples = [by_id[v.id] for v in views]
-    tokenizer = load_tokenizer(cfg.model)
-    for ckpt in tqdm((pair.healthy, pair.late), desc="token losses", disable=quiet):
-        path = run.checkpoints / ckpt
-        model = load_checkpoint(path, cfg.model) if path.exists() or ckpt != "epoch-0" else load_model(cfg.model)
-        scores = score_examples(model, tokenizer, examples, batch_size=cfg.eval.batch_size,
-                                max_length=cfg.train.max_length)
-        for v, ex, s in zip(views, examples, scores):
-            v.question = ex.question
-            v.losses[ckpt] = TokenLosses(response_pieces(tokenizer, ex.response, s.n_tokens),
-                                         [-x for x in s.logprobs.tolist()])
-        del model
+    if not all("token_nll" in v.rows[c] for v in views for c in rows):
+        return None
+    for v in views:
+        v.losses = {c: TokenLosses(v.rows[c]["tokens"], v.rows[c]["token_nll"]) for c in rows}
+    return views
 
 
 def _shade(nll: float, vmax: float) -> tuple[str, str]:
@@ -226,21 +181,22 @@ def _panel(view: ExampleView, ckpt: str, label: str, vmax: float) -> str:
             f'<div class="tokens">{_tokens_html(losses, vmax)}</div>{gen}</div>')
 
 
-def render_token_view(anchor: str, pair: CheckpointPair, views: Sequence[ExampleView], source: str) -> str:
+def render_token_view(anchor: str, pair: CheckpointPair, views: Sequence[ExampleView]) -> str:
     """The section body: example chooser, colour scale, and one pair of panels per example
     (all precomputed; the inline script shows the chosen one)."""
     if not views:
-        return note(f"No {pair.split} example was scored by both {pair.healthy} and {pair.late}.")
-    all_nll = [x for v in views for c in (pair.healthy, pair.late) for x in v.losses[c].nll]
+        return note(f"No {pair.split} example was scored by both {pair.early} and {pair.late}.")
+    all_nll = [x for v in views for c in (pair.early, pair.late) for x in v.losses[c].nll]
     vmax = max(float(np.percentile(all_nll, 95)), 0.5)
     options = "".join(
-        f'<option value="{esc(v.id)}">{esc(v.id)}: ppl {v.losses[pair.healthy].ppl:.2f} → '
+        f'<option value="{esc(v.id)}">{esc(v.id)}: ppl {v.losses[pair.early].ppl:.2f} → '
         f"{v.losses[pair.late].ppl:.2f}</option>" for v in views
     )
     ramp = ", ".join(to_hex(_CMAP(x * _DARKEST)) for x in np.linspace(0, 1, 8))
     head = (f"<p>Split <b>{esc(pair.split)}</b>. {esc(pair.why)}. Each token of the reference solution is "
             f"shaded by its loss −log p(y<sub>t</sub> | x, y<sub>&lt;t</sub>) (hover for the value); the dark "
-            f"badges give each sentence's perplexity. {esc(source)}</p>"
+            f"badges give each sentence's perplexity. Token losses stored in the samples files at evaluation "
+            "time.</p>"
             f'<p><label>Example: <select class="example-select" data-target="{esc(anchor)}-examples">{options}'
             f'</select></label> &nbsp; loss 0 <span class="scale" style="background:linear-gradient(to right, {ramp})">'
             f"</span> ≥ {vmax:.2f} nats</p>")
@@ -249,26 +205,27 @@ def render_token_view(anchor: str, pair: CheckpointPair, views: Sequence[Example
         question = f'<div class="question"><b>Question:</b> {esc(v.question)}</div>' if v.question else ""
         blocks.append(
             f'<div class="token-example" data-example="{esc(v.id)}"{"" if k == 0 else " hidden"}>{question}'
-            f'<div class="pair">{_panel(v, pair.healthy, pair.healthy_label, vmax)}'
+            f'<div class="pair">{_panel(v, pair.early, pair.early_label, vmax)}'
             f"{_panel(v, pair.late, pair.late_label, vmax)}</div></div>"
         )
     return head + f'<div id="{esc(anchor)}-examples">{"".join(blocks)}</div>'
 
 
 def token_view(
-    run_root: Path, phases: Mapping[str, Any] | None, anchor: str, *, n: int = 6, first: str | None = None,
-    quiet: bool = True,
+    run_root: Path, phases: Mapping[str, Any] | None, keep: Keep | None, anchor: str, *, n: int = 6,
+    first: str | None = None,
 ) -> str | None:
     """The whole token view of one run, or None when the run has nothing to compare (no phases, or
-    one checkpoint). A run whose losses can neither be read nor computed gets a note saying why."""
-    pair = choose_checkpoints(phases) if phases else None
+    one checkpoint). A run whose samples files lack the losses gets a note saying how to get them."""
+    pair = choose_checkpoints(phases, keep) if phases else None
     if pair is None:
         return None
     run = RunDir(run_root)
-    if not (run.samples(pair.healthy, pair.split).exists() and run.samples(pair.late, pair.split).exists()):
-        return note(f"No samples files for {pair.split} of {pair.healthy} and {pair.late}: nothing to show.")
-    try:
-        views, source = collect_examples(run, pair, n=n, first=first, quiet=quiet)
-    except Unavailable as err:
-        return note(f"Token losses are not stored in this run and could not be computed: {err}")
-    return render_token_view(anchor, pair, views, source)
+    if not (run.samples(pair.early, pair.split).exists() and run.samples(pair.late, pair.split).exists()):
+        return note(f"No samples files for {pair.split} of {pair.early} and {pair.late}: nothing to show.")
+    views = collect_examples(run, pair, n=n, first=first)
+    if views is None:
+        return note(f"The {pair.split} samples files of {pair.early} and {pair.late} do not store per-token losses; "
+                    f"re-evaluate with token losses kept to see them (`overmem scan {run.root} --out NEW_FOLDER` keeps "
+                    "them for test splits; the training callback for its `token_splits`).")
+    return render_token_view(anchor, pair, views)

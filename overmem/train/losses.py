@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..scoring import IGNORE
+from ..data.encoding import IGNORE
 
 
 def weighted_token_ce(

@@ -19,15 +19,11 @@ from transformers import (
 )
 
 from ..config import RunConfig, TrainConfig
+from ..data.encoding import IGNORE, encode_example, pad_right
 from ..data.example import Example
-from ..results import RunDir
-from ..scoring import IGNORE, encode_example, pad_right
+from ..results import CHECKPOINT_META, RunDir, epoch_name, step_name
 from .losses import weighted_token_ce
 from .methods import INIT_ADAPTER, apply_method, changes_base, create_optimizer, save_initial_adapter
-
-
-def epoch_name(epoch: int) -> str:
-    return f"epoch-{epoch}"
 
 
 class OvermemTrainer(Trainer):
@@ -100,10 +96,10 @@ class EpochCheckpointCallback(TrainerCallback):
         self.save_kwargs = save_kwargs or {}
 
     def _save(self, name: str, model: PreTrainedModel, state: Any) -> None:
-        dest = self.run.checkpoints / name
+        dest = self.run.checkpoint(name)
         if not dest.exists():
             save_model_atomic(model, self.tokenizer, dest, **self.save_kwargs)
-            (dest / "overmem.json").write_text(
+            (dest / CHECKPOINT_META).write_text(
                 f'{{"epoch": {state.epoch:.4f}, "step": {state.global_step}}}\n'
             )
         if self.after_save:
@@ -114,7 +110,7 @@ class EpochCheckpointCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_steps and state.global_step % self.every_steps == 0:
-            self._save(f"step-{state.global_step}", model, state)
+            self._save(step_name(state.global_step), model, state)
 
 
 def training_args(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> TrainingArguments:
@@ -171,7 +167,7 @@ def finetune(
     save_kwargs = {}
     if changes_base(cfg.train):
         # Checkpoints store B A - B0 A0 as plain LoRA over the original base (see methods.py).
-        init_dir = run.checkpoints / INIT_ADAPTER
+        init_dir = run.checkpoint(INIT_ADAPTER)
         if not init_dir.exists():
             save_initial_adapter(model, init_dir)
         save_kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)

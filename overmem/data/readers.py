@@ -1,0 +1,282 @@
+"""Rows from local files and the hub, and any local file as `Example`s (`load_file`).
+
+Files are .jsonl, .json (a list of objects, or an object of objects) or .csv; every row keeps
+where it came from ("data.jsonl line 7") so that a problem is reported with its file and line.
+`load_file` maps a file's rows by a field map or by a recognised layout; the registered
+datasets (`overmem.data.builtin`) read their rows with `local_or_hub_rows` and map them with
+their own functions, using the small shared pieces here (`required_field`, `short_reference`,
+`format_number`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from overmem.data.answers import reference_answer
+from overmem.data.example import AnswerKind, Example
+from overmem.data.registry import DATA_DIR_ENV
+
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv")
+
+Row = dict[str, Any]
+# (where the row came from, e.g. "gsm8k/test.jsonl line 7"; the row)
+LocatedRow = tuple[str, Row]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading rows: local files (with line numbers for error messages) and the hub
+
+
+
+def _read_records(path: Path) -> Iterator[LocatedRow]:
+    """Rows of a .jsonl, .json (list of objects, or object of objects) or .csv file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif suffix == ".json":
+        yield from _read_json(path)
+    elif suffix == ".csv":
+        yield from _read_csv(path)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
+
+
+def _read_jsonl(path: Path) -> Iterator[LocatedRow]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{where}: invalid JSON ({err.msg} at column {err.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _read_json(path: Path) -> Iterator[LocatedRow]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        hint = "; it looks like JSON Lines: rename it to .jsonl" if err.msg == "Extra data" else ""
+        raise ValueError(f"{path} line {err.lineno}: invalid JSON ({err.msg}){hint}") from None
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        # An object keyed by problem id (TabMWP's layout): keep the key as "_key".
+        data = [{"_key": key, **value} for key, value in data.items()]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of objects (or an object of objects)")
+    for i, row in enumerate(data, start=1):
+        where = f"{path} record {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
+def _read_csv(path: Path) -> Iterator[LocatedRow]:
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            # line_num is the line the record ends on (records may span lines in quoted fields).
+            yield f"{path} line {reader.line_num}", {k: v for k, v in row.items() if k is not None}
+
+
+def _hub_rows(hub_id: str, config: str | None, split: str) -> list[LocatedRow]:
+    """Rows of a Hugging Face hub dataset (needs network access or a warm HF cache)."""
+    import datasets as hf_datasets  # heavy; only the hub path needs it
+
+    table = hf_datasets.load_dataset(hub_id, config, split=split)
+    label = f"{hub_id}[{config}]" if config else hub_id
+    return [(f"{label} {split} row {i}", dict(row)) for i, row in enumerate(table)]
+
+
+def local_or_hub_rows(
+    name: str,
+    split: str,
+    data_dir: Path | None,
+    local: str,
+    hub_id: str | None,
+    hub_configs: Sequence[str | None] = (None,),
+) -> list[LocatedRow]:
+    """Rows from `data_dir/local` if that file exists, else from the hub (configs concatenated)."""
+    if data_dir is not None and (data_dir / local).is_file():
+        return list(_read_records(data_dir / local))
+    where = data_dir / local if data_dir is not None else f"<data folder>/{local}"
+    if hub_id is None:
+        raise FileNotFoundError(
+            f"{name}:{split}: no file {where} and no hub copy is known; pass data_dir or set "
+            f"{DATA_DIR_ENV} to a folder holding {local}"
+        )
+    log.info("%s:%s: no file %s; loading %s from the hub", name, split, where, hub_id)
+    try:
+        return [row for config in hub_configs for row in _hub_rows(hub_id, config, split)]
+    except Exception as err:  # network, auth, missing `datasets`: all mean "no data here"
+        raise FileNotFoundError(
+            f"{name}:{split}: no file {where}, and loading {hub_id} from the hub failed "
+            f"({type(err).__name__}: {err}); pass data_dir or set {DATA_DIR_ENV}"
+        ) from err
+
+
+def rows_to_examples(rows: Iterable[LocatedRow], make: Callable[[Row, int], Example]) -> list[Example]:
+    """Map rows to Examples; any problem is reported with the row's file and line."""
+    examples = []
+    for i, (where, row) in enumerate(rows):
+        try:
+            example = make(row, i)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        for field_name in ("question", "response", "answer"):
+            if not getattr(example, field_name).strip():
+                raise ValueError(f"{where}: empty {field_name}")
+        examples.append(example)
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# Small shared pieces of the row -> Example mappings
+
+
+def required_field(row: Mapping[str, Any], key: str) -> Any:
+    """`row[key]`; a missing (or null) field is an error that names the fields present."""
+    value = row.get(key)
+    if value is None:
+        present = ", ".join(map(str, row)) or "none"
+        raise ValueError(
+            f"missing field {key!r} (fields present: {present}); set a field mapping, e.g. "
+            "field_map={'question': ..., 'response': ..., 'answer': ...}"
+        )
+    return value
+
+
+def short_reference(answer: str) -> str:
+    """The response used where a dataset has no worked solution (MetaMathQA's closing line)."""
+    return f"The answer is: {answer}"
+
+
+def format_number(value: Any) -> str | None:
+    """A number in the canonical form of `answers.py`'s numeric kind, else None.
+
+    145.0 -> "145", "4,656" -> "4656", "3.30" -> "3.3", ".5" -> "0.5", "3/10" -> "3/10";
+    "3:4", "-(1/3)", "Yes" -> None.
+    """
+    text = str(value).replace(",", "").strip()
+    if re.fullmatch(r"-?\d+/\d+", text):
+        return text
+    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", text):
+        return None
+    number = Decimal(text)
+    if number == number.to_integral_value():
+        return str(int(number))
+    return format(number.normalize(), "f")
+
+
+# --------------------------------------------------------------------------------------------
+# Any local file
+
+
+_FIELD_MAP_KEYS = ("question", "response", "answer", "id")
+
+# Layouts recognised without a field map, tried in order; the first whose fields the first
+# row has wins. A map without "answer" extracts the final answer from the response.
+_AUTO_LAYOUTS: tuple[tuple[dict[str, str], AnswerKind], ...] = (
+    ({"question": "question", "response": "response", "answer": "answer"}, "numeric"),  # ours
+    ({"question": "query", "response": "response"}, "numeric"),  # MetaMathQA
+    ({"question": "problem", "response": "solution", "answer": "answer"}, "math"),  # MATH500
+    ({"question": "problem", "response": "solution"}, "math"),  # MATH
+    ({"question": "question", "response": "answer"}, "numeric"),  # GSM8K: answer = solution
+)
+
+
+def load_file(
+    path: str | os.PathLike[str],
+    field_map: Mapping[str, str] | None = None,
+    *,
+    kind: AnswerKind | None = None,
+) -> list[Example]:
+    """Examples from a .jsonl, .json or .csv file.
+
+    `field_map` maps Example fields to the file's columns: {"question": ..., "response": ...,
+    "answer": ..., "id": ...}; "question" and one of "response"/"answer" are required. Without
+    "answer" the final answer is extracted from the response; without "response" the response is
+    the short reference "The answer is: X". Without a map, the layouts of GSM8K
+    (question/answer), MetaMathQA (query/response), MATH (problem/solution[/answer]) and our own
+    (question/response/answer) are recognised. `kind` defaults to "math" for MATH files, else
+    "numeric". Ids are `<file stem>/<index>` unless the map names an id column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows = list(_read_records(path))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    if field_map is None:
+        field_map, default_kind = _detect_layout(*rows[0])
+    else:
+        field_map, default_kind = _check_field_map(field_map), "numeric"
+    kind = kind or default_kind
+    return rows_to_examples(rows, lambda row, i: _file_example(row, i, path.stem, field_map, kind))
+
+
+def _detect_layout(where: str, first: Row) -> tuple[dict[str, str], AnswerKind]:
+    for layout, kind in _AUTO_LAYOUTS:
+        if all(column in first for column in layout.values()):
+            return layout, kind
+    if "question" not in first:  # the commonest mistake gets the usual missing-field message
+        try:
+            required_field(first, "question")
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    raise ValueError(
+        f"{where}: fields {', '.join(first)} match no known layout; set a field mapping, e.g. "
+        "field_map={'question': ..., 'response': ..., 'answer': ...}"
+    )
+
+
+def _check_field_map(field_map: Mapping[str, str]) -> dict[str, str]:
+    unknown = sorted(set(field_map) - set(_FIELD_MAP_KEYS))
+    if unknown:
+        raise ValueError(f"field map keys {unknown} unknown; use some of {list(_FIELD_MAP_KEYS)}")
+    if "question" not in field_map or not ({"response", "answer"} & set(field_map)):
+        raise ValueError("field map needs 'question' and at least one of 'response', 'answer'")
+    return dict(field_map)
+
+
+def _file_example(
+    row: Row, i: int, stem: str, field_map: dict[str, str], kind: AnswerKind
+) -> Example:
+    question = str(required_field(row, field_map["question"])).strip()
+    response = str(required_field(row, field_map["response"])) if "response" in field_map else None
+    if "answer" in field_map:
+        value = required_field(row, field_map["answer"])
+        number = format_number(value) if kind == "numeric" else None
+        answer = number if number is not None else str(value).strip()
+    else:  # _check_field_map and every auto layout guarantee a response column here
+        answer = _answer_from_response(str(response), field_map["response"], kind)
+    if response is None:
+        response = short_reference(answer)
+    ex_id = str(required_field(row, field_map["id"])) if "id" in field_map else f"{stem}/{i}"
+    return Example(ex_id, question, response, answer, kind)
+
+
+def _answer_from_response(response: str, column: str, kind: AnswerKind) -> str:
+    try:
+        return reference_answer(response, kind)
+    except ValueError as err:
+        raise ValueError(
+            f"no final answer found in field {column!r} ({err}); if another column holds the "
+            "final answer, map it: field_map={..., 'answer': <column>}"
+        ) from None
+
