@@ -106,9 +106,9 @@ def main() -> None:
     run = RunDir(args.out)
     rows = run.read_dynamics()
     phases = detect_phases(rows, split="test")
-    write_json(run.root / "phases.json", phases.to_dict())
+    write_json(run.phases, phases.to_dict())
     selection = select_checkpoint(rows, valid_split="validation", test_splits=["test"])
-    write_selection(selection, run.root / "selection.json")
+    write_selection(selection, run.selection)
     report = write_report([run.root])
 
     for c in phases.checkpoints:

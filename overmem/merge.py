@@ -20,7 +20,9 @@ input at a time, output written shard by shard, so peak memory is one output sha
 tensors, not N models. Tensors are combined in float32 (float64 stays float64) and stored in the
 base tensor's dtype. With `exact_adapter=True` and only plain LoRA inputs, an adapter that is
 exactly the merge is written too, by rank concatenation. PEFT's `add_weighted_adapter` with
-combination_type="linear" is not used: it mixes cross terms B_i A_j (REFERENCE.md).
+combination_type="linear" is not used: it concatenates sqrt(w_i)-scaled A and B factors, so
+its merged delta (sum_i sqrt(w_i) B_i)(sum_j sqrt(w_j) A_j) carries cross terms B_i A_j and is not
+the weighted sum of the deltas.
 """
 
 from __future__ import annotations

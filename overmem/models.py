@@ -1,11 +1,14 @@
-"""Load models and tokenizers: hub ids, local Hugging Face folders, GGUF files, checkpoints.
+"""Load models and tokenizers: hub ids, local Hugging Face folders, GGUF files, checkpoints;
+quiet the libraries' progress bars and free a dropped model's memory.
 
 GGUF files are dequantized by transformers on load; we then clear the quantizer flags it
-leaves behind so the model trains and saves like any other (see REFERENCE.md).
+leaves behind (`hf_quantizer`, `is_quantized`, `config.quantization_config`: they block saving and
+full finetuning) so the model trains and saves like any other.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,21 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Turn off transformers' progress bars (downloads, weight loading) when `quiet`."""
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def release_memory() -> None:
+    """Return freed model memory (callers drop their references first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -54,6 +54,7 @@ CHECKPOINT_META = "overmem.json"  # {"epoch", "step"} written beside each saved 
 MODEL_CONFIG = "config.json"  # a transformers model folder
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder
 HF_TRAINER_STATE = "trainer_state.json"  # a Hugging Face Trainer checkpoint-STEP folder
+INIT_ADAPTER = "adapter-init"  # checkpoints/adapter-init: the initial PiSSA/MiLoRA adapter (B0, A0)
 
 BASE = "epoch-0"  # the base model, evaluated as epoch 0
 _CHECKPOINT_NAME = re.compile(r"(epoch|step|checkpoint)-\d+|merge\(.*\)")

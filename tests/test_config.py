@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -56,3 +60,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(None, ["train.lr"])
+
+
+def test_settings_load_without_torch():
+    """Every RunConfig imports the analyses' settings; they must not pull in torch or transformers
+    (seconds of import time for `overmem select/plot/report`)."""
+    code = ("import sys\n"
+            "from overmem.config import RunConfig, load_config\n"
+            "RunConfig()\n"
+            "load_config(None, ['train.lr=1e-4'])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

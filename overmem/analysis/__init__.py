@@ -13,6 +13,13 @@ suite        the analyses over a run's checkpoints: resumable files, tables (sch
 
 Importing the package registers every analysis, in the order below: the order of the default
 suite, of the run config's `analysis` sections and of the printed tables.
+
+Every `RunConfig` imports this package (its `analysis` section is built from the registered
+settings), and loading settings must not load torch (seconds): `overmem select`, `plot` and
+`report` do without it. Hence importing the package imports neither torch nor transformers:
+their types are imported under `if TYPE_CHECKING:`, and torch, matplotlib and the modules that
+run a model (`overmem.scoring`, `generation`, `dynamics`) are imported inside the functions that
+use them. `suite`, which loads the models, is imported only by `overmem analyze`.
 """
 
 from . import ood, robustness, diversity, calibration, mia, premem  # noqa: F401, I001  (registration order)

@@ -32,10 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import AnalysisSettings, ConfigError, RunConfig
 from ..data.example import Example
@@ -43,6 +42,9 @@ from ..data.specs import parse_spec, sample_examples
 from ..data.splits import Pools, load_spec, training_pools
 from ..results import RunDir
 from .sampling import Decoding
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 S = TypeVar("S", bound=AnalysisSettings)
 Progress = Callable[[int], None]

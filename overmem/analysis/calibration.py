@@ -23,19 +23,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from pydantic import Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.example import Example
 from ..results import read_jsonl
 from .base import Analysis, AnalysisResult, Prepared, Progress, SampledSettings, register
-from .figures import save_figure
+from .figures import new_figure, save_figure
 from .sampling import Decoding, sample_answers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ def plot_reliability(bins: ReliabilityBins, path: str | Path, title: str | None 
     Bars are shaded by how many predictions fall in the bin (darker = more), as in the paper's
     Figure 7; empty bins have no bar. Saves `path` with suffixes .png and .svg and returns both paths.
     """
-    fig = Figure(figsize=(4.2, 4.0))
-    FigureCanvasAgg(fig)
+    fig = new_figure((4.2, 4.0))
     ax = fig.add_subplot()
     width = 1.0 / bins.n_bins
     full = bins.counts > 0  # empty bins have no accuracy: no bar

@@ -30,18 +30,19 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import lru_cache
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import ConfigError
 from ..data.example import Example, format_prompt
 from .base import Analysis, AnalysisResult, Prepared, Progress, SampledSettings, register
 from .figures import plot_curves
 from .sampling import Decoding, sample_answers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 INSTALL_HINT = "pip install overmem[analysis]"
 
@@ -228,6 +229,7 @@ def reward_model_scorer(name_or_path: str | Path, *, batch_size: int = 8, device
     prompt followed by the response. Process reward models that need custom code (as the paper's
     Skywork PRM) are not supported: overmem never enables trust_remote_code.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(name_or_path))

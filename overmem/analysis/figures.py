@@ -1,17 +1,29 @@
 """Figures of the analyses that have one: ROC curves (MIA), metric-against-k curves (diversity,
 pre-memorization). The reliability diagram lives in `calibration.py`. Each function saves PNG and
-SVG beside each other and returns both paths, PNG first.
+SVG beside each other and returns both paths, PNG first. Matplotlib loads on the first figure
+(`new_figure`), not with the package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 120
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """An empty figure of `figsize` inches, drawn off-screen (Agg canvas, no GUI backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def save_figure(fig: Figure, path: str | Path) -> list[Path]:
@@ -33,8 +45,7 @@ def plot_roc(
     Log-scaled FPR axis would hide the 5% point on small sets, so both axes are linear.
     """
     attacks = list(curves)
-    fig = Figure(figsize=(3.6 * len(attacks), 3.6))
-    FigureCanvasAgg(fig)
+    fig = new_figure((3.6 * len(attacks), 3.6))
     for i, attack in enumerate(attacks):
         ax = fig.add_subplot(1, len(attacks), i + 1)
         for ckpt, (fpr, tpr, auroc) in curves[attack].items():
@@ -60,8 +71,7 @@ def plot_curves(
 ) -> list[Path]:
     """One panel per metric, one line per checkpoint: panels[metric][checkpoint] = (x, y)."""
     names = list(panels)
-    fig = Figure(figsize=(4.0 * len(names), 3.6))
-    FigureCanvasAgg(fig)
+    fig = new_figure((4.0 * len(names), 3.6))
     for i, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), i + 1)
         for label, (x, y) in panels[name].items():

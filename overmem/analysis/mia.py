@@ -31,19 +31,22 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import AnalysisSettings, ConfigError
 from ..data.example import Example
 from ..results import read_jsonl
-from ..scoring import TokenStats, score_examples
 from .base import Analysis, AnalysisResult, Prepared, Progress, register
 from .figures import plot_roc
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..scoring import TokenStats
 
 DEFAULT_KS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1, 0.2, ..., 1.0
 DEFAULT_K = 0.2  # the value of k the Min-K% papers report by default
@@ -52,6 +55,8 @@ _SIGMA_FLOOR = 1e-12  # a one-hot next-token distribution has sigma 0: z = 0 / f
 
 
 def _as_float64(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    import torch
+
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().double().numpy()
     arr = np.asarray(values, dtype=np.float64)
@@ -176,6 +181,8 @@ def mia_analysis(
     Metrics `<attack>/auroc` and `<attack>/tpr_at_5fpr` per attack (members labelled 1), plus
     `n_members`, `n_nonmembers` and `n_empty` (responses with no tokens, left out). One row per example.
     """
+    from ..scoring import score_examples
+
     examples = [*members, *nonmembers]
     labels = [1] * len(members) + [0] * len(nonmembers)
     stats = score_examples(model, tokenizer, examples, batch_size=batch_size, max_length=max_length, vocab_stats=True)

@@ -12,16 +12,18 @@ kind that `is_correct` checks (numeric, math via math-verify, choice).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import AnalysisSettings, ConfigError
 from ..data.example import Example, format_prompt
 from .base import Analysis, AnalysisResult, Prepared, Progress, register
 from .sampling import Decoding, accuracy_ci, check, decode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # The paper's OOD benchmarks (Table 2) that have a local copy; Minerva-MATH has none. MATH counts
 # as in-distribution there, because MetaMathQA is synthesized from it.

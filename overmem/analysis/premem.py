@@ -26,19 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from pydantic import Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import ConfigError
 from ..data.example import Example, format_prompt
 from ..results import RunDir, read_jsonl, write_jsonl
-from ..scoring import score_examples
 from .base import Analysis, AnalysisResult, Prepared, Progress, SampledSettings, register
 from .figures import plot_curves
 from .sampling import Decoding, check, decode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GSM8K_TAU = -2.4
 MATH_TAU = -1.7
@@ -134,6 +135,8 @@ def premem_checkpoint(
     Metrics: `train_accuracy` (mean acc_t), `memorized` (fraction with m_t = 0), `ppl` (mean).
     PM_j needs every checkpoint up to j: `premem_summary` combines the checkpoints.
     """
+    from ..scoring import score_examples
+
     prompts = [format_prompt(ex.question) for ex in examples]
     texts = check(examples, decode(model, tokenizer, prompts, decoding, progress))
     ppl = np.array([s.ppl for s in score_examples(model, tokenizer, examples, batch_size=score_batch_size,

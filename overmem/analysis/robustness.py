@@ -18,16 +18,18 @@ makes of a plain ') are written as the plain ASCII apostrophe a user or model wo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import AnalysisSettings, ConfigError
 from ..data.example import Example, format_prompt
 from .base import Analysis, AnalysisResult, Prepared, Progress, register
 from .sampling import Decoding, accuracy_ci, check, decode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 UNPERTURBED = "none"
 PAPER_PREAMBLES = {

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import GenerationConfig
 from ..data.answers import is_correct
 from ..data.example import Example, format_prompt
-from ..dynamics import bootstrap_ci
-from ..generation import DEFAULTS, generate
-from ..scoring import score_examples
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_DEFAULTS = GenerationConfig()  # the run config's decoding limits
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,14 @@ class Decoding:
     """How to decode: greedy when `temperature` is None; `batch_size` prompts per generate call.
     The limits default to the run config's `generation` section."""
 
-    max_new_tokens: int = DEFAULTS.max_new_tokens
-    batch_size: int = DEFAULTS.batch_size
+    max_new_tokens: int = _DEFAULTS.max_new_tokens
+    batch_size: int = _DEFAULTS.batch_size
     temperature: float | None = None
     top_p: float = 1.0
     n_samples: int = 1
     seed: int = 0
-    stop_at_answer: bool = DEFAULTS.stop_at_answer
-    cache: str = DEFAULTS.cache
+    stop_at_answer: bool = _DEFAULTS.stop_at_answer
+    cache: str = _DEFAULTS.cache
 
     def __post_init__(self) -> None:
         if self.temperature is None and self.n_samples != 1:
@@ -56,6 +58,8 @@ def decode(
     progress: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """`decoding.n_samples` responses per prompt, in input order."""
+    from ..generation import generate
+
     sampling = decoding.temperature is not None
     return generate(
         model, tokenizer, prompts, max_new_tokens=decoding.max_new_tokens, batch_size=decoding.batch_size,
@@ -79,6 +83,8 @@ def check(examples: Sequence[Example], texts: Sequence[Sequence[str]]) -> list[l
 
 def sequence_confidence(token_logprobs: torch.Tensor | np.ndarray | Sequence[float]) -> float:
     """Confidence of one generation: mean token probability (1/T) sum_t exp(l_t); NaN if T = 0."""
+    import torch
+
     if isinstance(token_logprobs, torch.Tensor):
         token_logprobs = token_logprobs.detach().cpu().double().numpy()
     lp = np.asarray(token_logprobs, dtype=np.float64)
@@ -95,6 +101,8 @@ def response_logprobs(
     max_length: int = 2048,
 ) -> list[list[np.ndarray]]:
     """Token log-probs (T,) of each response under `model`, teacher-forced after the query's prompt."""
+    from ..scoring import score_examples
+
     flat = [Example(f"{ex.id}#{j}", ex.question, text, ex.answer, ex.kind)
             for ex, responses in zip(examples, texts) for j, text in enumerate(responses)]
     scores = iter(score_examples(model, tokenizer, flat, batch_size=batch_size, max_length=max_length))
@@ -127,6 +135,8 @@ def sample_answers(
 
 def accuracy_ci(correct: Sequence[bool], *, n_boot: int, confidence: float, seed: int) -> dict[str, float]:
     """{"accuracy", "ci_low", "ci_high", "n"}: mean and percentile-bootstrap interval."""
+    from ..dynamics import bootstrap_ci
+
     values = [float(c) for c in correct]
     low, high = bootstrap_ci(values, n_boot=n_boot, confidence=confidence, seed=seed)
     return {"accuracy": float(np.mean(values)) if values else float("nan"), "ci_low": low, "ci_high": high,

@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from ..config import ConfigError, RunConfig
-from ..pipeline import _quiet_libraries, _release_memory  # shared with run/scan
+from ..models import load_checkpoint, load_model, load_tokenizer, quiet_libraries, release_memory
 from ..results import ANALYSIS_DIR, Checkpoint, RunDir, resolve_checkpoints, write_json, write_jsonl
 from .base import ANALYSES, Analysis, AnalysisResult, Context
 
@@ -68,7 +68,7 @@ def analyze(
     suite = list(dict.fromkeys(suite))
     targets = resolve_checkpoints(run.root, checkpoints)
     ctx = Context(run, cfg)
-    _quiet_libraries(cfg.quiet)
+    quiet_libraries(cfg.quiet)
 
     # Everything that can fail on bad input, before anything is written.
     analyses = {name: ANALYSES[name](ctx) for name in suite}
@@ -84,7 +84,7 @@ def analyze(
             names = [n for t, n in todo if t is target]
             if not names:
                 continue
-            tokenizer = tokenizer or _load_tokenizer(cfg)
+            tokenizer = tokenizer or load_tokenizer(cfg.model)
             model = _load_model(target, cfg)
             for name in names:
                 bar.set_postfix_str(f"{target.name} {name}")
@@ -96,7 +96,7 @@ def analyze(
                 fresh.setdefault(name, set()).add(target.name)
                 bar.update()
             del model
-            _release_memory()
+            release_memory()
     for name, analysis in analyses.items():
         _draw_figures(ctx, analysis, docs[name], fresh.get(name, set()))
     return docs
@@ -181,15 +181,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _load_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
-    from ..models import load_tokenizer
-
-    return load_tokenizer(cfg.model)
-
-
 def _load_model(target: Checkpoint, cfg: RunConfig) -> PreTrainedModel:
-    from ..models import load_checkpoint, load_model
-
     return load_model(cfg.model) if target.path is None else load_checkpoint(target.path, cfg.model)
 
 

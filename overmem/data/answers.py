@@ -3,8 +3,7 @@ r"""Final-answer extraction and answer checking, one rule set per `AnswerKind`.
 Every accuracy number in overmem comes from `is_correct`, so the rules are spelled out here.
 
 numeric (GSM8K, SVAMP, ASDiv, MAWPS, ...)
-    Follows lm-evaluation-harness `lm_eval/tasks/gsm8k/gsm8k.yaml`, as recorded in the
-    project's REFERENCE.md ("Answer checking"): its strict filter is `#### (\-?[0-9\.\,]+)`
+    Follows lm-evaluation-harness `lm_eval/tasks/gsm8k/gsm8k.yaml`: its strict filter is `#### (\-?[0-9\.\,]+)`
     (first match), its flexible filter the last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)`, and it
     strips `,` `$` and a trailing `.`. We keep that order and widen the number syntax:
 
