@@ -32,8 +32,8 @@ def main() -> None:
     model = tiny_llama(len(tok)).train()
     enc = [encode_example(tok, e, max_length=1024, add_eos=True) for e in toy_examples(args.batch * args.steps)]
     batches = [
-        (pad_right([ids for ids, _ in enc[i : i + args.batch]], tok.pad_token_id),
-         pad_right([lab for _, lab in enc[i : i + args.batch]], IGNORE))
+        (pad_right([e.ids for e in enc[i : i + args.batch]], tok.pad_token_id),
+         pad_right([e.labels for e in enc[i : i + args.batch]], IGNORE))
         for i in range(0, len(enc), args.batch)
     ]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)

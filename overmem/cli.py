@@ -7,15 +7,30 @@ the order `overmem --help` lists them.
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_inputs import (
+    band,
+    check_merge_groups,
+    check_output_file,
+    check_output_folder,
+    check_same_results,
+    check_tracked_splits,
+    count,
+    quoted,
+    stored_result,
+)
 from .config import ConfigError, RunConfig, load_config
 from .results import RunDir, resolve_checkpoints
+from .train import TrainingDiverged
 
 _EPILOG = "Docs and examples: see the README. Configs are YAML; --set a.b=value overrides any field."
 
@@ -26,11 +41,11 @@ _EPILOG = "Docs and examples: see the README. Configs are YAML; --set a.b=value 
 def _config(args: argparse.Namespace, path: str | None) -> RunConfig:
     overrides = list(args.overrides)
     if getattr(args, "data_dir", None):
-        overrides.append(f"data.data_dir={args.data_dir}")
+        overrides.append(f"data.data_dir={quoted(args.data_dir)}")
     if getattr(args, "quiet", False):
         overrides.append("quiet=true")
     if getattr(args, "out", None):
-        overrides.append(f"out_dir={args.out}")
+        overrides.append(f"out_dir={quoted(args.out)}")
     return load_config(path, overrides)
 
 
@@ -40,7 +55,7 @@ def _run_config(run: RunDir, args: argparse.Namespace) -> RunConfig:
 
 
 def _dynamics(run: RunDir) -> list[dict[str, Any]]:
-    rows = run.read_dynamics()
+    rows = run.read_dynamics(strict=True)  # a torn or foreign row is an error here, not a row less
     if not rows:
         raise ConfigError(f"{run.dynamics}: no dynamics rows; run `overmem run` or `overmem scan` first")
     return rows
@@ -49,27 +64,49 @@ def _dynamics(run: RunDir) -> list[dict[str, Any]]:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
 
-    _print_outcome(run(_config(args, args.config)))
+    cfg = _config(args, args.config)
+    check_output_folder(cfg.out_dir)
+    check_tracked_splits(cfg)
+    check_merge_groups(cfg)
+    _print_outcome(run(cfg))
     return 0
+
+
+def _scan_config(args: argparse.Namespace) -> RunConfig:
+    """`scan`'s config: --config, else the output folder's own config.yaml (an earlier run or
+    scan); results go to --out, else FOLDER."""
+    args.out = args.out or args.folder
+    check_output_folder(args.out)
+    run = RunDir(args.out)
+    saved = run.config if run.config.is_file() else None
+    cfg = _config(args, args.config or saved)
+    if saved is not None and run.dynamics.exists():
+        check_same_results(saved, cfg)
+    return cfg
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from .pipeline import scan
 
-    _print_outcome(scan(args.folder, _config(args, args.config)))
+    cfg = _scan_config(args)
+    check_tracked_splits(cfg)
+    _print_outcome(scan(args.folder, cfg))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_model
 
-    args.overrides.append(f"model.name_or_path={args.model}")
-    if args.max_examples:
+    args.overrides.append(f"model.name_or_path={quoted(args.model)}")
+    if args.max_examples is not None:
         args.overrides.append(f"data.test_size={args.max_examples}")
     cfg = _config(args, args.config)
+    check_output_file(args.out, "result.json")
     row = evaluate_model(cfg, args.data, args.out, adapter=args.adapter)
     acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f} [{row['accuracy_ci_low']:.4f}, {row['accuracy_ci_high']:.4f}]"
-    print(f"{args.data}: n={row['n']}  ppl={row['ppl']:.4f}  ppl_token={row['ppl_token']:.4f}  accuracy={acc}")
+    ppl, ppl_token = ("-" if row[k] is None else f"{row[k]:.4f}" for k in ("ppl", "ppl_token"))
+    cut = "".join(f"  {k}={row[k]}" for k in ("n_truncated", "n_skipped") if k in row)
+    print(f"{args.data}: n={row['n']}{cut}  ppl={ppl}  ppl_token={ppl_token}  accuracy={acc}")
     print(f"wrote {args.out}")
     return 0
 
@@ -82,11 +119,13 @@ def cmd_select(args: argparse.Namespace) -> int:
     )
 
     run = RunDir(args.run)
+    if args.band is not None:
+        args.overrides.append(f"selection.ppl_band={args.band}")
+    if args.valid_split is not None:
+        args.overrides.append(f"selection.valid_split={quoted(args.valid_split)}")
     cfg = _run_config(run, args)
-    update = {k: v for k, v in (("ppl_band", args.band), ("valid_split", args.valid_split)) if v is not None}
-    cfg = cfg.model_copy(update={"selection": cfg.selection.model_copy(update=update)})
     rows = _dynamics(run)
-    stored = run.read_json(run.selection)
+    stored = stored_result(run.selection, SelectionResult)
     if stored is not None and run.up_to_date(run.selection) and selection_is_current(stored, rows, cfg):
         print(format_selection(SelectionResult.model_validate(stored)))
         print(f"read {run.selection}")
@@ -106,7 +145,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     cfg = _run_config(run, args)
     rows = _dynamics(run)
-    stored = run.read_json(run.phases)
+    stored = stored_result(run.phases, PhaseReport)
     if stored is not None and run.up_to_date(run.phases) and phases_are_current(stored, rows, cfg):
         from .plotting import plot_dynamics
 
@@ -125,7 +164,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     out = merge_checkpoints(
         args.base, args.checkpoints, args.weights, out=args.out, exact_adapter=args.exact_adapter,
-        initial_adapter=args.initial_adapter, overwrite=args.overwrite, progress=not args.quiet,
+        initial_adapter=args.initial_adapter, overwrite=args.overwrite, force=args.force, progress=not args.quiet,
     )
     print(f"wrote {merge_name(args.checkpoints, args.weights)} to {out}")
     return 0
@@ -154,8 +193,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo_pretrain, run_demo
+    from .demo import demo_config, demo_pretrain, run_demo
 
+    check_output_folder(args.out)
+    # A bad --set fails now, not after the pretraining of the base (minutes, the first time).
+    check_tracked_splits(demo_config(Path(args.out), args.out, epochs=args.epochs, overrides=list(args.overrides)))
     run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs, quiet=args.quiet, overrides=args.overrides,
              pretrain=demo_pretrain(args.pretrain_steps))
     return 0
@@ -164,14 +206,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    if args.out is not None:
+        check_output_file(args.out, "report.html")
     path = write_report(args.runs, args.out, example=args.example, n_examples=args.examples)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    import json
-
     from .doctor import diagnose, format_report
 
     found = diagnose()
@@ -246,10 +288,10 @@ COMMANDS: tuple[Command, ...] = (
              _arg("--adapter", help="PEFT adapter folder to apply on top of --model"),
              _arg("--data", required=True, help="dataset spec, e.g. gsm8k:test[:200] or path/to/file.jsonl"),
              _arg("--out", required=True, help="result JSON file (samples go beside it)"),
-             _arg("--max-examples", type=int, help="seeded subsample of the dataset"), *_config_args()]),
+             _arg("--max-examples", type=count(1), help="seeded subsample of the dataset"), *_config_args()]),
     Command("select", cmd_select, "which checkpoint to keep, and why",
             "Compare selection rules (paper sec. 6.1, Table 4) on a run's dynamics.",
-            [_RUN_FOLDER, _arg("--band", type=float, help="relative validation-perplexity band (default 0.05)"),
+            [_RUN_FOLDER, _arg("--band", type=band, help="relative validation-perplexity band (default 0.05)"),
              _arg("--valid-split", help="validation split name (default: validation)"), _set()]),
     Command("plot", cmd_plot, "draw the dynamics figure (PNG and SVG)",
             "Perplexity and accuracy against epoch per split, phases as background.",
@@ -265,7 +307,10 @@ COMMANDS: tuple[Command, ...] = (
              _arg("--exact-adapter", action="store_true",
                   help="also write an exact LoRA adapter by rank concatenation (all inputs LoRA over one base)"),
              _arg("--initial-adapter", help="initial adapter of unconverted PiSSA/MiLoRA checkpoints"),
-             _arg("--overwrite", action="store_true", help="replace an existing output folder"), _QUIET_BARE]),
+             _arg("--overwrite", action="store_true", help="replace an existing output folder (an earlier merge)"),
+             _arg("--force", action="store_true",
+                  help="merge adapters whose recorded base (adapter_config.json) is not --base and cannot be proven "
+                  "to be the same weights"), _QUIET_BARE]),
     Command("analyze", cmd_analyze, "behavioural analyses of chosen checkpoints",
             "OOD accuracy, robustness to prompt preambles, diversity, calibration, membership inference and "
             "pre-memorization accuracy (paper sec. 5, app. D) of checkpoints side by side; writes "
@@ -282,8 +327,8 @@ COMMANDS: tuple[Command, ...] = (
             "shows over-memorization in minutes.",
             [_arg("--out", default="demo-run", help="run folder (default: ./demo-run)"),
              _arg("--seed", type=int, default=0),
-             _arg("--epochs", type=int, default=50, help="finetuning epochs (default: 50)"),
-             _arg("--pretrain-steps", type=int, default=1500, metavar="N",
+             _arg("--epochs", type=count(1), default=50, help="finetuning epochs (default: 50)"),
+             _arg("--pretrain-steps", type=count(1), default=1500, metavar="N",
                   help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 1500; "
                   "fewer give a weaker base)"),
              _set("override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)"), _QUIET_BARE]),
@@ -294,7 +339,8 @@ COMMANDS: tuple[Command, ...] = (
             [_arg("runs", nargs="+", metavar="RUN", help="run folder(s)"),
              _arg("--out", help="HTML file (default: RUN/report.html of the first run)"),
              _arg("--example", metavar="ID", help="test example shown first in the token view"),
-             _arg("--examples", type=int, default=6, metavar="N", help="test examples in the token view (default 6)"),
+             _arg("--examples", type=count(0), default=6, metavar="N",
+                  help="test examples in the token view (default 6)"),
              _QUIET]),
     Command("doctor", cmd_doctor, "versions, device, dtype support and optional extras",
             "What this machine can run: package versions, CUDA/MPS/CPU devices and memory, bf16/fp16 support (tested "
@@ -321,16 +367,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A path that cannot be used as given (exit 2); other file-system errors (a full disk, I/O) are failures (exit 1).
+_USAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY,
+                 errno.ENAMETOOLONG}
+
+
+def _os_error(err: OSError, args: argparse.Namespace) -> str:
+    """One line: the path (the file the error names, else the command's output) and what to do."""
+    path = err.filename or getattr(args, "out", None) or getattr(args, "run", None) or getattr(args, "folder", None)
+    what = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free space there (or write elsewhere with --out) and re-run the same command"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "make it writable or choose another output folder"
+    elif err.errno in _USAGE_ERRNOS:
+        advice = "check the path you gave"
+    else:
+        advice = "re-run the same command; set OVERMEM_DEBUG=1 to see the traceback"
+    return f"{path}: {what}; {advice}" if path else f"{what}; {advice}"
+
+
+def _one_line(message: object) -> str:
+    """A message on one line (a library's own may span several)."""
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "overrides"):  # commands append to it: not to argparse's default list, shared by every call
+        args.overrides = list(args.overrides)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         if os.environ.get("OVERMEM_DEBUG"):
             raise
-        print(f"overmem {args.command}: error: {err}", file=sys.stderr)
+        print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        if os.environ.get("OVERMEM_DEBUG"):
+            raise
+        print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the file system refused: a path the user gave, or a full disk
+        if os.environ.get("OVERMEM_DEBUG"):
+            raise
+        print(f"overmem {args.command}: error: {_one_line(_os_error(err, args))}", file=sys.stderr)
+        return 2 if err.errno in _USAGE_ERRNOS else 1
     except KeyboardInterrupt:
         print(f"overmem {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -28,7 +30,24 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in a setting: `lr: .inf` or `ppl_band: .nan` would pass the bounds below.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1; `epochs: yes` (YAML for true) is a mistake, not one epoch.
+        if isinstance(v, bool) and info.field_name is not None:
+            kinds = _types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got {str(v).lower()}")
+        return v
+
+
+def _types(annotation: Any) -> set[Any]:
+    """The types a field annotation admits (the members of a union, else itself)."""
+    args = get_args(annotation)
+    return set(args) if get_origin(annotation) in (Union, UnionType) else {annotation}
 
 
 class ModelConfig(_Strict):
@@ -170,7 +189,7 @@ class EvalConfig(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
 
 
-class PhaseRule(BaseModel):
+class PhaseRule(_Strict):
     """The phase rule's settings (`overmem.phases` applies the rule itself): which split it reads
     and its thresholds.
 
@@ -187,7 +206,7 @@ class PhaseRule(BaseModel):
       paper's black low-accuracy region.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     split: str | None = Field(None, description="split the phases are read from (default: first test)")
     eps: float = Field(0.5, gt=0, description="over-memorized once ppl >= (1+eps) x its minimum so far")
@@ -270,12 +289,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty name in the key; expected key.path=value, e.g. train.lr=1e-4")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                              "lists are [a, b], mappings {k: v}; quote text with special characters") from None
     return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The one-line gist of a YAML error: what went wrong and where (PyYAML's own text spans lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or type(err).__name__}{where}"
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -294,21 +326,22 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = {} if path is None else read_yaml(Path(path))
     raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, source)
+    return config_from_dict(raw, "config" if path is None else str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file as a mapping (empty file: {}); a missing or unreadable one is a one-line error."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
 
 
 def dump_config(cfg: RunConfig) -> str:

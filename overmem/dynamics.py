@@ -39,7 +39,13 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, confidence: flo
 
 
 def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) -> dict[str, Any]:
-    """Aggregate per-example rows into the split's figures."""
+    """Aggregate per-example rows into the split's figures.
+
+    A perplexity that is not a finite number is None (NaN is no JSON value); when examples have a
+    non-finite loss (a diverged model) the row counts them in `non_finite`, and its perplexities are
+    None rather than a mean over the other examples. Examples cut to fit `max_length` are counted in
+    `n_truncated`; examples with no scored token (an empty reference) have no perplexity, so `ppl`
+    is the mean over the other `n - n_skipped`. Each count is there only when it is not zero."""
     ppls = [s["ppl"] for s in samples if s["n_tokens"]]
     nll = sum(s["nll_sum"] for s in samples)
     tokens = sum(s["n_tokens"] for s in samples)
@@ -57,6 +63,14 @@ def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) ->
         correct = [float(s["correct"]) for s in samples]
         low, high = bootstrap_ci(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
         row.update(accuracy=float(np.mean(correct)), accuracy_ci_low=low, accuracy_ci_high=high)
+    non_finite = sum(not math.isfinite(p) for p in ppls)
+    if non_finite:
+        row["non_finite"] = non_finite
+    counts = {"n_truncated": sum(s["truncated"] for s in samples), "n_skipped": len(samples) - len(ppls)}
+    row.update((key, count) for key, count in counts.items() if count)
+    for key in ("ppl", "ppl_token", "nll_token"):
+        if not math.isfinite(row[key]):
+            row[key] = None
     return row
 
 
@@ -72,8 +86,10 @@ def evaluate_examples(
     quiet: bool = False,
     token_losses: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per-example rows: reference NLL, token count, perplexity, and (if enabled) the greedy
-    generation, the answer extracted from it and whether it is correct.
+    """Per-example rows: reference NLL, token count, perplexity (None when no token was scored),
+    whether the example was cut to fit `max_length` (`truncated`; generation then sees the prompt's
+    last `max_length` tokens too), and (if enabled) the greedy generation, the answer extracted
+    from it and whether it is correct.
 
     With `token_losses`, rows also hold the question, the text of each scored response token
     (`tokens`) and its NLL (`token_nll`, rounded to TOKEN_DECIMALS): the report's token view.
@@ -83,7 +99,8 @@ def evaluate_examples(
             model, tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length, progress=bar.update
         )
     rows = [
-        {"id": ex.id, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens, "ppl": s.ppl, "answer": ex.answer}
+        {"id": ex.id, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens, "ppl": s.ppl if s.n_tokens else None,
+         "truncated": s.truncated, "answer": ex.answer}
         for ex, s in zip(examples, scores)
     ]
     if token_losses:
@@ -102,6 +119,7 @@ def evaluate_examples(
                 batch_size=gen_cfg.batch_size,
                 stop_at_answer=gen_cfg.stop_at_answer,
                 cache=gen_cfg.cache,
+                max_prompt_tokens=max_length,
                 progress=bar.update,
             )
         for row, ex, (text,) in zip(rows, examples, texts):
@@ -150,5 +168,7 @@ def evaluate_checkpoint(
         new_rows.append(row)
         if not quiet:
             acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-            tqdm.write(f"{checkpoint:>12} {split:>12}  ppl {row['ppl']:.3f}  acc {acc}  (n={row['n']})")
+            ppl = "-" if row["ppl"] is None else f"{row['ppl']:.3f}"
+            cut = "".join(f", {row[k]} {k[2:]}" for k in ("n_truncated", "n_skipped") if k in row)
+            tqdm.write(f"{checkpoint:>12} {split:>12}  ppl {ppl}  acc {acc}  (n={row['n']}{cut})")
     return new_rows

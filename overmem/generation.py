@@ -2,6 +2,11 @@
 
 A sequence stops at EOS, or (with `stop_at_answer`) once it has written a complete GSM8K
 answer line `#### <answer>\\n`, so a model that rambles after answering costs nothing more.
+
+A prompt longer than `max_prompt_tokens` (the run's `train.max_length`) keeps its last tokens, as
+scoring cuts prompts (`overmem.data.encoding.fit_lengths`): a sequence is then never longer than
+`max_prompt_tokens + max_new_tokens`, however long the question. A prompt that long cannot be
+scored whole either, so scoring marks its example `truncated` (`overmem.scoring.score_examples`).
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from .config import GenerationConfig
+from .config import GenerationConfig, TrainConfig
 
 DEFAULTS = GenerationConfig()  # decoding limits: their defaults live in the config, nowhere else
+MAX_PROMPT_TOKENS = TrainConfig().max_length  # the longest prompt, by default
 _ANSWER_LINE = re.compile(r"####[^\n]*\S[^\n]*\n")
 
 
@@ -62,6 +68,7 @@ def generate(
     num_samples: int = 1,
     seed: int = 0,
     cache: str = DEFAULTS.cache,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """Generate `num_samples` continuations per prompt (greedy unless `do_sample`).
@@ -70,13 +77,16 @@ def generate(
     the same call gives the same texts. `cache="static"` has transformers preallocate the KV
     cache for prompt + `max_new_tokens` instead of growing it every token (faster for small
     models on the CPU; the attention over the unused slots is masked, so outputs are the same).
+    A prompt of more than `max_prompt_tokens` tokens keeps its last `max_prompt_tokens`.
     """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"generation.cache: {cache!r} is not 'dynamic' or 'static'")
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     out: list[list[str]] = [[] for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

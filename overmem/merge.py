@@ -27,6 +27,7 @@ the weighted sum of the deltas.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from .merge_inputs import SafetensorsFolder, model_folder, open_input
 from .merge_writing import atomic_folder, copy_model_files, write_dense, write_exact_adapter
-from .results import ADAPTER_CONFIG, MODEL_CONFIG
+from .results import ADAPTER_CONFIG, MODEL_CONFIG, read_json
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ADAPTER_SUBDIR = "adapter"  # where the exact merged adapter goes inside the output folder
@@ -69,6 +70,7 @@ def merge_checkpoints(
     initial_adapter: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Merge `checkpoints` of one base model into a dense model folder at `out`.
@@ -77,21 +79,25 @@ def merge_checkpoints(
     base-changing init (PiSSA/MiLoRA); it is subtracted from every adapter checkpoint. With
     `exact_adapter`, `out/adapter` also holds a PEFT adapter equal to the merge (plain LoRA
     inputs only). Everything is checked before anything is written; the folder is built next
-    to `out` and renamed at the end, so a failure leaves nothing at `out`. Returns `out`.
+    to `out` and renamed at the end, so a failure leaves nothing at `out`. `overwrite` replaces
+    an earlier merge at `out` (a folder with merge.json), nothing else. Each adapter's recorded base
+    must be `base` (`_check_recorded_base`); `force` skips that check. Returns `out`.
     """
     out = Path(out)
     weights = _check_weights(checkpoints, weights)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
+    _check_out(out, overwrite)
     base_dir = model_folder(base)
     with ExitStack() as stack:
         base_w = stack.enter_context(SafetensorsFolder(base_dir, "model.safetensors"))
         init = stack.enter_context(SafetensorsFolder(Path(initial_adapter), "adapter_model.safetensors")) \
             if initial_adapter is not None else None
         inputs = [stack.enter_context(open_input(Path(c), base_w, init)) for c in checkpoints]
-        _check_same_base(base_dir, inputs, init)
+        _check_same_base(base_dir, inputs)
         for inp in inputs:
             inp.check(base_w)
+        if not force:
+            for folder in [inp.path for inp in inputs if inp.is_adapter] + ([init.folder] if init else []):
+                _check_recorded_base(folder, base, base_dir, base_w)
         if exact_adapter:
             _check_exact(inputs)
         with atomic_folder(out, overwrite) as tmp:
@@ -102,6 +108,8 @@ def merge_checkpoints(
             info = {"name": merge_name(checkpoints, weights), "base": str(base), "weights": weights,
                     "checkpoints": [str(c) for c in checkpoints], "exact_adapter": exact_adapter,
                     "initial_adapter": str(initial_adapter) if initial_adapter is not None else None}
+            if force:
+                info["forced"] = True  # the adapters' recorded base was not checked
             (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -109,10 +117,23 @@ def merge_checkpoints(
 # ---------------------------------------------------------------- checks
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(errno.EEXIST, "already exists (pass --overwrite / overwrite=True to replace it)",
+                              str(out))
+    if out.exists() and not (out / MERGE_INFO).is_file():
+        raise ValueError(f"{out}: exists and is not a merged model folder (no {MERGE_INFO}); "
+                         "it is not replaced: choose another output folder")
+
+
 def _check_weights(checkpoints: Sequence[str | Path], weights: Sequence[float] | None) -> list[float]:
     if isinstance(checkpoints, (str, Path)) or len(checkpoints) < 2:
         n = 1 if isinstance(checkpoints, (str, Path)) else len(checkpoints)
         raise ValueError(f"merging needs at least two checkpoints, got {n}")
+    seen = [Path(c).resolve() for c in checkpoints]
+    twice = next((c for c, r in zip(checkpoints, seen) if seen.count(r) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice}: listed twice; give each checkpoint once (--weights sets how much each counts)")
     if weights is None:
         return [1.0 / len(checkpoints)] * len(checkpoints)
     if len(weights) != len(checkpoints):
@@ -123,7 +144,9 @@ def _check_weights(checkpoints: Sequence[str | Path], weights: Sequence[float] |
 
 
 def _arch(folder: Path) -> dict:
-    cfg = json.loads((folder / MODEL_CONFIG).read_text())
+    cfg = read_json(folder / MODEL_CONFIG)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{folder / MODEL_CONFIG}: expected a JSON object (a model config); restore the file")
     return {k: cfg[k] for k in _ARCH_KEYS if k in cfg}
 
 
@@ -132,7 +155,9 @@ def _tokenizer_fingerprint(folder: Path) -> str | None:
     padding/truncation settings and tokenizer_config.json do not count."""
     tj = folder / "tokenizer.json"
     if tj.is_file():
-        d = json.loads(tj.read_text())
+        d = read_json(tj)
+        if not isinstance(d, dict):
+            raise ValueError(f"{tj}: expected a JSON object (a tokenizer); restore the file")
         added = sorted((t["id"], t["content"]) for t in d.get("added_tokens") or [])
         blob = json.dumps({"model": d.get("model"), "added": added}, sort_keys=True).encode()
     else:
@@ -143,8 +168,8 @@ def _tokenizer_fingerprint(folder: Path) -> str | None:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _check_same_base(base: Path, inputs: list, init: SafetensorsFolder | None) -> None:
-    """Different base models: architecture fields, recorded adapter bases, tokenizers."""
+def _check_same_base(base: Path, inputs: list) -> None:
+    """Different base models: architecture fields of full checkpoints, tokenizers."""
     base_arch = _arch(base) if (base / MODEL_CONFIG).is_file() else None
     if base_arch is None:
         raise ValueError(f"{base}: the base has no config.json; give the base model folder")
@@ -157,20 +182,65 @@ def _check_same_base(base: Path, inputs: list, init: SafetensorsFolder | None) -
             if arch.get(key) != base_arch.get(key):
                 raise ValueError(f"{path}/config.json: {key}={arch.get(key)!r} but {base_arch.get(key)!r} in the "
                                  f"base {base}/config.json; checkpoints of a different base model?")
-    recorded = {}
-    for path in paths + ([init.folder] if init is not None else []):
-        if (path / ADAPTER_CONFIG).is_file():
-            name = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-            if name is not None:
-                recorded[path] = name
-    if len(set(recorded.values())) > 1:
-        listing = ", ".join(f"{p} -> {n}" for p, n in recorded.items())
-        raise ValueError(f"adapters of different base models: {listing}")
     prints = {p: fp for p in [base, *paths] if (fp := _tokenizer_fingerprint(p)) is not None}
     if len(set(prints.values())) > 1:
         first = next(iter(prints))
         other = next(p for p, fp in prints.items() if fp != prints[first])
         raise ValueError(f"{other}: tokenizer differs from the one in {first}; merge checkpoints of one base model")
+
+
+def _check_recorded_base(adapter: Path, base: str | Path, base_dir: Path, base_w: SafetensorsFolder) -> None:
+    """The base `adapter` was trained on (`base_model_name_or_path`) is the merge's base: the same
+    name, the same folder, the Hub cache's copy of that name, or a folder or cached copy with the
+    same weights (`_weights_fingerprint`). Same shapes are not enough: an adapter of another base of
+    one architecture merges without error into a wrong model."""
+    config = adapter / ADAPTER_CONFIG
+    recorded = read_json(config).get("base_model_name_or_path")
+    if recorded is None or str(recorded) == str(base):
+        return
+    trained_on = _local_copy(str(recorded))
+    if trained_on is not None and trained_on.resolve() == base_dir.resolve():
+        return
+    if trained_on is None:
+        why = f"{recorded!r} is neither a local folder nor in the Hugging Face cache, so the weights cannot be compared"
+    elif not _has_weights(trained_on):
+        why = f"{trained_on} has no safetensors weights to compare"
+    else:
+        with SafetensorsFolder(trained_on, "model.safetensors") as theirs:
+            if _weights_fingerprint(theirs) == _weights_fingerprint(base_w):
+                return
+        why = f"{trained_on} holds other weights"
+    raise ValueError(f"{config}: trained on base {recorded!r}, but the merge's base is {str(base)!r} ({why}); merge "
+                     "onto the base the adapter was trained on, or pass --force if they are the same model")
+
+
+def _local_copy(name: str) -> Path | None:
+    """The folder of model `name` on this machine: itself, or the Hub cache's copy (no download)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name.startswith(("./", "../", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid repo id): no copy here
+        return None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _weights_fingerprint(store: SafetensorsFolder) -> str:
+    """Hash of every tensor's name, shape and first row: two bases' weights compared without reading them
+    whole (a finetuned or different model differs in the first row of most of its matrices)."""
+    digest = hashlib.sha256()
+    for name in sorted(store.names):
+        digest.update(f"{name}{store.shape(name)}".encode())
+        digest.update(store.head(name).float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_exact(inputs: list) -> None:

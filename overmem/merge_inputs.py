@@ -9,7 +9,6 @@ the merge streams.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -20,9 +19,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .results import ADAPTER_CONFIG, MODEL_CONFIG
+from .results import ADAPTER_CONFIG, MODEL_CONFIG, read_json
 
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight|(?P<emb>.+)\.(?P<ekind>lora_embedding_[AB])")
@@ -51,6 +50,15 @@ def model_folder(name: str | Path) -> Path:
         raise FileNotFoundError(f"{name}: not a local folder and not fetched from the Hub ({e})") from e
 
 
+def open_safetensors(path: Path):  # -> safetensors' safe_open handle
+    """A safetensors file opened for reading; a truncated or corrupt one is an error naming it."""
+    try:
+        return safe_open(str(path), "pt")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: "
+                         "save or download it again") from None
+
+
 class SafetensorsFolder:
     """Read-only view of a folder's safetensors weights: `filename`, or shards listed in
     `filename.index.json`. Names and shapes come from handles kept open until `__exit__`;
@@ -60,10 +68,13 @@ class SafetensorsFolder:
         self.folder = folder
         single, index = folder / filename, folder / f"{filename}.index.json"
         if single.is_file():
-            self._handles = {single: safe_open(str(single), "pt")}
+            self._handles = {single: open_safetensors(single)}
             self.file_of = dict.fromkeys(self._handles[single].keys(), single)
         elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            content = read_json(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no \"weight_map\" object; not a safetensors index: restore or re-save it")
             self.file_of = {name: folder / f for name, f in weight_map.items()}
             self._handles = {}
         else:
@@ -86,7 +97,7 @@ class SafetensorsFolder:
         if path not in self._handles:
             if not path.is_file():
                 raise ValueError(f"{path}: shard listed in the index of {self.folder} is missing")
-            self._handles[path] = safe_open(str(path), "pt")
+            self._handles[path] = open_safetensors(path)
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -98,8 +109,13 @@ class SafetensorsFolder:
         read through it stay resident (and writes become anonymous copies) while the file is
         open, so keeping handles open would grow memory to all N models. A short-lived
         handle and a copy keep only this tensor in memory."""
-        with safe_open(str(self.file_of[name]), "pt") as f:
+        with open_safetensors(self.file_of[name]) as f:
             return f.get_tensor(name).clone()
+
+    def head(self, name: str) -> torch.Tensor:
+        """The first row of a stored matrix (the first 1024 values of a vector), read without the rest."""
+        part = self._handle(name).get_slice(name)
+        return part[:1] if len(part.get_shape()) > 1 else part[:1024]
 
     @property
     def layout(self) -> _Layout:
@@ -264,9 +280,13 @@ def open_input(
 
 
 def _read_adapter_config(path: Path) -> dict:
-    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    cfg = read_json(path / ADAPTER_CONFIG)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path / ADAPTER_CONFIG}: expected a JSON object (an adapter config); restore the file")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} cannot be merged; only LoRA adapters")
+    if "lora_alpha" not in cfg:
+        raise ValueError(f"{path / ADAPTER_CONFIG}: no lora_alpha; restore the file that was saved with the adapter")
     if cfg.get("use_dora") or cfg.get("lora_bias"):
         raise ValueError(f"{path}: DoRA / lora_bias adapters are not a sum of B A deltas; merge_and_unload them first")
     return cfg

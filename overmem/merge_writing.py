@@ -6,7 +6,10 @@ merged, and the exact merged adapter by rank concatenation.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -21,23 +24,64 @@ from .merge_inputs import TOKENIZER_FILES, AdapterInput, SafetensorsFolder
 from .results import ADAPTER_CONFIG, MODEL_CONFIG
 
 
+# Temporary folders beside the output: `.NAME.tmp-HOST-PID-X` (the merge being written) and
+# `.NAME.old-HOST-PID-X` (the folder it replaces, until the new one is in place).
+_TEMP_FOLDER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+
+
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of `out`, renamed to `out` on success and removed on failure."""
+    """A temporary sibling of `out`, renamed to `out` on success and removed on failure. The
+    temporary folders a killed merge left in the same parent are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_folders(out.parent)
+    prefix = f".{out.name}.{{}}-{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix.format("tmp")))
     try:
         yield tmp
         if out.exists() and overwrite:
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix.format("old")))
             out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                (old / out.name).rename(out)  # the previous folder stays what `out` is
+                old.rmdir()
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_folders(parent: Path) -> None:
+    """Remove the temporary folders of merges into `parent` whose process is gone (killed). A
+    merge killed while replacing its output leaves the previous folder in its `old` folder: it
+    goes back in place when nothing has taken that place since."""
+    host = socket.gethostname()
+    for path in parent.iterdir():
+        m = _TEMP_FOLDER.fullmatch(path.name)
+        if m is None or m["host"] != host or not path.is_dir() or _running(int(m["pid"])):
+            continue
+        kept, place = path / m["name"], parent / m["name"]
+        if m["kind"] == "old" and kept.is_dir() and not place.exists():
+            kept.rename(place)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether another process with id `pid` runs (this process merges one folder at a time)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class _ShardWriter:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
@@ -100,12 +103,42 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@contextmanager
+def _readable(where: str) -> Iterator[None]:
+    """Loading errors of unreadable model files (truncated weights, broken JSON, a name that is not
+    on the Hub) as one line naming the model and what to do. The file system's own errors
+    (permissions, a full disk) pass as they are."""
+    try:
+        yield
+    except SafetensorError as err:
+        bad = _unreadable_weights(Path(where))
+        raise ValueError(f"{bad or where}: truncated or corrupt weights ({err}); save or download them again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: a JSON file is truncated or corrupt ({err}); restore it") from None
+    except OSError as err:
+        if err.errno is not None:
+            raise
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{where}: cannot load it ({first}); check the name, or restore its files") from None
+
+
+def _unreadable_weights(folder: Path) -> Path | None:
+    """The first safetensors file in `folder` whose header cannot be read."""
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            safe_open(str(path), "pt")
+        except SafetensorError:
+            return path
+    return None
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     src = ModelSource.parse(cfg.tokenizer or cfg.name_or_path)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(
-        src.repo, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
-    )
+    with _readable(src.repo):
+        tok = AutoTokenizer.from_pretrained(
+            src.repo, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
     if tok.pad_token is None:
         # Padding positions are masked out everywhere, so reusing EOS is safe.
         tok.pad_token = tok.eos_token
@@ -124,9 +157,10 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> PreTrain
     src = ModelSource.parse(cfg.name_or_path)
     dtype = resolve_dtype(cfg.dtype)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        src.repo, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype, **kwargs
-    )
+    with _readable(src.repo):
+        model = AutoModelForCausalLM.from_pretrained(
+            src.repo, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype, **kwargs
+        )
     if src.gguf_file:
         _clear_quantizer(model)
     return model.to(device or default_device())
@@ -141,7 +175,15 @@ def load_checkpoint(
         from peft import PeftModel
 
         base = load_model(base_cfg, device)
-        return PeftModel.from_pretrained(base, str(path))
+        with _readable(str(path)):
+            try:
+                return PeftModel.from_pretrained(base, str(path))
+            except RuntimeError as err:  # PEFT's own message spans many lines
+                mismatch = [line.strip() for line in str(err).splitlines() if line.strip().startswith("size mismatch")]
+                if not mismatch:
+                    raise
+                raise ValueError(f"{path}: the adapter does not fit the base {base_cfg.name_or_path} ({mismatch[0]}); "
+                                 f"it was trained on {adapter_base(path)!r}: give that base") from None
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: neither a model folder nor a PEFT adapter")
     cfg = base_cfg.model_copy(update={"name_or_path": str(path)})

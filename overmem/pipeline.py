@@ -8,34 +8,39 @@ each stage's wall time goes to `timings.json`.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig, dump_config
+from .config import ConfigError, RunConfig, dump_config, read_yaml
 from .data.example import Example
 from .data.splits import TRAIN, VALIDATION, derive_splits, load_spec
 from .dynamics import evaluate_checkpoint, evaluate_examples, split_summary
-from .models import adapter_base, is_adapter, load_checkpoint, load_model, load_tokenizer
+from .models import (
+    adapter_base,
+    is_adapter,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    quiet_libraries,
+    release_memory,
+)
 from .results import BASE, RunDir, atomic_write_text, epoch_name, find_checkpoints, write_json, write_jsonl
+from .train import TrainingDiverged
 
 # Settings that change what a run computes; a resumed run must agree on all of them.
 _RESUME_KEYS = ("model", "train", "data")
 
 
 def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
-    import yaml
-
     if not run.config.exists():
         return
-    old = yaml.safe_load(run.config.read_text()) or {}
+    old = read_yaml(run.config)
     new = json.loads(cfg.model_dump_json())
     for key in _RESUME_KEYS:
         if old.get(key) != new.get(key):
@@ -43,20 +48,6 @@ def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
                 f"{run.config}: the existing run was made with a different '{key}' section; "
                 "use a new --out folder to start a new run"
             )
-
-
-def _release_memory() -> None:
-    """Return freed model memory (callers drop their references first)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _quiet_libraries(quiet: bool) -> None:
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def _eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,9 +65,9 @@ def _record_environment(run_dir: RunDir) -> None:
 
 def run(cfg: RunConfig) -> RunDir:
     """Finetune and track every checkpoint; resumes an existing run folder."""
-    from .train.trainer import finetune
+    from .train.trainer import check_training_settings
 
-    _quiet_libraries(cfg.quiet)
+    quiet_libraries(cfg.quiet)
     if not cfg.out_dir:
         raise ConfigError("out_dir: no output folder given (use --out or set out_dir)")
     run_dir = RunDir(cfg.out_dir)
@@ -86,6 +77,7 @@ def run(cfg: RunConfig) -> RunDir:
     splits = derive_splits(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
+    check_training_settings(cfg, run_dir, model)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir.config, dump_config(cfg))
     _record_environment(run_dir)
@@ -94,24 +86,9 @@ def run(cfg: RunConfig) -> RunDir:
     evaluate_checkpoint(model, tokenizer, splits.tracked, run_dir, checkpoint=BASE, epoch=0, step=0, **ev)
 
     if not all(run_dir.checkpoint(epoch_name(e)).exists() for e in range(1, cfg.train.epochs + 1)):
-        eval_seconds = 0.0
-
-        # Evaluate each checkpoint while the trained model is still in memory.
-        def track(name: str, m: Any, state: Any) -> None:
-            nonlocal eval_seconds
-            t = time.perf_counter()
-            evaluate_checkpoint(
-                m, tokenizer, splits.tracked, run_dir, checkpoint=name,
-                epoch=round(state.epoch, 4), step=state.global_step, **ev,
-            )
-            eval_seconds += time.perf_counter() - t
-
-        t0 = time.perf_counter()
-        finetune(cfg, model, tokenizer, splits.train, run_dir, on_checkpoint=track)
-        run_dir.record_timing("train", time.perf_counter() - t0 - eval_seconds,
-                              "training and checkpoint saving, without the evaluations during it")
+        _train_and_track(cfg, model, tokenizer, splits.train, splits.tracked, run_dir)
     del model
-    _release_memory()
+    release_memory()
     if cfg.merge:
         with run_dir.timed("merge"):
             merge_groups(run_dir, cfg)
@@ -119,6 +96,46 @@ def run(cfg: RunConfig) -> RunDir:
     finalize(run_dir, cfg)
     write_run_report(run_dir)
     return run_dir
+
+
+def _train_and_track(
+    cfg: RunConfig, model: Any, tokenizer: Any, train: Sequence[Example], tracked: Mapping[str, Sequence[Example]],
+    run_dir: RunDir,
+) -> None:
+    """Finetune, evaluating each checkpoint while the trained model is still in memory.
+
+    A diverged training (a non-finite training loss, or a checkpoint whose losses are not finite)
+    raises `TrainingDiverged` after writing the phases, selection and report of the checkpoints
+    finished before it."""
+    from .train.trainer import finetune
+
+    ev = _eval_kwargs(cfg, tracked)
+    eval_seconds = 0.0
+
+    def track(name: str, m: Any, state: Any) -> None:
+        nonlocal eval_seconds
+        t = time.perf_counter()
+        rows = evaluate_checkpoint(m, tokenizer, tracked, run_dir, checkpoint=name, epoch=round(state.epoch, 4),
+                                   step=state.global_step, **ev)
+        eval_seconds += time.perf_counter() - t
+        bad = [f"{r['non_finite']} of {r['n']} on {r['split']}" for r in rows if r.get("non_finite")]
+        if bad:  # every later checkpoint would be as broken
+            raise TrainingDiverged(f"by step {state.global_step}: {name} has non-finite losses ({', '.join(bad)})",
+                                   cfg.train.lr)
+
+    t0 = time.perf_counter()
+    try:
+        finetune(cfg, model, tokenizer, train, run_dir, on_checkpoint=track)
+    except TrainingDiverged:
+        diverged = {r["checkpoint"] for r in run_dir.read_dynamics() if r.get("non_finite")}
+        try:
+            finalize(run_dir, cfg, leave_out=diverged)
+        except ValueError as err:  # the divergence is the error to report, not a figure it spoiled
+            warnings.warn(f"phases and selection not written ({err})", stacklevel=2)
+        write_run_report(run_dir)
+        raise
+    run_dir.record_timing("train", time.perf_counter() - t0 - eval_seconds,
+                          "training and checkpoint saving, without the evaluations during it")
 
 
 def write_run_report(run_dir: RunDir) -> Path | None:
@@ -167,18 +184,18 @@ def scan_checkpoints(
         base = load_model(cfg.model)
         evaluate_checkpoint(base, tokenizer, tracked, run_dir, checkpoint=BASE, epoch=0, step=0, **ev)
         del base
-        _release_memory()
+        release_memory()
     for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet):
         model = load_checkpoint(ckpt.path, cfg.model)
         tok = tokenizer or load_tokenizer(cfg.model)
         evaluate_checkpoint(model, tok, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step, **ev)
         del model
-        _release_memory()
+        release_memory()
 
 
 def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
     """Track checkpoints that already exist (an overmem run or a Trainer output folder)."""
-    _quiet_libraries(cfg.quiet)
+    quiet_libraries(cfg.quiet)
     folder = Path(folder)
     adapters = [c for c in find_checkpoints(folder) if is_adapter(c.path)]
     if adapters and cfg.model.name_or_path == RunConfig().model.name_or_path:
@@ -206,7 +223,7 @@ def evaluate_model(
     Writes `out` (the split's figures, same fields as a dynamics row) and the per-example
     rows beside it (`<out stem>.samples.jsonl`).
     """
-    _quiet_libraries(cfg.quiet)
+    quiet_libraries(cfg.quiet)
     examples = load_spec(cfg.data, data, size=cfg.data.test_size)
     tokenizer = load_tokenizer(cfg.model)
     model = load_checkpoint(adapter, cfg.model) if adapter else load_model(cfg.model)
@@ -220,15 +237,16 @@ def evaluate_model(
     return row
 
 
-def finalize(run_dir: RunDir, cfg: RunConfig) -> dict[str, Any]:
+def finalize(run_dir: RunDir, cfg: RunConfig, *, leave_out: Collection[str] = ()) -> dict[str, Any]:
     """Phases, checkpoint selection and the dynamics figure, from `dynamics.jsonl` alone; the one
     place `phases.json` and `selection.json` are computed (the latter only when the validation
-    split has accuracy)."""
+    split has accuracy). The checkpoints in `leave_out` are not used (a diverged run's last one,
+    whose perplexities are None)."""
     from .phases import detect_run_phases, has_accuracy
     from .plotting import plot_dynamics
     from .selection import select_run_checkpoint, write_selection
 
-    rows = run_dir.read_dynamics()
+    rows = [r for r in run_dir.read_dynamics() if r["checkpoint"] not in leave_out]
     report = detect_run_phases(rows, cfg)
     write_json(run_dir.phases, report.to_dict())
     out: dict[str, Any] = {"phases": report}

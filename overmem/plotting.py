@@ -25,7 +25,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .phases import PhaseReport, detect_phases, split_curve, split_names, test_split_names
-from .results import FIGURE
+from .results import FIGURE, atomic_path
 
 PHASE_COLORS: dict[str, str] = {
     "low_accuracy": "#262626",  # the paper's black region
@@ -206,8 +206,9 @@ def _onset_epoch(rows: Sequence[Mapping[str, Any]]) -> float | None:
 
 
 def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """PNG and SVG, each written whole or not at all (temp file + rename)."""
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
     for path in paths:
-        fig.savefig(path, dpi=DPI)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, format=path.suffix[1:])
     return paths

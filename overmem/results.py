@@ -56,6 +56,9 @@ ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder
 HF_TRAINER_STATE = "trainer_state.json"  # a Hugging Face Trainer checkpoint-STEP folder
 INIT_ADAPTER = "adapter-init"  # checkpoints/adapter-init: the initial PiSSA/MiLoRA adapter (B0, A0)
 
+# The fields of a dynamics row that every reader of `dynamics.jsonl` uses.
+DYNAMICS_FIELDS = ("checkpoint", "epoch", "split", "ppl")
+
 BASE = "epoch-0"  # the base model, evaluated as epoch 0
 _CHECKPOINT_NAME = re.compile(r"(epoch|step|checkpoint)-\d+|merge\(.*\)")
 
@@ -70,19 +73,41 @@ def step_name(step: int) -> str:
     return f"step-{step}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write to; renamed to `path` when the block succeeds and
+    removed when it fails, so `path` is never left half-written. A failure to write names `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _naming(err, path) from None
+    tmp = Path(name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.close(fd)
+        yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _naming(err, path) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """`err` naming `path`: a failed write (no file name) or temp file is reported as the file
+    being written."""
+    return err if err.errno is None else type(err)(err.errno, err.strerror, str(path))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (`atomic_path`), synced to disk."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _umask() -> int:
@@ -99,8 +124,10 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL file written by overmem; a torn last line (killed writer) is dropped."""
+def read_jsonl(path: Path, *, torn_ok: bool = True) -> list[dict[str, Any]]:
+    """Read a JSONL file written by overmem. A torn last line (a killed writer) is dropped when
+    `torn_ok` (what a resuming writer wants: it rewrites that row); otherwise it is an error, so
+    that a reader does not silently lose the row."""
     if not path.exists():
         return []
     rows = []
@@ -109,11 +136,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1 and not line.endswith("\n"):
-                break  # interrupted append: the row was never complete
+                if torn_ok:
+                    break  # interrupted append: the row was never complete
+                raise ValueError(f"{path} line {i + 1}: incomplete last line (an interrupted write); re-run the "
+                                 "command that writes it to repair it, or delete the line") from None
             raise ValueError(f"{path} line {i + 1}: invalid JSON; delete the line to continue") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {i + 1}: expected a JSON object, got {type(row).__name__}; "
+                             "delete the line to continue")
+        rows.append(row)
     return rows
 
 
@@ -126,10 +160,23 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
             torn = fh.read(1) != b"\n"
         if torn:
             write_jsonl(path, read_jsonl(path))
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row, default=_jsonable) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row, default=_jsonable) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        raise _naming(err, path) from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a file that is not valid JSON (truncated, edited) is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}{where}: not valid JSON (truncated or edited?); restore it, or delete it "
+                         "if overmem made it") from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -169,8 +216,16 @@ class RunDir:
     def samples(self, checkpoint: str, split: str) -> Path:
         return self.root / SAMPLES_DIR / checkpoint / f"{split}.jsonl"
 
-    def read_dynamics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.dynamics)
+    def read_dynamics(self, *, strict: bool = False) -> list[dict[str, Any]]:
+        """The rows of `dynamics.jsonl`. `strict` (a command reading a run it does not write): a
+        torn last line or a row without the fields every reader uses is an error naming the line."""
+        rows = read_jsonl(self.dynamics, torn_ok=not strict)
+        for i, row in enumerate(rows if strict else []):
+            missing = [k for k in DYNAMICS_FIELDS if k not in row]
+            if missing:
+                raise ValueError(f"{self.dynamics}: row {i + 1} has no {', '.join(missing)}; "
+                                 "not a dynamics row written by overmem: delete it")
+        return rows
 
     @property
     def phases(self) -> Path:
@@ -211,7 +266,7 @@ class RunDir:
 
     def read_json(self, path: Path) -> Any:
         """The content of a JSON file of the run (e.g. `run.phases`), None if it does not exist."""
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(path) if path.exists() else None
 
     def up_to_date(self, path: Path) -> bool:
         """Whether `path` exists and was written after the last change to `dynamics.jsonl` (so a
@@ -224,7 +279,7 @@ class RunDir:
         return self.root / TIMINGS
 
     def read_timings(self) -> list[dict[str, Any]]:
-        return json.loads(self.timings.read_text()) if self.timings.exists() else []
+        return read_json(self.timings) if self.timings.exists() else []
 
     def record_timing(self, stage: str, seconds: float, note: str | None = None) -> None:
         """Add one stage's wall time to `timings.json` (a resumed run adds entries, never
@@ -268,11 +323,15 @@ def is_model_folder(path: Path) -> bool:
 def _checkpoint_meta(path: Path) -> tuple[float | None, int]:
     meta = path / CHECKPOINT_META
     if meta.exists():
-        m = json.loads(meta.read_text())
+        m = read_json(meta)
+        if not isinstance(m, dict) or not {"epoch", "step"} <= set(m):
+            raise ValueError(f"{meta}: expected {{\"epoch\": ..., \"step\": ...}}; restore or delete the file")
         return m["epoch"], m["step"]
     state = path / HF_TRAINER_STATE
     if state.exists():
-        s = json.loads(state.read_text())
+        s = read_json(state)
+        if not isinstance(s, dict):
+            raise ValueError(f"{state}: expected a JSON object (the Trainer's state); restore or delete the file")
         return s.get("epoch"), s.get("global_step", 0)
     return None, 0
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,11 @@ VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
 
 @dataclass
 class TokenScores:
-    """Scores of one reference response: `logprobs` has one entry per scored token."""
+    """Scores of one reference response: `logprobs` has one entry per scored token. `truncated`:
+    the example did not fit `max_length` and was cut (`overmem.data.encoding.fit_lengths`)."""
 
     logprobs: torch.Tensor  # (T,) float32, log p(y_t | x, y_<t)
+    truncated: bool = field(default=False, kw_only=True)
 
     @property
     def n_tokens(self) -> int:
@@ -165,13 +167,19 @@ def score_examples(
     chunk_size: int = VOCAB_CHUNK,
 ) -> list[TokenScores]:
     """Teacher-forced scores of each example's reference response, in input order; `TokenStats`
-    (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`)."""
+    (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`).
+
+    An example longer than `max_length` tokens is scored with its prompt cut from the left (the
+    response whole when it fits) and is marked `truncated`; an empty response scores no token."""
     was_training = model.training
     model.eval()
     out: list[TokenScores | None] = [None] * len(examples)
     pad_id = pad_id_of(tokenizer)
-    for idx, ids, labels in length_sorted_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
-        for i, s in zip(idx, score_batch(model, ids, labels, pad_id, vocab_stats=vocab_stats, chunk_size=chunk_size)):
+    for idx, encoded in length_sorted_batches(tokenizer, examples, batch_size=batch_size, max_length=max_length):
+        ids, labels = [e.ids for e in encoded], [e.labels for e in encoded]
+        scores = score_batch(model, ids, labels, pad_id, vocab_stats=vocab_stats, chunk_size=chunk_size)
+        for i, e, s in zip(idx, encoded, scores):
+            s.truncated = e.truncated
             out[i] = s
         if progress:
             progress(len(idx))

@@ -170,8 +170,8 @@ class _PretrainStream(torch.utils.data.IterableDataset):
                 ex = arithmetic_drill(drill_source, self.drill_lines)
             else:
                 ex = next(problems)
-            ids, labels = encode_example(self.tokenizer, ex, max_length=self.max_length, add_eos=True,
-                                         template=PRETRAIN_FORMAT)
+            ids, labels, _ = encode_example(self.tokenizer, ex, max_length=self.max_length, add_eos=True,
+                                            template=PRETRAIN_FORMAT)
             yield {"input_ids": ids, "labels": labels}
 
 

@@ -4,7 +4,13 @@ dicts loaded whole, and PEFT's own `merge_and_unload` for what an adapter means.
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,7 +298,8 @@ def test_checkpoints_of_another_base_are_refused(tiny_model_dir, full_ckpts, lor
     cfg = json.loads((moved / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "someone/another-model"
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="adapters of different base models"):
+    with pytest.raises(ValueError, match=r"moved/adapter_config.json: trained on base 'someone/another-model', but "
+                       r"the merge's base is '\S+tiny-llama\d*' \('someone/another-model' is neither a local folder"):
         merge_checkpoints(tiny_model_dir, [lora_ckpts[0], moved], out=tmp_path / "out", progress=False)
 
     # An adapter over the right base merged onto a differently shaped base.
@@ -301,6 +308,69 @@ def test_checkpoints_of_another_base_are_refused(tiny_model_dir, full_ckpts, lor
     with pytest.raises(ValueError, match=r"tensor model\.layers\.\d\.\S+\.weight: shape \[\d+, \d+\] in \S+epoch-3 but \["):
         merge_checkpoints(other_base, lora_ckpts[:2], out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _another_base(char_tokenizer, path: Path) -> Path:
+    """A base of the same architecture and shapes as the tiny one, with other weights."""
+    make_tiny_llama(len(char_tokenizer), seed=7).save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_adapters_of_another_base_of_the_same_shapes_are_refused_unless_forced(
+        tiny_model_dir, lora_ckpts, char_tokenizer, tmp_path):
+    """Every shape fits, so the merge used to succeed and write a wrong model. The adapters record the
+    base they were trained on; a merge onto other weights names both, and --force overrides."""
+    other = _another_base(char_tokenizer, tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"epoch-3/adapter_config.json: trained on base '{tiny_model_dir}', but the "
+                       rf"merge's base is '{other}' \({tiny_model_dir} holds other weights\); .* pass --force"):
+        merge_checkpoints(other, lora_ckpts[:2], out=tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+    out = merge_checkpoints(other, lora_ckpts[:2], out=tmp_path / "out", force=True, progress=False)
+    assert json.loads((out / "merge.json").read_text())["forced"] is True
+
+
+def test_the_recorded_base_may_be_named_differently(tiny_model_dir, lora_ckpts, char_tokenizer, tmp_path,
+                                                    monkeypatch):
+    """Not refused: the base under another path (relative, or a copy: same weights), or the Hub
+    cache's copy of the name the adapter recorded."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    merge_checkpoints(tiny_model_dir.name, lora_ckpts[:2], out=tmp_path / "relative", progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    merge_checkpoints(copy, lora_ckpts[:2], out=tmp_path / "copied", progress=False)
+
+    # An adapter trained on the Hub's "someone/tiny", merged onto a folder: compared with the cached copy.
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    hub = []
+    for i, ckpt in enumerate(lora_ckpts[:2]):
+        hub.append(shutil.copytree(ckpt, tmp_path / f"hub-{i}"))
+        cfg = json.loads((hub[-1] / "adapter_config.json").read_text())
+        (hub[-1] / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "someone/tiny"}))
+    merge_checkpoints(copy, hub, out=tmp_path / "from-hub", progress=False)
+    with pytest.raises(ValueError, match=r"trained on base 'someone/tiny', but .* \(\S+abc123 holds other weights\)"):
+        merge_checkpoints(_another_base(char_tokenizer, tmp_path / "other"), hub, out=tmp_path / "x", progress=False)
+
+
+def test_overwrite_replaces_only_an_earlier_merge(tiny_model_dir, full_ckpts, tmp_path):
+    """--overwrite used to replace whatever lay at --out (a file, a run folder) with the merge."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "run").mkdir()
+    for out in (tmp_path / "notes.txt", tmp_path / "run"):
+        with pytest.raises(ValueError, match=r"exists and is not a merged model folder \(no merge.json\)"):
+            merge_checkpoints(tiny_model_dir, full_ckpts[:2], out=out, overwrite=True, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "run").is_dir()
+
+
+def test_a_checkpoint_listed_twice_is_refused(tiny_model_dir, full_ckpts, tmp_path):
+    with pytest.raises(ValueError, match=r"epoch-1: listed twice"):
+        merge_checkpoints(tiny_model_dir, [full_ckpts[0], full_ckpts[1], full_ckpts[0]], out=tmp_path / "m")
 
 
 def test_different_tokenizers_are_refused(tiny_model_dir, full_ckpts, tmp_path):
@@ -338,6 +408,48 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, full_ckpts, tmp_pa
     with pytest.raises(OSError, match="No space"):
         merge_checkpoints(tiny_model_dir, full_ckpts[:2], out=tmp_path / "merged", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_merge_leaves_temporary_folders_that_the_next_merge_removes(tiny_model_dir, full_ckpts, tmp_path):
+    """A killed merge (SIGKILL: no exception, no cleanup) leaves `.NAME.tmp-HOST-PID-X` beside its
+    output, and `.NAME.old-...` holding the previous output when it was replacing one. The next merge
+    into the same parent removes them (putting a previous output back where nothing replaced it);
+    those of a merge still running are left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".merged.tmp-{host}-{dead.pid}-abc"
+    (stale / "model.safetensors").parent.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    kept = tmp_path / f".earlier.old-{host}-{dead.pid}-def" / "earlier"
+    kept.mkdir(parents=True)
+    (kept / "merge.json").write_text("{}")
+    running = tmp_path / f".other.tmp-{host}-{os.getppid()}-ghi"
+    running.mkdir()
+
+    merge_checkpoints(tiny_model_dir, full_ckpts[:2], out=tmp_path / "merged", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "earlier", "merged"]
+    assert (tmp_path / "earlier" / "merge.json").exists()
+
+
+def test_failed_replacement_keeps_the_previous_output(tiny_model_dir, full_ckpts, tmp_path, monkeypatch):
+    """A failure between moving the previous output aside and moving the new one in used to leave no
+    output at all (the previous one stranded in a temporary folder)."""
+    out = merge_checkpoints(tiny_model_dir, full_ckpts[:2], out=tmp_path / "merged", progress=False)
+    before = _weights(out)
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".merged.tmp-"):
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        merge_checkpoints(tiny_model_dir, full_ckpts[1:], out=out, overwrite=True, progress=False)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    _assert_weights(out, before)
 
 
 def test_overwrite_replaces_the_folder(tiny_model_dir, full_ckpts, tmp_path):

@@ -4,7 +4,7 @@ import torch
 from overmem.config import ModelConfig, TrainConfig, load_config
 from overmem.models import load_checkpoint, load_model, load_tokenizer
 from overmem.results import RunDir
-from overmem.train.methods import apply_method, create_optimizer
+from overmem.train.methods import apply_method, check_method, create_optimizer
 from overmem.train.trainer import finetune
 from tests.conftest import toy_examples
 
@@ -67,7 +67,7 @@ def test_loraplus_optimizer_gives_b_a_larger_lr(tiny_model_dir):
     lrs = sorted({g["lr"] for g in opt.param_groups if g["params"]})
     assert lrs == [pytest.approx(1e-3), pytest.approx(16e-3)]
     with pytest.raises(ValueError, match="loraplus_lr_ratio"):
-        create_optimizer(model, TrainConfig(method="full", loraplus_lr_ratio=16))
+        check_method(model, TrainConfig(method="full", loraplus_lr_ratio=16))
 
 
 def test_full_finetuning_of_named_parameters_only(tiny_model_dir, tmp_path):

@@ -1,19 +1,21 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from overmem.data.encoding import IGNORE, encode_example, pad_right
+from overmem.data.encoding import IGNORE, encode_example, fit_lengths, pad_right
 from overmem.data.example import format_prompt
 from overmem.scoring import TokenStats, score_batch, score_examples
 from tests.conftest import make_tiny_llama, toy_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-def reference_logprobs(model, tokenizer, example):
-    """Independent computation: one example at a time, no padding, explicit log_softmax."""
-    prompt = tokenizer(format_prompt(example.question))["input_ids"]
+def reference_logprobs(model, tokenizer, example, prompt_tokens=None):
+    """Independent computation: one example at a time, no padding, explicit log_softmax; the
+    prompt's last `prompt_tokens` tokens only, when given."""
+    prompt = tokenizer(format_prompt(example.question))["input_ids"][-prompt_tokens if prompt_tokens else 0 :]
     resp = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + resp])
     with torch.no_grad():
@@ -36,12 +38,60 @@ def test_perplexity_matches_unbatched_reference(char_tokenizer):
 
 def test_encode_masks_prompt_and_appends_eos(char_tokenizer):
     ex = toy_examples(1)[0]
-    ids, labels = encode_example(char_tokenizer, ex, max_length=4096, add_eos=True)
+    ids, labels, _ = encode_example(char_tokenizer, ex, max_length=4096, add_eos=True)
     n_prompt = len(char_tokenizer(format_prompt(ex.question))["input_ids"])
     assert labels[:n_prompt] == [-100] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == char_tokenizer.eos_token_id
     assert char_tokenizer.decode(ids[n_prompt:-1]) == ex.response
+
+
+# ---------------------------------------------------------------------------------------------
+# Over-length examples: the prompt loses its start; the response, which is scored, stays whole
+
+
+@pytest.mark.parametrize("n_prompt, n_response, kept", [
+    (10, 5, (10, 5)),  # fits: untouched
+    (15, 5, (15, 5)),  # fits exactly
+    (30, 5, (15, 5)),  # the prompt loses its first 15 tokens
+    (30, 19, (1, 19)),  # the response needs all but the one prompt token before it
+    (30, 25, (1, 19)),  # a response too long even then keeps its first tokens
+    (5, 25, (1, 19)),
+    (0, 25, (0, 20)),  # no prompt token to keep
+])
+def test_fit_lengths(n_prompt, n_response, kept):
+    assert fit_lengths(n_prompt, n_response, 20) == kept
+
+
+def test_encode_cuts_an_overlong_prompt_from_the_left(char_tokenizer):
+    """Training's encoding (with EOS) keeps the whole response and the end of the prompt."""
+    (ex,) = toy_examples(1)
+    long = replace(ex, question="Tom counts apples. " * 40 + ex.question)
+    prompt = char_tokenizer(format_prompt(long.question))["input_ids"]
+    ids, labels, truncated = encode_example(char_tokenizer, long, max_length=512, add_eos=True)
+    n_response = len(ex.response) + 1
+    assert truncated and len(ids) == len(labels) == 512
+    assert ids[: 512 - n_response] == prompt[-(512 - n_response) :]
+    assert labels[512 - n_response :] == ids[512 - n_response :] and ids[-1] == char_tokenizer.eos_token_id
+    assert not encode_example(char_tokenizer, ex, max_length=512, add_eos=True).truncated
+
+
+def test_overlong_question_is_scored_after_the_end_of_its_prompt(char_tokenizer):
+    """A question of ~700 tokens with max_length 512 used to score no token (NaN perplexity): now the
+    prompt keeps its last tokens, the whole response is scored, and the scores say `truncated`."""
+    model = make_tiny_llama(len(char_tokenizer), seed=1)
+    short = toy_examples(3)
+    long = replace(short[1], id="long", question="Tom counts apples. " * 32 + short[1].question)
+    assert len(char_tokenizer(format_prompt(long.question))["input_ids"]) > 600
+    scores = score_examples(model, char_tokenizer, [*short, long], batch_size=4, max_length=512)
+    assert [s.truncated for s in scores] == [False, False, False, True]
+    got = scores[-1]
+    ref = reference_logprobs(model, char_tokenizer, long, prompt_tokens=512 - len(long.response))
+    assert got.n_tokens == len(ref) == len(long.response) and math.isfinite(got.ppl)
+    assert torch.allclose(got.logprobs.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-4)
+    # The other examples score as they do without the long one.
+    for a, b in zip(scores, score_examples(model, char_tokenizer, short, batch_size=4, max_length=512)):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

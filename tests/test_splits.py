@@ -107,7 +107,7 @@ def test_explicit_validation(pool, tmp_path):
     assert _ids(splits.tracked[VALIDATION]) == _picks("v", 0, 20, 7, seed=2)
     whole = derive_splits(data.model_copy(update={"monitor_size": 40, "validation_size": 50}))
     assert whole.tracked[TRAIN] == splits.train and _ids(whole.tracked[VALIDATION]) == [f"v/{i}" for i in range(20)]
-    with pytest.raises(ConfigError, match=r"data.train .*: no examples"):
+    with pytest.raises(ValueError, match=r"p\.jsonl\[5:5\]: the slice selects no examples \(of 100\)"):
         derive_splits(_cfg(f"{pool}[5:5]", validation=str(valid)))
 
 

@@ -127,7 +127,7 @@ class Context:
         """Greedy decoding with the run's generation settings, or sampling as `sampled` says."""
         g = self.cfg.generation
         common = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=self.seed,
-                      stop_at_answer=g.stop_at_answer, cache=g.cache)
+                      stop_at_answer=g.stop_at_answer, cache=g.cache, max_prompt_tokens=self.cfg.train.max_length)
         if sampled is None:
             return Decoding(**common)
         return Decoding(temperature=sampled.temperature, top_p=sampled.top_p, n_samples=sampled.n_samples, **common)

@@ -31,7 +31,7 @@ from pydantic import Field
 from ..data.example import Example
 from ..results import read_jsonl
 from .base import Analysis, AnalysisResult, Prepared, Progress, SampledSettings, register
-from .figures import new_figure, save_figure
+from .figures import figure_exists, new_figure, save_figure
 from .sampling import Decoding, sample_answers
 
 if TYPE_CHECKING:
@@ -188,12 +188,13 @@ class Calibration(Analysis[CalibrationSettings]):
         figures = []
         for ckpt in doc["checkpoints"]:
             out = self.ctx.run.analysis_dir / "calibration" / f"{ckpt}_reliability"
+            png = out.with_name(f"{out.name}.png")
             rows = [r for r in read_jsonl(self.ctx.run.root / doc["samples"][ckpt]) if r["n_tokens"] > 0]
             if not rows:
                 continue
-            if ckpt in fresh or not out.with_suffix(".png").exists():
+            if ckpt in fresh or not figure_exists(png):
                 bins = reliability_bins([r["confidence"] for r in rows], [r["correct"] for r in rows],
                                         doc["settings"]["n_bins"])
                 plot_reliability(bins, out, title=ckpt)
-            figures.append(self.ctx.relative(out.with_suffix(".png")))
+            figures.append(self.ctx.relative(png))
         return figures

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..results import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -27,14 +29,22 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | Path) -> list[Path]:
-    """Save `fig` as PATH.png and PATH.svg (folders created); returns both paths."""
+    """Save `fig` as PATH.png and PATH.svg (folders created), each written whole or not at all
+    (an interrupted save leaves no half-written figure that a resume would take as drawn);
+    returns both paths."""
     fig.tight_layout()
     base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    paths = [base.with_suffix(".png"), base.with_suffix(".svg")]
+    # Suffixes are appended: a checkpoint name such as merge(epoch-1:0.25,...) holds dots.
+    paths = [base.with_name(f"{base.name}.png"), base.with_name(f"{base.name}.svg")]
     for p in paths:
-        fig.savefig(p, dpi=DPI)
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, dpi=DPI, format=p.suffix[1:])
     return paths
+
+
+def figure_exists(png: Path) -> bool:
+    """Whether a saved figure is there: its PNG (the path recorded) and the SVG beside it."""
+    return png.is_file() and png.with_suffix(".svg").is_file()
 
 
 def plot_roc(

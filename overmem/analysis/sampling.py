@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, TrainConfig
 from ..data.answers import is_correct
 from ..data.example import Example, format_prompt
 
@@ -29,12 +29,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _DEFAULTS = GenerationConfig()  # the run config's decoding limits
+_MAX_LENGTH = TrainConfig().max_length  # and its longest sequence
 
 
 @dataclass(frozen=True)
 class Decoding:
-    """How to decode: greedy when `temperature` is None; `batch_size` prompts per generate call.
-    The limits default to the run config's `generation` section."""
+    """How to decode: greedy when `temperature` is None; `batch_size` prompts per generate call;
+    a prompt keeps at most its last `max_prompt_tokens` tokens (the run's `train.max_length`).
+    The limits default to the run config's `generation` and `train` sections."""
 
     max_new_tokens: int = _DEFAULTS.max_new_tokens
     batch_size: int = _DEFAULTS.batch_size
@@ -44,6 +46,7 @@ class Decoding:
     seed: int = 0
     stop_at_answer: bool = _DEFAULTS.stop_at_answer
     cache: str = _DEFAULTS.cache
+    max_prompt_tokens: int = _MAX_LENGTH
 
     def __post_init__(self) -> None:
         if self.temperature is None and self.n_samples != 1:
@@ -65,7 +68,8 @@ def decode(
         model, tokenizer, prompts, max_new_tokens=decoding.max_new_tokens, batch_size=decoding.batch_size,
         stop_at_answer=decoding.stop_at_answer, do_sample=sampling,
         temperature=decoding.temperature if sampling else 1.0, top_p=decoding.top_p,
-        num_samples=decoding.n_samples, seed=decoding.seed, cache=decoding.cache, progress=progress,
+        num_samples=decoding.n_samples, seed=decoding.seed, cache=decoding.cache,
+        max_prompt_tokens=decoding.max_prompt_tokens, progress=progress,
     )
 
 

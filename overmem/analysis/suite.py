@@ -52,6 +52,7 @@ from ..config import ConfigError, RunConfig
 from ..models import load_checkpoint, load_model, load_tokenizer, quiet_libraries, release_memory
 from ..results import ANALYSIS_DIR, Checkpoint, RunDir, resolve_checkpoints, write_json, write_jsonl
 from .base import ANALYSES, Analysis, AnalysisResult, Context
+from .figures import figure_exists
 
 
 def analyze(
@@ -106,6 +107,10 @@ def _open_doc(run: RunDir, analysis: Analysis, settings: dict[str, Any]) -> dict
     """NAME.json's content so far, or a new one; refused if computed with other settings."""
     path = run.analysis_json(analysis.name)
     doc = run.read_json(path)
+    fields = {"checkpoints": dict, "settings": dict, "samples": dict, "figures": list}
+    if doc is not None and not (isinstance(doc, dict) and all(isinstance(doc.get(k), t) for k, t in fields.items())):
+        raise ConfigError(f"{path}: not an analysis file as overmem writes it (edited?); delete it and "
+                          f"{ANALYSIS_DIR}/{analysis.name}/ to recompute")
     if doc is not None and doc["checkpoints"]:
         diff = _settings_diff(doc["settings"], settings)
         if diff:
@@ -153,10 +158,12 @@ def _table(analysis: Analysis, doc: dict[str, Any]) -> dict[str, Any]:
 
 def _draw_figures(ctx: Context, analysis: Analysis, doc: dict[str, Any], fresh: set[str]) -> None:
     """Figures once per invocation, after all its checkpoints; also when an interrupted invocation
-    left them behind the results (`figures_of` lists the checkpoints the figures show)."""
+    left them behind the results (`figures_of` lists the checkpoints the figures show) or a PNG or
+    SVG of them is missing."""
     if not doc["checkpoints"]:
         return
-    if not fresh and doc.get("figures_of") == list(doc["checkpoints"]):
+    drawn = all(figure_exists(ctx.run.root / f) for f in doc.get("figures", []))
+    if not fresh and doc.get("figures_of") == list(doc["checkpoints"]) and drawn:
         return
     figures = analysis.figures(doc, fresh)
     if figures is None:

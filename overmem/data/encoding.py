@@ -2,12 +2,14 @@
 
 Training and scoring both encode here, so the response tokens scored are exactly the tokens
 trained on: prompt and response are tokenized separately and concatenated, and the prompt
-positions carry the label `IGNORE`.
+positions carry the label `IGNORE`. An example longer than `max_length` tokens is cut as
+`fit_lengths` says (the response keeps priority; the prompt loses its start), and says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +19,14 @@ from .example import Example, format_prompt
 IGNORE = -100
 
 
+class Encoded(NamedTuple):
+    """One example as model inputs."""
+
+    ids: list[int]  # prompt + response token ids
+    labels: list[int]  # the ids, with IGNORE at the prompt positions
+    truncated: bool  # the example did not fit `max_length`: its prompt (and maybe response) was cut
+
+
 def encode_example(
     tokenizer: PreTrainedTokenizerBase,
     example: Example,
@@ -24,20 +34,38 @@ def encode_example(
     max_length: int,
     add_eos: bool,
     template: str | None = None,
-) -> tuple[list[int], list[int]]:
-    """Token ids of prompt+response and labels that mask the prompt with -100.
+) -> Encoded:
+    """Token ids of prompt+response and labels that mask the prompt with -100, cut to `max_length`
+    tokens as `fit_lengths` says.
 
     Training appends EOS so the model learns to stop; scoring does not, so the perplexity
-    is that of the reference text alone. Over-long pairs lose the end of the response.
+    is that of the reference text alone.
     """
     prompt = format_prompt(example.question) if template is None else format_prompt(example.question, template)
     p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     r_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
         r_ids = r_ids + [tokenizer.eos_token_id]
-    ids = (p_ids + r_ids)[:max_length]
-    labels = ([IGNORE] * len(p_ids) + r_ids)[:max_length]
-    return ids, labels
+    n_prompt, n_response = fit_lengths(len(p_ids), len(r_ids), max_length)
+    truncated = (n_prompt, n_response) != (len(p_ids), len(r_ids))
+    p_ids, r_ids = p_ids[len(p_ids) - n_prompt :], r_ids[:n_response]
+    return Encoded(p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids, truncated)
+
+
+def fit_lengths(n_prompt: int, n_response: int, max_length: int) -> tuple[int, int]:
+    """How many prompt tokens (the last ones) and response tokens (the first ones) an example of
+    `n_prompt` + `n_response` tokens keeps in `max_length` tokens; all of them when they fit.
+
+    The response is what is trained on and scored, so it keeps priority: the prompt loses tokens
+    from its start (as lm-evaluation-harness cuts contexts) until the whole response fits after
+    at least one prompt token (a position predicts the next token, so a response with nothing
+    before it could not have its first token scored). A response too long even for that keeps
+    its first `max_length - 1` tokens after the prompt's last token.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+    kept_prompt = min(n_prompt, max(max_length - n_response, 1))
+    return kept_prompt, min(n_response, max_length - kept_prompt)
 
 
 def pad_right(seqs: Sequence[list[int]], value: int) -> torch.Tensor:
@@ -48,14 +76,14 @@ def pad_right(seqs: Sequence[list[int]], value: int) -> torch.Tensor:
 
 def length_sorted_batches(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, batch_size: int, max_length: int
-) -> Iterator[tuple[list[int], list[list[int]], list[list[int]]]]:
+) -> Iterator[tuple[list[int], list[Encoded]]]:
     """Encoded examples (prompt masked, no EOS) in batches of similar length, so each batch
-    carries little padding: yields (indices into `examples`, input ids, labels)."""
+    carries little padding: yields (indices into `examples`, their encodings)."""
     encoded = [encode_example(tokenizer, ex, max_length=max_length, add_eos=False) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield idx, [encoded[i][0] for i in idx], [encoded[i][1] for i in idx]
+        yield idx, [encoded[i] for i in idx]
 
 
 def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -41,14 +41,13 @@ LocatedRow = tuple[str, Row]
 def _read_records(path: Path) -> Iterator[LocatedRow]:
     """Rows of a .jsonl, .json (list of objects, or object of objects) or .csv file."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _read_jsonl(path)
-    elif suffix == ".json":
-        yield from _read_json(path)
-    elif suffix == ".csv":
-        yield from _read_csv(path)
-    else:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+    if suffix not in readers:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
+    try:
+        yield from readers[suffix](path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[LocatedRow]:
@@ -88,10 +87,21 @@ def _read_json(path: Path) -> Iterator[LocatedRow]:
 
 def _read_csv(path: Path) -> Iterator[LocatedRow]:
     with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        while header and not header[-1]:  # trailing empty columns (a spreadsheet's export) hold nothing
+            header.pop()
+        for values in reader:
+            if not values:  # a blank line
+                continue
             # line_num is the line the record ends on (records may span lines in quoted fields).
-            yield f"{path} line {reader.line_num}", {k: v for k, v in row.items() if k is not None}
+            where = f"{path} line {reader.line_num}"
+            if not any(values[len(header):]):
+                values = values[: len(header)]
+            if len(values) != len(header):  # a comma in an unquoted field, or a quote never closed
+                raise ValueError(f"{where}: {len(values)} fields but the header has {len(header)}; quote fields "
+                                 "that contain commas (and close every quote)")
+            yield where, dict(zip(header, values))
 
 
 def _hub_rows(hub_id: str, config: str | None, split: str) -> list[LocatedRow]:
@@ -217,6 +227,8 @@ def load_file(
     "numeric". Ids are `<file stem>/<index>` unless the map names an id column.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data file {path} is a folder; give a .jsonl, .json or .csv file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     rows = list(_read_records(path))

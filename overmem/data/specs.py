@@ -146,4 +146,7 @@ def _slice(examples: list[Example], spec: DataSpec) -> list[Example]:
     for bound in (spec.start, spec.stop):
         if bound is not None and not -n <= bound <= n:
             raise ValueError(f"{spec}: slice bound {bound} is past the end ({n} examples)")
-    return examples[spec.start : spec.stop]
+    chosen = examples[spec.start : spec.stop]
+    if not chosen and n:  # an empty slice would give results over no examples (n=0, NaN)
+        raise ValueError(f"{spec}: the slice selects no examples (of {n}); give [START:STOP] with START before STOP")
+    return chosen

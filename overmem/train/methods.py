@@ -15,17 +15,17 @@ rank-2r LoRA over the *original* base, so every checkpoint loads and merges like
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from ..config import LORA_TARGETS, TrainConfig
+from ..config import LORA_TARGETS, ConfigError, TrainConfig
 
 WIDE_EXTRA_TARGETS = ["o_proj", "gate_proj"]
 _ALPHA = {"lora": 128.0, "wide_lora": 128.0, "pissa": 64.0, "milora": 64.0}
-INIT_ADAPTER = "adapter-init"  # folder (under checkpoints/) with the initial PiSSA/MiLoRA adapter
 
 
 def lora_alpha(cfg: TrainConfig) -> float:
@@ -43,28 +43,45 @@ def changes_base(cfg: TrainConfig) -> bool:
     return cfg.method in ("pissa", "milora")
 
 
+def check_method(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Raise ConfigError where the method's settings do not fit `model` or each other: adapter targets the
+    model lacks, `trainable` patterns that match no parameter, the LoRA+ optimizer without an adapter.
+
+    `apply_method` checks this too, but a run calls it first, before it writes anything: a mistake found
+    mid-run would leave a run folder that the corrected config is then refused to resume."""
+    if cfg.method == "full":
+        if cfg.loraplus_lr_ratio is not None:
+            raise ConfigError("train.loraplus_lr_ratio: the LoRA+ optimizer needs an adapter method, not 'full'")
+        if cfg.trainable is not None:
+            names = [name for name, _ in model.named_parameters()]
+            unmatched = [p for p in cfg.trainable if not any(p in name for name in names)]
+            if unmatched:
+                raise ConfigError(f"train.trainable: {unmatched} match no parameter; names look like {names[:3]}")
+        return
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in lora_targets(cfg) if t not in present]
+    if missing:
+        raise ConfigError(
+            f"train.lora.target_modules: {missing} not found in the model; "
+            f"linear layers include {sorted(n for n in present if n.endswith('proj'))}"
+        )
+
+
 def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
     """Wrap the model for the finetuning method (`full` trains every weight, or those that
     `cfg.trainable` names)."""
+    check_method(model, cfg)
     if cfg.method == "full":
         if cfg.trainable is not None:
             freeze_except(model, cfg.trainable)
         return model
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_targets(cfg)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise ValueError(
-            f"train.lora.target_modules: {missing} not found in the model; "
-            f"linear layers include {sorted(n for n in present if n.endswith('proj'))}"
-        )
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=lora_alpha(cfg),
         lora_dropout=cfg.lora.dropout,
-        target_modules=targets,
+        target_modules=lora_targets(cfg),
         init_lora_weights="pissa" if cfg.method == "pissa" else True,
         task_type="CAUSAL_LM",
     )
@@ -75,13 +92,9 @@ def apply_method(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:
 
 
 def freeze_except(model: torch.nn.Module, patterns: list[str]) -> None:
-    """Freeze every parameter whose name contains none of `patterns`. A pattern that matches no
-    parameter is an error (a typo would otherwise silently train nothing or everything)."""
-    params = dict(model.named_parameters())
-    unmatched = [p for p in patterns if not any(p in name for name in params)]
-    if unmatched:
-        raise ValueError(f"train.trainable: {unmatched} match no parameter; names look like {list(params)[:3]}")
-    for name, param in params.items():
+    """Freeze every parameter whose name contains none of `patterns` (`check_method` has made sure
+    each pattern matches one: a typo would otherwise silently train nothing or everything)."""
+    for name, param in model.named_parameters():
         param.requires_grad_(any(p in name for p in patterns))
 
 
@@ -115,22 +128,27 @@ def milora_init(model: Any, adapter: str = "default") -> None:
 
 def save_initial_adapter(model: Any, folder: Path) -> None:
     """Save the initial adapter of a base-changing method, marked as a plain LoRA init so
-    that PEFT's conversion subtracts it (instead of re-decomposing the residual base)."""
+    that PEFT's conversion subtracts it (instead of re-decomposing the residual base).
+
+    Written to a temporary folder and renamed: a resume reuses `folder` once it exists, so a
+    killed save must not leave it."""
     cfg = model.peft_config["default"]
     original = cfg.init_lora_weights
     cfg.init_lora_weights = True
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
     finally:
         cfg.init_lora_weights = original
+    tmp.rename(folder)
 
 
 def create_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer | None:
-    """PEFT's LoRA+ optimizer when `loraplus_lr_ratio` is set; else None (the Trainer's own)."""
+    """PEFT's LoRA+ optimizer when `loraplus_lr_ratio` is set (an adapter method: see `check_method`);
+    else None (the Trainer's own)."""
     if cfg.loraplus_lr_ratio is None:
         return None
-    if cfg.method == "full":
-        raise ValueError("train.loraplus_lr_ratio: the LoRA+ optimizer needs an adapter method, not 'full'")
     from peft.optimizers import create_loraplus_optimizer
 
     return create_loraplus_optimizer(

@@ -1,10 +1,14 @@
 """Finetuning with the Hugging Face Trainer: loss on response tokens only, `full` or `lora`,
-a loadable checkpoint at every epoch (and optionally every K steps), resumable."""
+a loadable checkpoint at every epoch (and optionally every K steps), resumable; a non-finite
+training loss stops it (`TrainingDiverged`)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +17,24 @@ from transformers import (
     PreTrainedModel,
     PrinterCallback,
     PreTrainedTokenizerBase,
+    SchedulerType,
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    get_scheduler,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import OptimizerNames
 
-from ..config import RunConfig, TrainConfig
+from ..config import ConfigError, RunConfig, TrainConfig
 from ..data.encoding import IGNORE, encode_example, pad_right
 from ..data.example import Example
-from ..results import CHECKPOINT_META, RunDir, epoch_name, step_name
+from ..results import CHECKPOINT_META, HF_TRAINER_STATE, INIT_ADAPTER, RunDir, epoch_name, step_name
+from . import TrainingDiverged
 from .losses import weighted_token_ce
-from .methods import INIT_ADAPTER, apply_method, changes_base, create_optimizer, save_initial_adapter
+from .methods import apply_method, changes_base, check_method, create_optimizer, save_initial_adapter
+
+log = logging.getLogger(__name__)
 
 
 class OvermemTrainer(Trainer):
@@ -50,6 +61,16 @@ class OvermemTrainer(Trainer):
         )
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-batch; a non-finite loss stops training before the optimizer step, so no
+        checkpoint of NaN weights is saved or evaluated (the Trainer itself would log the loss as
+        0.0 and go on)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+            raise TrainingDiverged(f"at step {step} (loss {loss.item()})", self.args.learning_rate)
+        return loss
+
 
 class ResponseOnlyCollator:
     """Right-pads a batch; prompt and padding positions carry label -100."""
@@ -67,13 +88,17 @@ class ResponseOnlyCollator:
 
 
 def save_model_atomic(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path, **save_kwargs: Any
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path, *, files: Mapping[str, str] | None = None,
+    **save_kwargs: Any,
 ) -> None:
-    """Save weights (safetensors) and tokenizer to `dest` via a temporary folder + rename."""
+    """Save weights (safetensors), tokenizer and `files` (name -> text) to `dest` via a temporary
+    folder + rename: a killed save leaves no `dest` that a resume would take as done."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
     tokenizer.save_pretrained(tmp)
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
@@ -98,10 +123,8 @@ class EpochCheckpointCallback(TrainerCallback):
     def _save(self, name: str, model: PreTrainedModel, state: Any) -> None:
         dest = self.run.checkpoint(name)
         if not dest.exists():
-            save_model_atomic(model, self.tokenizer, dest, **self.save_kwargs)
-            (dest / CHECKPOINT_META).write_text(
-                f'{{"epoch": {state.epoch:.4f}, "step": {state.global_step}}}\n'
-            )
+            meta = f'{{"epoch": {state.epoch:.4f}, "step": {state.global_step}}}\n'
+            save_model_atomic(model, self.tokenizer, dest, files={CHECKPOINT_META: meta}, **self.save_kwargs)
         if self.after_save:
             self.after_save(name, model, state)
 
@@ -145,9 +168,80 @@ def training_args(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> Traini
     )
 
 
-def latest_trainer_checkpoint(run: RunDir) -> str | None:
-    ckpts = sorted(run.trainer_state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(ckpts[-1]) if ckpts else None
+# TrainingArguments names in the Trainer's messages -> the run config's fields.
+_ARG_FIELDS = {"lr_scheduler_type": "train.scheduler", "optim": "train.optimizer", "report_to": "train.report_to"}
+
+
+def check_training_settings(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> None:
+    """Raise ConfigError, naming the field, for every setting the Trainer or the method would
+    reject only once training starts: a run calls this before it writes anything."""
+    t = cfg.train
+    check_method(model, t)
+    if t.scheduler not in {s.value for s in SchedulerType}:
+        raise ConfigError(f"train.scheduler: unknown scheduler {t.scheduler!r}; "
+                          f"choose one of {', '.join(s.value for s in SchedulerType)}")
+    if t.optimizer not in {o.value for o in OptimizerNames}:
+        raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r}; "
+                          "e.g. adamw_torch, adamw_torch_fused, sgd, adafactor (see transformers' OptimizerNames)")
+    try:
+        args = training_args(cfg, run, model)
+    except ValueError as err:
+        message = str(err).splitlines()[0]
+        field = next((ours for theirs, ours in _ARG_FIELDS.items() if theirs in message), "train")
+        raise ConfigError(f"{field}: {message}") from None
+    try:  # some schedulers need settings of their own, which a run config does not pass
+        placeholder = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+        get_scheduler(args.lr_scheduler_type, placeholder, num_warmup_steps=t.warmup_steps,
+                      num_training_steps=t.warmup_steps + 1, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"train.scheduler: {t.scheduler!r} cannot be used here ({str(err).splitlines()[0]}); "
+                          "choose another, e.g. linear or cosine") from None
+    if t.loraplus_lr_ratio is None:  # else the optimizer is PEFT's LoRA+, not the Trainer's
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args, model)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"train.optimizer: {t.optimizer!r}: {str(err).splitlines()[0]}") from None
+    _check_report_to(args.report_to)
+
+
+def _check_report_to(names: list[str]) -> None:
+    from transformers.integrations import get_available_reporting_integrations, get_reporting_integration_callbacks
+
+    try:
+        get_reporting_integration_callbacks(names)
+    except ValueError as err:
+        raise ConfigError(f"train.report_to: {err}") from None
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        raise ConfigError(f"train.report_to: {', '.join(missing)} not installed; install it or remove it from the list")
+
+
+def resume_checkpoint(run: RunDir) -> str | None:
+    """The newest complete Trainer checkpoint of the run (None: start from the beginning).
+
+    The Trainer writes a checkpoint's weights, optimizer, scheduler and RNG states first and its
+    `trainer_state.json` last; a checkpoint without a readable one was cut off by a kill. It is
+    deleted, with a log line: resuming from it fails, or restarts the schedule on its weights."""
+    found = []
+    for path in run.trainer_state.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        if _complete_trainer_checkpoint(path):
+            return str(path)
+        log.warning("%s: incomplete Trainer checkpoint (the run was stopped while writing it); deleted, "
+                    "training resumes from the complete one before it, if any", path)
+        shutil.rmtree(path)
+    return None
+
+
+def _complete_trainer_checkpoint(path: Path) -> bool:
+    try:
+        state = json.loads((path / HF_TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
 
 
 def finetune(
@@ -173,7 +267,7 @@ def finetune(
         save_kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
     features = []
     for ex in train_examples:
-        ids, labels = encode_example(tokenizer, ex, max_length=cfg.train.max_length, add_eos=True)
+        ids, labels, _ = encode_example(tokenizer, ex, max_length=cfg.train.max_length, add_eos=True)
         features.append({"input_ids": ids, "labels": labels})
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     trainer = OvermemTrainer(
@@ -188,5 +282,5 @@ def finetune(
     )
     if cfg.quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
-    trainer.train(resume_from_checkpoint=latest_trainer_checkpoint(run))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(run))
     return trainer

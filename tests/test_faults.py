@@ -1,0 +1,708 @@
+"""Bad input and faults, through the real command line: what a user can get wrong (or what can go
+wrong while a command runs), the exit code, a fragment of the one-line message, and that nothing is
+left behind that a later run would trust. One section per area."""
+
+import errno
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from overmem.cli import main
+from overmem.config import EvalConfig, GenerationConfig, dump_config, load_config
+from overmem.data.readers import load_file
+from overmem.data.example import Example
+from overmem.dynamics import evaluate_checkpoint
+from overmem.results import RunDir, read_jsonl, write_jsonl
+from tests.conftest import make_tiny_llama, toy_examples, write_toy_jsonl
+
+# ---- training: settings the Trainer checks, divergence, kills ---------------------------------
+
+
+def _train_args(model_dir, files, out, *sets, epochs=2, batch_size=8):
+    """`overmem run` on the tiny model: 16 training examples, `batch_size / 4` micro-batches a step."""
+    config = out.parent / "config.yaml"
+    config.write_text("quiet: true\n")
+    base = [
+        f"model.name_or_path={model_dir}", f"data.train={files['train']}[:16]",
+        f"data.tests={{test: {files['test']}}}", "data.monitor_size=6", "data.validation_size=6",
+        "train.method=full", f"train.epochs={epochs}", "train.lr=5e-3", f"train.batch_size={batch_size}",
+        "train.micro_batch_size=4", "train.warmup_steps=0", "generation.max_new_tokens=8", "eval.bootstrap=200",
+    ]
+    return ["run", str(config), "--out", str(out), *[a for s in (*base, *sets) for a in ("--set", s)]]
+
+
+def _missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+# (overrides, fragment of the message). Each is refused with exit 2 before the run folder exists:
+# found mid-run, it would leave a folder whose corrected re-run is refused as "a different train section".
+TRAIN_SETTINGS = [
+    (["train.scheduler=bogus"], "train.scheduler: unknown scheduler 'bogus'; choose one of linear, cosine"),
+    (["train.optimizer=bogus"], "train.optimizer: unknown optimizer 'bogus'"),
+    (["train.scheduler=cosine_with_min_lr"], "train.scheduler: 'cosine_with_min_lr' cannot be used here"),
+    (["train.scheduler=warmup_stable_decay"], "train.scheduler: 'warmup_stable_decay' cannot be used here"),
+    (["train.scheduler=reduce_lr_on_plateau"], "train.scheduler: lr_scheduler_type reduce_lr_on_plateau requires"),
+    (["train.scheduler=greedy"], "train.scheduler: lr_scheduler_type greedy requires an eval strategy"),
+    pytest.param(["train.optimizer=adamw_bnb_8bit"], "train.optimizer: 'adamw_bnb_8bit': You need to install "
+                 "`bitsandbytes`", marks=pytest.mark.skipif(not _missing("bitsandbytes"), reason="installed")),
+    pytest.param(["train.optimizer=lomo"], "train.optimizer: 'lomo': You need to install `lomo_optim`",
+                 marks=pytest.mark.skipif(not _missing("lomo_optim"), reason="installed")),
+    (["train.report_to=[bogus]"], "train.report_to: bogus is not supported"),
+    pytest.param(["train.report_to=[wandb]"], "train.report_to: wandb not installed",
+                 marks=pytest.mark.skipif(not _missing("wandb"), reason="installed")),
+    (["train.trainable=[mpl]"], "train.trainable: ['mpl'] match no parameter"),
+    (["train.loraplus_lr_ratio=4"], "train.loraplus_lr_ratio: the LoRA+ optimizer needs an adapter method"),
+    (["train.method=lora", "train.lora.target_modules=[nope_proj]"],
+     "train.lora.target_modules: ['nope_proj'] not found in the model"),
+]
+
+
+@pytest.mark.parametrize("sets, fragment", TRAIN_SETTINGS)
+def test_train_settings_are_refused_before_anything_is_written(tiny_model_dir, toy_jsonl, tmp_path, capsys,
+                                                               sets, fragment):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, toy_jsonl, out, *sets)) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_train_split_row_of_a_diverged_model_is_null_and_counted():
+    from overmem.config import EvalConfig
+    from overmem.dynamics import split_summary
+
+    samples = [{"nll_sum": 4.0, "n_tokens": 2, "ppl": 7.39, "truncated": False},
+               {"nll_sum": float("nan"), "n_tokens": 3, "ppl": float("nan"), "truncated": False}]
+    row = split_summary(samples, EvalConfig())
+    assert row["ppl"] is row["ppl_token"] is row["nll_token"] is None
+    assert row["non_finite"] == 1 and row["n"] == 2
+    assert "non_finite" not in split_summary(samples[:1], EvalConfig())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size, fragment", [
+    (8, "training diverged at step 2 (loss nan)"),  # step 1 makes the weights useless, step 2's loss shows it
+    (16, "training diverged by step 1: epoch-1 has non-finite losses (6 of 6 on train"),  # one step an epoch
+])
+def test_train_diverged_run_exits_1_and_keeps_what_it_finished(tiny_model_dir, toy_jsonl, tmp_path, capsys,
+                                                               batch_size, fragment):
+    """A huge learning rate: the run stops with exit 1 and one line naming the step and what to change;
+    dynamics.jsonl holds no NaN (the diverged checkpoint's perplexities are null and counted), and phases,
+    selection and report describe the checkpoints before the divergence."""
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, toy_jsonl, out, "train.lr=1e10", batch_size=batch_size)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert fragment in err and "lower train.lr (now 1e+10)" in err
+    text = out.joinpath("dynamics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    rows = read_jsonl(out / "dynamics.jsonl")
+    finite = {r["checkpoint"] for r in rows if r["ppl"] is not None}
+    assert finite == {"epoch-0"}
+    assert all(r["non_finite"] == r["n"] for r in rows if r["ppl"] is None)
+    phases = json.loads((out / "phases.json").read_text())
+    assert [c["checkpoint"] for c in phases["checkpoints"]] == ["epoch-0"]
+    assert json.loads((out / "selection.json").read_text())["choices"]["recommended"]["checkpoint"] == "epoch-0"
+    assert (out / "report.html").stat().st_size > 0
+
+
+def _rows_without_timing(out):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(out / "dynamics.jsonl")]
+
+
+@pytest.mark.slow
+def test_train_sigkill_while_the_trainer_saves_then_rerun(tiny_model_dir, toy_jsonl, tmp_path):
+    """SIGKILL `overmem run` as soon as the Trainer starts writing its first resume checkpoint; the
+    same command then finishes the run with the numbers of a run that was never killed."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, toy_jsonl, ref, epochs=3)) == 0
+    cmd = [sys.executable, "-m", "overmem.cli", *_train_args(tiny_model_dir, toy_jsonl, out, epochs=3)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "trainer_state" / "checkpoint-2").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "epoch-3").exists()
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _rows_without_timing(out) == _rows_without_timing(ref)
+
+
+# ---- length: over-length input and references with no scorable token --------------------------
+# Not errors: the example is cut (the prompt loses its start; see data/encoding.fit_lengths) or left
+# out of the perplexity, and every row says so. `overmem evaluate` exits 0 on each.
+
+_QUESTION = "Tom has 2 apples and buys 3 more. How many apples does he have?"
+_RESPONSE = "He has 2 + 3 = <<2+3=5>>5 apples.\n#### 5"
+
+# (question, reference, tokens of the reference scored) with train.max_length=512 and one token a character.
+LENGTH_CASES = [
+    pytest.param("Tom counts apples. " * 32 + _QUESTION, _RESPONSE, len(_RESPONSE), id="600-token question"),
+    pytest.param("Tom counts apples. " * 5300 + _QUESTION, _RESPONSE, len(_RESPONSE), id="100k-character question"),
+    pytest.param(_QUESTION, "He counts. " * 70 + _RESPONSE, 511, id="reference longer than max_length"),
+]
+
+
+@pytest.mark.parametrize("question, response, n_scored", LENGTH_CASES)
+def test_length_overlong_example_is_cut_and_counted(tiny_model_dir, toy_jsonl, tmp_path, capsys,
+                                                    question, response, n_scored):
+    """The toy test file plus one over-length example: the example used to score no token (its NaN left
+    out of the mean while `n` counted it) or to reach generation whole (100k positions of attention).
+    Now its perplexity is finite, its row says `truncated`, the split row counts it in `n_truncated`,
+    and the command ends in bounded time."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(toy_jsonl["test"].read_text() + json.dumps({"question": question, "answer": response}) + "\n")
+    res = tmp_path / "eval.json"
+    start = time.monotonic()
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(res), "-q",
+                 "--set", "train.max_length=512", "--set", "generation.max_new_tokens=8"]) == 0
+    assert time.monotonic() - start < 120
+    assert "n=9  n_truncated=1  ppl=" in capsys.readouterr().out
+    row = json.loads(res.read_text())
+    assert row["n"] == 9 and row["n_truncated"] == 1 and "n_skipped" not in row and math.isfinite(row["ppl"])
+    samples = read_jsonl(tmp_path / "eval.samples.jsonl")
+    (cut,) = [s for s in samples if s["truncated"]]
+    assert cut["n_tokens"] == n_scored and math.isfinite(cut["ppl"]) and isinstance(cut["generation"], str)
+    assert "NaN" not in res.read_text() + (tmp_path / "eval.samples.jsonl").read_text()
+
+
+def test_length_reference_with_no_scorable_token_is_skipped_and_counted(tmp_path, char_tokenizer):
+    """An empty reference (data files refuse one; a callback's own examples may hold one) has no
+    perplexity: its sample row says null, the split's `ppl` is the mean over the scored examples and the
+    row states `n` and `n_skipped`; nothing written holds NaN."""
+    model = make_tiny_llama(len(char_tokenizer), seed=1)
+    examples = [*toy_examples(2), Example("empty", _QUESTION, "", "5")]
+    run = RunDir(tmp_path / "run")
+    (row,) = evaluate_checkpoint(
+        model, char_tokenizer, {"test": examples}, run, checkpoint="epoch-1", epoch=1.0, step=1,
+        eval_cfg=EvalConfig(bootstrap=100), gen_cfg=GenerationConfig(max_new_tokens=4), max_length=512, quiet=True,
+    )
+    samples = read_jsonl(run.samples("epoch-1", "test"))
+    assert row["n"] == 3 and row["n_skipped"] == 1 and "n_truncated" not in row
+    assert samples[2]["n_tokens"] == 0 and samples[2]["ppl"] is None and samples[2]["truncated"] is False
+    assert row["ppl"] == pytest.approx((samples[0]["ppl"] + samples[1]["ppl"]) / 2)
+    assert row["accuracy"] is not None  # every example was still asked
+    assert "NaN" not in run.dynamics.read_text() + run.samples("epoch-1", "test").read_text()
+
+
+# ---- command line: input errors, corrupt files, merge, select, analysis files -----------------
+# A row: what the user got wrong (set up in a fresh folder beside a shared small world: a tiny base,
+# another base of the same shapes, one of other shapes, two LoRA adapters of the first, data files,
+# and a run folder with its dynamics, phases, selection and figure), the command line, the exit code
+# (2: usage and input errors; 1: failures), a fragment of the one-line message, and that no file was
+# written or changed.
+
+
+def _lora_adapter(base, path, tokenizer, seed):
+    """A LoRA adapter over `base` with random nonzero factors, as if trained (records `base`)."""
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _dynamics_rows():
+    """Four checkpoints: perplexity falls, then rises while accuracy stays (over-memorization)."""
+    rows = []
+    for epoch, (ppl, acc) in enumerate([(3.0, 0.25), (2.0, 0.5), (1.8, 0.75), (2.9, 0.75)]):
+        for split, shift in (("train", -0.5), ("validation", 0.0), ("test", 0.1)):
+            rows.append({"checkpoint": f"epoch-{epoch}", "epoch": epoch, "step": 2 * epoch, "split": split, "n": 8,
+                         "ppl": ppl + shift, "ppl_token": ppl + shift, "nll_token": math.log(ppl + shift),
+                         "n_tokens": 300, "accuracy": acc, "accuracy_ci_low": acc - 0.25,
+                         "accuracy_ci_high": acc + 0.25})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model_dir, char_tokenizer, tmp_path_factory):
+    """What the rows start from; a row copies what it breaks into its own folder."""
+    root = tmp_path_factory.mktemp("world")
+    files = write_toy_jsonl(root)
+    other = root / "other-base"
+    make_tiny_llama(len(char_tokenizer), seed=1).save_pretrained(other)
+    char_tokenizer.save_pretrained(other)
+    adapters = [_lora_adapter(tiny_model_dir, root / f"epoch-{i}", char_tokenizer, seed=i) for i in (1, 2)]
+    wide = root / "wide-base"  # another architecture: hidden size 48, not 32
+    config = make_tiny_llama(len(char_tokenizer)).config
+    config.hidden_size = 48
+    AutoModelForCausalLM.from_config(config).save_pretrained(wide)
+    char_tokenizer.save_pretrained(wide)
+    run = root / "run"
+    run.mkdir()
+    sets = [f"model.name_or_path={tiny_model_dir}", f"data.train={files['train']}[:16]",
+            f"data.tests={{test: {files['test']}}}", "data.monitor_size=6", "data.validation_size=6",
+            "generation.max_new_tokens=4", "eval.bootstrap=100", "quiet=true"]
+    (run / "config.yaml").write_text(dump_config(load_config(None, sets)))
+    write_jsonl(run / "dynamics.jsonl", _dynamics_rows())
+    assert main(["plot", str(run)]) == 0  # phases.json, selection.json and the figure
+    return SimpleNamespace(root=root, model=tiny_model_dir, other=other, wide=wide, adapters=adapters, files=files,
+                           run=run)
+
+
+def _copy(src, dest):
+    return shutil.copytree(src, dest) if src.is_dir() else shutil.copy(src, dest)
+
+
+def _garble(path):
+    path.write_text("{")
+
+
+def _cut(path, keep=-64):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _tree(*folders):
+    """Every file and folder under `folders` with size and modification time: what 'nothing written' compares."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for folder in folders for p in folder.rglob("*")}
+
+
+def _model(w, file, how):
+    """A copy of the tiny base with one file broken by `how`."""
+    how(_copy(w.model, w.tmp / "model") / file)
+
+
+def _adapter(w, file, how, i=0):
+    how(_copy(w.adapters[i], w.tmp / f"epoch-{i + 1}") / file)
+
+
+def _run(w, how=None):
+    """A copy of the run folder; `how` breaks something in it."""
+    _copy(w.run, w.tmp / "run")
+    if how is not None:
+        how(w.tmp / "run")
+
+
+def _lines(edit):
+    """Break dynamics.jsonl by editing its list of lines."""
+    def how(run):
+        lines = (run / "dynamics.jsonl").read_text().splitlines(keepends=True)
+        (run / "dynamics.jsonl").write_text("".join(edit(lines)))
+    return how
+
+
+def _write(rel, text):
+    def how(run):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(text)
+    return how
+
+
+def _evaluate(w, *extra, model=None, data=None, out=None):
+    return ["evaluate", "--model", model or w.model, "--data", data or w.files["test"],
+            "--out", out or w.tmp / "e.json", "-q", *extra]
+
+
+def _run_cmd(w, *sets, out=None):
+    return ["run", w.run / "config.yaml", "--out", out or w.tmp / "new", *[a for s in sets for a in ("--set", s)]]
+
+
+def _merge(w, *extra, base=None, checkpoints=None):
+    return ["merge", "--base", base or w.model, "--checkpoints", *(checkpoints or w.adapters),
+            "--out", w.tmp / "merged", "-q", *extra]
+
+
+def _checkpoint_in_run(w, name):
+    """A copy of the run folder with the tiny base saved as its checkpoint `name`."""
+    if not (w.tmp / "run").exists():
+        _run(w)
+    ckpt = _copy(w.model, w.tmp / "run" / "checkpoints" / name)
+    (ckpt / "overmem.json").write_text(json.dumps({"epoch": float(name.split("-")[1]), "step": 2}))
+    return ckpt
+
+
+def _scan_trainer_folder(w, how):
+    """A Trainer output folder with one full checkpoint, broken by `how`."""
+    ckpt = _copy(w.model, w.tmp / "hf" / "checkpoint-5")
+    (ckpt / "trainer_state.json").write_text('{"epoch": 1.0, "global_step": 5}')
+    how(ckpt)
+
+
+BAD_INPUT = [
+    # config files and --set
+    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr=["), 2,
+                 "override 'train.lr=[': the value is not valid YAML (expected the node content", id="set: open list"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "data.tests={"), 2,
+                 "override 'data.tests={': the value is not valid YAML", id="set: open mapping"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr=\t"), 2,
+                 "the value is not valid YAML (found character '\\t' that cannot start any token", id="set: tab"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "=1"), 2, "override '=1': empty name in the key",
+                 id="set: empty key"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr"), 2, "override 'train.lr': expected key.path=value",
+                 id="set: no value"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr=.inf"), 2,
+                 "field 'train.lr': Input should be a finite number", id="float: infinity"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "selection.ppl_band=.nan"), 2,
+                 "field 'selection.ppl_band': Input should be a finite number", id="float: NaN"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "phases.eps=.inf"), 2,
+                 "field 'phases.eps': Input should be a finite number", id="phase rule: infinity"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "train.epochs=yes"), 2,
+                 "field 'train.epochs': Value error, expected a number, got true", id="int: a boolean"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "analysis.mia.size=true"), 2,
+                 "field 'analysis.mia.size': Value error, expected a number, got true", id="analysis int: a boolean"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "model.dtype=float8"), 2,
+                 "field 'model.dtype': Input should be 'auto', 'float32', 'bfloat16' or 'float16'", id="literal"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "data.tests=[a]"), 2,
+                 "field 'data.tests': Input should be a valid dictionary", id="dict: a list"),
+    pytest.param(lambda w: (w.tmp / "c.yaml").write_text("train:\n  lr: [1e-4\n"), lambda w: ["run", w.tmp / "c.yaml"],
+                 2, "c.yaml: invalid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1",
+                 id="config: invalid YAML"),
+    pytest.param(lambda w: (w.tmp / "c.yaml").write_text("- a\n"), lambda w: ["run", w.tmp / "c.yaml"], 2,
+                 "c.yaml: expected a mapping at the top level", id="config: a list"),
+    pytest.param(lambda w: _run(w, _write("config.yaml", "train: [\n")), lambda w: _run_cmd(w, out=w.tmp / "run"), 2,
+                 "run/config.yaml: invalid YAML: expected the node content", id="run: resume with a broken config.yaml"),
+    pytest.param(None, lambda w: _run_cmd(w, "selection.valid_split=valid"), 2,
+                 "selection.valid_split: 'valid' is not a tracked split; choose one of train, validation, test",
+                 id="run: unknown validation split"),
+    pytest.param(None, lambda w: _run_cmd(w, "phases.split=tset"), 2,
+                 "phases.split: 'tset' is not a tracked split", id="run: unknown phase split"),
+    pytest.param(None, lambda w: _run_cmd(w, "train.epochs=2", "merge=[[epoch-1, epoch-5]]"), 2,
+                 "merge: 'epoch-5' in ['epoch-1', 'epoch-5'] is not a checkpoint this run saves (epoch-1 .. epoch-2)",
+                 id="run: merge of a checkpoint never saved"),
+    pytest.param(None, lambda w: _run_cmd(w, "merge=[[epoch-1, epoch-1]]"), 2,
+                 "merge: ['epoch-1', 'epoch-1'] names a checkpoint twice", id="run: merge of one checkpoint twice"),
+    pytest.param(lambda w: (w.tmp / "notes.txt").write_text("x"), lambda w: _run_cmd(w, out=w.tmp / "notes.txt"), 2,
+                 "--out {tmp}/notes.txt: is a file; give a folder", id="run: --out is a file"),
+    pytest.param(None, lambda w: ["demo", "--epochs", "0", "--out", w.tmp / "demo"], 2,
+                 "argument --epochs: must be at least 1, got 0", id="demo: zero epochs"),
+    pytest.param(None, lambda w: ["demo", "--set", "train.bogus=1", "--out", w.tmp / "demo"], 2,
+                 "demo config: field 'train.bogus': Extra inputs are not permitted",
+                 id="demo: bad --set, refused before the pretraining"),
+    # data specs and data files
+    pytest.param(None, lambda w: _evaluate(w, data=f"{w.files['test']}[5:2]"), 2,
+                 "test.jsonl[5:2]: the slice selects no examples (of 8)", id="spec: empty slice [5:2]"),
+    pytest.param(None, lambda w: _evaluate(w, data=f"{w.files['test']}[3:3]"), 2,
+                 "test.jsonl[3:3]: the slice selects no examples", id="spec: empty slice [3:3]"),
+    pytest.param(None, lambda w: _evaluate(w, data=f"{w.files['test']}[-1:-3]"), 2,
+                 "test.jsonl[-1:-3]: the slice selects no examples", id="spec: empty negative slice"),
+    pytest.param(None, lambda w: _evaluate(w, "--max-examples", "0"), 2,
+                 "argument --max-examples: must be at least 1, got 0", id="evaluate: --max-examples 0"),
+    pytest.param(lambda w: (w.tmp / "d.jsonl").write_bytes(b'{"question": "\xff"}\n'),
+                 lambda w: _evaluate(w, data=w.tmp / "d.jsonl"), 2, "d.jsonl: not UTF-8 text (byte 14: invalid start byte)",
+                 id="data: not UTF-8"),
+    pytest.param(lambda w: (w.tmp / "d.csv").write_text("question,answer\nTom has 1,000 apples,#### 5\n"),
+                 lambda w: _evaluate(w, data=w.tmp / "d.csv"), 2,
+                 "d.csv line 2: 3 fields but the header has 2; quote fields that contain commas", id="csv: extra field"),
+    pytest.param(lambda w: (w.tmp / "d.csv").write_text('question,answer\n"Tom has 1,#### 1\n'),
+                 lambda w: _evaluate(w, data=w.tmp / "d.csv"), 2, "d.csv line 2: 1 fields but the header has 2",
+                 id="csv: unclosed quote"),
+    pytest.param(None, lambda w: _evaluate(w, "--data-dir", w.tmp / "nope", data="gsm8k:test"), 2,
+                 "data folder {tmp}/nope (from data_dir) does not exist", id="data: --data-dir not found"),
+    pytest.param(lambda w: (w.tmp / "d.jsonl").mkdir(), lambda w: _evaluate(w, data=w.tmp / "d.jsonl"), 2,
+                 "d.jsonl is a folder; give a .jsonl, .json or .csv file", id="data: a folder"),
+    # evaluate: output paths and unreadable model files
+    pytest.param(lambda w: (w.tmp / "out").mkdir(), lambda w: _evaluate(w, out=w.tmp / "out"), 2,
+                 "--out {tmp}/out: is a folder; give a file path", id="evaluate: --out is a folder"),
+    pytest.param(lambda w: (w.tmp / "f").write_text("x"), lambda w: _evaluate(w, out=w.tmp / "f" / "e.json"), 2,
+                 "{tmp}/f is a file, not a folder", id="evaluate: --out under a file"),
+    pytest.param(lambda w: _model(w, "config.json", _garble), lambda w: _evaluate(w, model=w.tmp / "model"), 2,
+                 "{tmp}/model: cannot load it (It looks like the config file at", id="model: broken config.json"),
+    pytest.param(lambda w: _model(w, "model.safetensors", _cut), lambda w: _evaluate(w, model=w.tmp / "model"), 2,
+                 "{tmp}/model/model.safetensors: truncated or corrupt weights", id="model: truncated weights"),
+    pytest.param(lambda w: _model(w, "tokenizer.json", _garble), lambda w: _evaluate(w, model=w.tmp / "model"), 2,
+                 "{tmp}/model: a JSON file is truncated or corrupt", id="model: broken tokenizer.json"),
+    pytest.param(lambda w: _adapter(w, "adapter_model.safetensors", _cut),
+                 lambda w: _evaluate(w, "--adapter", w.tmp / "epoch-1"), 2,
+                 "{tmp}/epoch-1/adapter_model.safetensors: truncated or corrupt weights", id="adapter: truncated"),
+    pytest.param(lambda w: _adapter(w, "adapter_config.json", _garble),
+                 lambda w: _evaluate(w, "--adapter", w.tmp / "epoch-1"), 2,
+                 "{tmp}/epoch-1: a JSON file is truncated or corrupt", id="adapter: broken adapter_config.json"),
+    pytest.param(None, lambda w: _evaluate(w, "--adapter", w.adapters[0], model=w.wide), 2,
+                 "epoch-1: the adapter does not fit the base {root}/wide-base (size mismatch for base_model.model.model."
+                 "layers.0.self_attn.q_proj.lora_A.default.weight", id="adapter: over a base of other shapes"),
+    # select and plot on a run folder
+    pytest.param(lambda w: _run(w, _lines(lambda ls: [*ls[:-1], ls[-1][:40]])), lambda w: ["select", w.tmp / "run"],
+                 2, "run/dynamics.jsonl line 12: incomplete last line (an interrupted write)",
+                 id="select: torn last line"),
+    pytest.param(lambda w: _run(w, _lines(lambda ls: [*ls[:-1], ls[-1][:40]])), lambda w: ["plot", w.tmp / "run"],
+                 2, "run/dynamics.jsonl line 12: incomplete last line", id="plot: torn last line"),
+    pytest.param(lambda w: _run(w, _lines(lambda ls: [*ls, "[1, 2]\n"])), lambda w: ["select", w.tmp / "run"], 2,
+                 "run/dynamics.jsonl line 13: expected a JSON object, got list", id="select: row not an object"),
+    pytest.param(lambda w: _run(w, _lines(lambda ls: [*ls, '{"checkpoint": "epoch-9"}\n'])),
+                 lambda w: ["select", w.tmp / "run"], 2, "run/dynamics.jsonl: row 13 has no epoch, split, ppl",
+                 id="select: row without its fields"),
+    pytest.param(lambda w: _run(w, _write("config.yaml", "train: [\n")), lambda w: ["select", w.tmp / "run"], 2,
+                 "run/config.yaml: invalid YAML: expected the node content, but found '<stream end>' at line 2",
+                 id="select: broken config.yaml"),
+    pytest.param(None, lambda w: ["select", w.run, "--band", "nan"], 2,
+                 "argument --band: expected a finite number >= 0, got nan", id="select: --band nan"),
+    pytest.param(None, lambda w: ["select", w.run, "--band", "-0.1"], 2,
+                 "argument --band: expected a finite number >= 0, got -0.1", id="select: negative --band"),
+    # scan
+    pytest.param(lambda w: _scan_trainer_folder(w, lambda c: _garble(c / "trainer_state.json")),
+                 lambda w: ["scan", w.tmp / "hf", "--config", w.run / "config.yaml"], 2,
+                 "checkpoint-5/trainer_state.json line 1: not valid JSON", id="scan: broken trainer_state.json"),
+    pytest.param(lambda w: _garble(_checkpoint_in_run(w, "epoch-1") / "overmem.json"), lambda w: ["scan", w.tmp / "run"],
+                 2, "epoch-1/overmem.json line 1: not valid JSON", id="scan: broken overmem.json"),
+    pytest.param(_run, lambda w: ["scan", w.tmp / "run", "--set", f"data.tests={{test: {w.files['train']}}}"], 2,
+                 "run/config.yaml: the results in {tmp}/run were made with data.tests=",
+                 id="scan: other data into a folder with results"),
+    # merge
+    pytest.param(None, lambda w: _merge(w, base=w.other), 2,
+                 "epoch-1/adapter_config.json: trained on base '{model}', but the merge's base is '{other}'",
+                 id="merge: adapters of another base of the same shapes"),
+    pytest.param(lambda w: (w.tmp / "merged").mkdir(), _merge, 2,
+                 "{tmp}/merged: already exists (pass --overwrite", id="merge: --out exists"),
+    pytest.param(lambda w: (w.tmp / "merged").mkdir(), lambda w: _merge(w, "--overwrite"), 2,
+                 "{tmp}/merged: exists and is not a merged model folder (no merge.json)",
+                 id="merge: --overwrite of a folder that is no merge"),
+    pytest.param(None, lambda w: _merge(w, checkpoints=[w.adapters[0], w.adapters[0]]), 2,
+                 "epoch-1: listed twice", id="merge: a checkpoint twice"),
+    pytest.param(lambda w: _adapter(w, "adapter_model.safetensors", _cut),
+                 lambda w: _merge(w, checkpoints=[w.tmp / "epoch-1", w.adapters[1]]), 2,
+                 "{tmp}/epoch-1/adapter_model.safetensors: not a readable safetensors file", id="merge: truncated adapter"),
+    pytest.param(lambda w: _adapter(w, "adapter_config.json", _garble),
+                 lambda w: _merge(w, checkpoints=[w.tmp / "epoch-1", w.adapters[1]]), 2,
+                 "{tmp}/epoch-1/adapter_config.json line 1: not valid JSON", id="merge: broken adapter_config.json"),
+    pytest.param(lambda w: _adapter(w, "adapter_config.json", lambda p: p.write_text('{"r": 2}')),
+                 lambda w: _merge(w, checkpoints=[w.tmp / "epoch-1", w.adapters[1]]), 2,
+                 "epoch-1/adapter_config.json: no lora_alpha; restore the file that was saved with the adapter",
+                 id="merge: adapter_config.json without lora_alpha"),
+    pytest.param(lambda w: _model(w, "config.json", _garble), lambda w: _merge(w, base=w.tmp / "model"), 2,
+                 "{tmp}/model/config.json line 1: not valid JSON", id="merge: broken base config.json"),
+    pytest.param(lambda w: _model(w, "model.safetensors", lambda p: _cut(p, 100)),
+                 lambda w: _merge(w, base=w.tmp / "model"), 2,
+                 "{tmp}/model/model.safetensors: not a readable safetensors file", id="merge: truncated base"),
+    # analyze and report
+    pytest.param(lambda w: _run(w, _write("analysis/calibration.json", "{")),
+                 lambda w: ["analyze", w.tmp / "run", "--checkpoints", "epoch-0", "--suite", "calibration", "-q"], 2,
+                 "run/analysis/calibration.json line 1: not valid JSON", id="analyze: broken NAME.json"),
+    pytest.param(lambda w: _run(w, _write("analysis/calibration.json", "[]")),
+                 lambda w: ["analyze", w.tmp / "run", "--checkpoints", "epoch-0", "--suite", "calibration", "-q"], 2,
+                 "run/analysis/calibration.json: not an analysis file as overmem writes it",
+                 id="analyze: NAME.json of another shape"),
+    pytest.param(lambda w: (w.tmp / "page").mkdir(), lambda w: ["report", w.run, "--out", w.tmp / "page"], 2,
+                 "--out {tmp}/page: is a folder; give a file path, e.g. {tmp}/page/report.html",
+                 id="report: --out is a folder"),
+    pytest.param(lambda w: _run(w, _write("timings.json", "[{")),
+                 lambda w: ["report", w.tmp / "run", "--out", w.tmp / "r.html"], 2,
+                 "run/timings.json line 1: not valid JSON", id="report: broken timings.json"),
+    pytest.param(None, lambda w: ["report", w.run, "--examples", "-1"], 2,
+                 "argument --examples: must be at least 0, got -1", id="report: negative --examples"),
+]
+
+
+def test_cli_csv_trailing_empty_columns_still_read(tmp_path):
+    """The field-count check refuses shifted rows, not a spreadsheet's trailing empty columns."""
+    data = tmp_path / "d.csv"
+    data.write_text("question,answer,\nTom has 2 apples,#### 2,\n\nAnn has 3 pears,#### 3\n")
+    assert [(e.question, e.answer) for e in load_file(data)] == [("Tom has 2 apples", "2"), ("Ann has 3 pears", "3")]
+
+
+def _cli(argv):
+    """Exit code of the command line (argparse's own exits included)."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("setup, argv, code, fragment", BAD_INPUT)
+def test_cli_bad_input_is_one_line_and_writes_nothing(world, tmp_path, capsys, setup, argv, code, fragment):
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    if setup is not None:
+        setup(w)
+    args = argv(w)
+    before = _tree(tmp_path, world.root)
+    assert _cli(args) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = fragment
+    for key, value in (("{tmp}", tmp_path), ("{model}", world.model), ("{other}", world.other), ("{root}", world.root)):
+        expected = expected.replace(key, str(value))
+    assert expected in err[-1] and err[-1].startswith("overmem ") and "Traceback" not in "\n".join(err), err
+    assert len([line for line in err if "error:" in line]) == 1
+    assert _tree(tmp_path, world.root) == before
+
+
+@pytest.mark.parametrize("fault, code, fragment", [
+    (lambda mp: mp.setattr("overmem.results.tempfile.mkstemp", _raise(errno.EROFS)), 2,
+     "run/selection.json: Read-only file system; make it writable or choose another output folder"),
+    (lambda mp: mp.setattr("overmem.results.tempfile.mkstemp", _raise(errno.EACCES)), 2,
+     "run/selection.json: Permission denied; make it writable or choose another output folder"),
+    (lambda mp: mp.setattr("overmem.results.os.fsync", _raise(errno.ENOSPC)), 1,
+     "run/selection.json: No space left on device; free space there (or write elsewhere with --out) and re-run "
+     "the same command"),
+], ids=["read-only file system", "no permission", "disk full"])
+def test_cli_file_system_errors_name_the_file(world, tmp_path, capsys, monkeypatch, fault, code, fragment):
+    """The write of selection.json fails: one line naming the file (not the temporary one) and what to do;
+    exit 2 for a place that cannot be written, 1 for a full disk; the old file stays, no temporary file is left."""
+    _copy(world.run, tmp_path / "run")
+    before = _tree(tmp_path)
+    fault(monkeypatch)
+    assert _cli(["select", tmp_path / "run", "--band", "0.5"]) == code
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"overmem select: error: {tmp_path}/{fragment}"], err
+    assert _tree(tmp_path) == before
+
+
+def _raise(code):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+def test_cli_unreadable_result_file_is_computed_afresh(world, tmp_path, capsys):
+    """selection.json and phases.json are computed from dynamics.jsonl: cut short, they are written
+    again (with a note naming them) instead of stopping `select` and `plot` with a bare JSON error."""
+    run = _copy(world.run, tmp_path / "run")
+    _garble(run / "selection.json")
+    assert main(["select", str(run)]) == 0
+    assert f"note: {run}/selection.json is unreadable" in capsys.readouterr().err
+    assert json.loads((run / "selection.json").read_text()) == json.loads((world.run / "selection.json").read_text())
+    (run / "phases.json").write_text('{"split": 3}')
+    assert main(["plot", str(run)]) == 0
+    assert f"note: {run}/phases.json is unreadable" in capsys.readouterr().err
+    assert json.loads((run / "phases.json").read_text()) == json.loads((world.run / "phases.json").read_text())
+
+
+def test_cli_scan_reads_the_folders_own_config_and_writes_there(world, tmp_path):
+    """`scan RUN` used the default config (another dataset and model) for a run folder, and `scan RUN
+    --config RUN/config.yaml` wrote into the config's out_dir instead of RUN."""
+    run = tmp_path / "run"
+    _checkpoint_in_run(SimpleNamespace(**vars(world), tmp=tmp_path), "epoch-1")  # evaluated: in the dynamics
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("out_dir: null", f"out_dir: {tmp_path / 'elsewhere'}"))
+    dynamics = (run / "dynamics.jsonl").read_text()
+    (run / "phases.json").unlink()
+    assert main(["scan", str(run), "-q"]) == 0
+    assert (run / "phases.json").exists() and (run / "dynamics.jsonl").read_text() == dynamics
+    (run / "phases.json").unlink()
+    assert main(["scan", str(run), "--config", str(cfg), "-q"]) == 0
+    assert (run / "phases.json").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_cli_scan_stops_at_a_corrupt_checkpoint_naming_its_file(world, tmp_path, capsys):
+    """The checkpoints already evaluated stay; the unreadable one is named (it was a raw traceback)."""
+    ckpt = _checkpoint_in_run(SimpleNamespace(**vars(world), tmp=tmp_path), "epoch-4")
+    _cut(ckpt / "model.safetensors")
+    dynamics = (tmp_path / "run" / "dynamics.jsonl").read_text()
+    assert main(["scan", str(tmp_path / "run"), "-q"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"overmem scan: error: {ckpt}/model.safetensors: truncated or corrupt weights (Error while deserializing "
+        "header: incomplete metadata, file not fully covered); save or download them again")
+    assert (tmp_path / "run" / "dynamics.jsonl").read_text() == dynamics
+
+
+def test_cli_merge_onto_another_base_needs_force(world, tmp_path, capsys):
+    """Adapters of one base merged onto another of the same shapes: refused (above); --force merges
+    and merge.json says so."""
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    assert _cli(_merge(w, "--force", base=world.other)) == 0
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["forced"] is True
+
+
+_SLOW_MERGE = """
+import sys, time
+from pathlib import Path
+import overmem.merge as merge
+from overmem.cli import main
+
+def write_dense(folder, *args):
+    (Path(folder) / "model.safetensors").write_bytes(b"half")
+    time.sleep(300)
+
+merge.write_dense = write_dense
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_cli_merge_sigkill_then_the_next_merge_cleans_up(world, tmp_path):
+    """SIGKILL `overmem merge` while it writes: its temporary folder stays beside --out (no exception
+    ran); the next merge into the same folder removes it and writes the merge."""
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    argv = [str(a) for a in _merge(w)]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MERGE, *argv])
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".merged.tmp-*/model.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the merge ended before it was killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".merged.tmp"]
+    assert main(argv) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def _calibration(run_root, names):
+    """A calibration analysis over a run with per-sample rows for checkpoints `names`."""
+    from overmem.analysis.calibration import Calibration
+    from overmem.analysis.base import Context
+
+    run = RunDir(run_root)
+    rows = [{"n_tokens": 5, "confidence": c, "correct": c > 0.5} for c in (0.2, 0.6, 0.9)]
+    for name in names:
+        write_jsonl(run.analysis_samples("calibration", name), rows)
+    doc = {"checkpoints": {n: {} for n in names}, "settings": {"n_bins": 5},
+           "samples": {n: f"analysis/calibration/{n}.jsonl" for n in names}}
+    return Calibration(Context(run, load_config(None))), doc
+
+
+def test_analysis_figure_is_redrawn_when_its_svg_is_missing(tmp_path):
+    """A resume took a figure as drawn when its PNG was there; an SVG lost to an interrupted save
+    was never drawn again. Names with dots (weighted merges) keep their whole name."""
+    names = ["epoch-1", "merge(epoch-1:0.25,epoch-2:0.75)"]
+    analysis, doc = _calibration(tmp_path, names)
+    figures = analysis.figures(doc, fresh=set(names))
+    assert figures == [f"analysis/calibration/{n}_reliability.png" for n in names]
+    svg = tmp_path / figures[1].replace(".png", ".svg")
+    svg.unlink()
+    analysis.figures(doc, fresh=set())
+    assert svg.is_file()
+
+
+def test_analysis_figures_of_a_finished_run_are_redrawn_when_one_is_missing(tmp_path):
+    from overmem.analysis.suite import _draw_figures
+
+    analysis, doc = _calibration(tmp_path, ["epoch-1"])
+    doc["figures"] = analysis.figures(doc, fresh={"epoch-1"})
+    doc["figures_of"] = ["epoch-1"]
+    doc["analysis"] = "calibration"
+    svg = tmp_path / doc["figures"][0].replace(".png", ".svg")
+    svg.unlink()
+    _draw_figures(analysis.ctx, analysis, doc, fresh=set())
+    assert svg.is_file()
+
+
+def test_an_interrupted_figure_save_leaves_no_half_file(tmp_path, monkeypatch):
+    """The SVG save fails half-way (a kill or a full disk): before, a truncated dynamics.svg stayed and
+    counted as drawn; now the old figure (or none) stays and no temporary file is left."""
+    from matplotlib.figure import Figure
+
+    from overmem.plotting import plot_dynamics
+
+    save = Figure.savefig
+
+    def half(self, path, **kwargs):
+        if kwargs.get("format") == "svg" or str(path).endswith(".svg"):
+            Path(path).write_text("<svg")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(self, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    with pytest.raises(OSError, match="No space left on device"):
+        plot_dynamics(_dynamics_rows(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dynamics.png"]
