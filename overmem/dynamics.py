@@ -63,10 +63,8 @@ def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) ->
         correct = [float(s["correct"]) for s in samples]
         low, high = bootstrap_ci(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
         row.update(accuracy=float(np.mean(correct)), accuracy_ci_low=low, accuracy_ci_high=high)
-    non_finite = sum(not math.isfinite(p) for p in ppls)
-    if non_finite:
-        row["non_finite"] = non_finite
-    counts = {"n_truncated": sum(s["truncated"] for s in samples), "n_skipped": len(samples) - len(ppls)}
+    counts = {"non_finite": sum(not math.isfinite(p) for p in ppls),
+              "n_truncated": sum(s["truncated"] for s in samples), "n_skipped": len(samples) - len(ppls)}
     row.update((key, count) for key, count in counts.items() if count)
     for key in ("ppl", "ppl_token", "nll_token"):
         if not math.isfinite(row[key]):
