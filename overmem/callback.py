@@ -16,6 +16,11 @@ the same `dynamics.jsonl` as `overmem run`, logs `overmem/<split>/ppl` and `.../
 the phase rule and, at the onset of over-memorization, warns, and optionally stops training
 (`on_onset="stop"`) and records the checkpoint to keep in `keep.json` (chosen by
 `overmem.selection.checkpoint_to_keep`, the rule `overmem select` recommends by).
+
+In a distributed script (`torchrun`, `accelerate launch`) every rank evaluates its share of each
+split and rank 0 alone writes and warns; metrics go through `trainer.log`, whose integrations
+record on rank 0 only. The model must be whole on every rank (DDP, DeepSpeed ZeRO-1/2); under FSDP
+or ZeRO-3 save checkpoints and track them with `overmem scan` instead.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from .config import EvalConfig, GenerationConfig, PhaseRule, SelectionConfig
 from .data.example import Example
+from .distributed import is_main, main_value, on_main
 from .dynamics import evaluate_checkpoint
 from .phases import detect_phases, phase_split
 from .results import BASE, RunDir, epoch_name, step_name, write_json
@@ -108,6 +114,7 @@ class OverMemorizationCallback(TrainerCallback):
             self._track(model, step_name(state.global_step), state.epoch, state.global_step, control)
 
     def _track(self, model: Any, name: str, epoch: float | None, step: int, control: Any) -> None:
+        _check_whole(model)
         new = evaluate_checkpoint(
             model, self.tokenizer, self.splits, self.run, checkpoint=name,
             epoch=None if epoch is None else round(float(epoch), 4), step=step,
@@ -124,16 +131,28 @@ class OverMemorizationCallback(TrainerCallback):
         self._check_onset(control)
 
     def _check_onset(self, control: Any) -> None:
-        rows = self.run.read_dynamics()
+        rows = main_value(self.run.read_dynamics)
         report = detect_phases(rows, split=self.phase_split, rule=self.rule)
         if report.onset is None or self.onset is not None:
             return
         self.onset = report.onset
         keep = checkpoint_to_keep(rows, phase_split=self.phase_split, valid_split=self.selection.valid_split,
                                   ppl_band=self.selection.ppl_band).checkpoint
-        write_json(self.run.keep, {"onset": self.onset, "keep": keep, "phases": report.to_dict()})
-        if self.on_onset in ("warn", "stop"):
+        on_main(lambda: write_json(self.run.keep, {"onset": self.onset, "keep": keep, "phases": report.to_dict()}))
+        if self.on_onset in ("warn", "stop") and is_main():
             logger.warning("over-memorization onset at %s (split %s); checkpoint to keep: %s",
                            self.onset, self.phase_split, keep)
         if self.on_onset == "stop":
             control.should_training_stop = True
+
+
+def _check_whole(model: Any) -> None:
+    """Refuse a model whose weights are sharded across ranks: each rank evaluates different
+    examples, which a sharded forward pass (every rank in step) cannot do."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    sharded = any(isinstance(m, FullyShardedDataParallel) or type(m).__name__.startswith("FSDP")
+                  for m in model.modules()) or any(hasattr(p, "ds_id") for p in model.parameters())
+    if sharded:
+        raise ValueError("OverMemorizationCallback: the model is sharded across ranks (FSDP or DeepSpeed ZeRO-3); "
+                         "save checkpoints and track them with `overmem scan` instead")

@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from .cli_inputs import (
     band,
+    check_checkpoint_bases,
     check_merge_groups,
     check_output_file,
     check_output_folder,
@@ -29,7 +30,8 @@ from .cli_inputs import (
     stored_result,
 )
 from .config import ConfigError, RunConfig, load_config
-from .results import RunDir, resolve_checkpoints
+from .distributed import RankFailed, is_main
+from .results import RunDir, find_checkpoints, resolve_checkpoints
 from .train import TrainingDiverged
 
 _EPILOG = "Docs and examples: see the README. Configs are YAML; --set a.b=value overrides any field."
@@ -90,6 +92,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     cfg = _scan_config(args)
     check_tracked_splits(cfg)
+    check_checkpoint_bases(find_checkpoints(args.folder), cfg.model.name_or_path)
     _print_outcome(scan(args.folder, cfg))
     return 0
 
@@ -103,10 +106,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args, args.config)
     check_output_file(args.out, "result.json")
     row = evaluate_model(cfg, args.data, args.out, adapter=args.adapter)
+    if not is_main():  # several processes: rank 0 speaks for them
+        return 0
     acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f} [{row['accuracy_ci_low']:.4f}, {row['accuracy_ci_high']:.4f}]"
     ppl, ppl_token = ("-" if row[k] is None else f"{row[k]:.4f}" for k in ("ppl", "ppl_token"))
     cut = "".join(f"  {k}={row[k]}" for k in ("n_truncated", "n_skipped") if k in row)
     print(f"{args.data}: n={row['n']}{cut}  ppl={ppl}  ppl_token={ppl_token}  accuracy={acc}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    from .grading import grade
+    from .sandbox import Limits
+
+    cfg = _config(args, args.config)
+    check_output_file(args.out, "grades.json")
+    result = grade(cfg, args.data, args.generations, args.out, limits=Limits(timeout_s=args.timeout),
+                   workers=args.workers)
+    acc = f"{result['accuracy']:.4f} [{result['accuracy_ci_low']:.4f}, {result['accuracy_ci_high']:.4f}]"
+    sandbox = f"  sandbox: {result['sandbox']['isolation']}" if "sandbox" in result else ""
+    print(f"{args.data}: n={result['n']}  correct={result['n_correct']}  accuracy={acc}{sandbox}")
     print(f"wrote {args.out}")
     return 0
 
@@ -171,7 +191,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis.base import ANALYSES
+    from .analysis.base import default_suite
     from .analysis.suite import analyze, format_table
 
     run = RunDir(args.run)
@@ -183,7 +203,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.quiet:
         args.overrides.append("quiet=true")
     cfg = _run_config(run, args)
-    suite = list(ANALYSES) if args.suite is None else [s.strip() for s in args.suite.split(",") if s.strip()]
+    suite = default_suite() if args.suite is None else [s.strip() for s in args.suite.split(",") if s.strip()]
+    check_checkpoint_bases(resolve_checkpoints(run.root, args.checkpoints), cfg.model.name_or_path)
     docs = analyze(run.root, args.checkpoints, suite, cfg)
     names = [c.name for c in resolve_checkpoints(run.root, args.checkpoints)]
     for name, doc in docs.items():
@@ -222,6 +243,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(run: RunDir) -> None:
+    if not is_main():  # several processes: rank 0 speaks for them
+        return
     phases = run.read_json(run.phases)
     if phases is not None:
         print(phases.get("summary", ""))
@@ -270,25 +293,40 @@ class Command:
     help: str
     description: str
     args: list[Arg]
+    # Under torchrun / accelerate launch: every rank takes part (run, scan, evaluate); otherwise
+    # rank 0 alone runs the command and the other ranks exit at once.
+    sharded: bool = False
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("run", cmd_run, "finetune and evaluate every checkpoint",
             "Finetune a model as the config says, evaluating the base model and every epoch checkpoint on the "
             "tracked splits; then detect phases, select a checkpoint and plot. Re-running on the same --out resumes.",
-            [*_config_args(positional=True), _arg("--out", help="run folder (default: the config's out_dir)")]),
+            [*_config_args(positional=True), _arg("--out", help="run folder (default: the config's out_dir)")],
+            sharded=True),
     Command("scan", cmd_scan, "track checkpoints you already have",
             "Evaluate every checkpoint in an overmem run or a Hugging Face Trainer output folder (checkpoint-STEP), "
             "as `run` does, without training.",
             [_arg("folder", help="folder with checkpoint-STEP / epoch-N subfolders"), *_config_args(),
-             _arg("--out", help="where to write results (default: FOLDER itself)")]),
+             _arg("--out", help="where to write results (default: FOLDER itself)")], sharded=True),
     Command("evaluate", cmd_evaluate, "perplexity and accuracy of one model on one dataset",
             "Score reference solutions and check greedy answers for one model.",
             [_arg("--model", required=True, help="hub id, local folder or .gguf file"),
              _arg("--adapter", help="PEFT adapter folder to apply on top of --model"),
              _arg("--data", required=True, help="dataset spec, e.g. gsm8k:test[:200] or path/to/file.jsonl"),
              _arg("--out", required=True, help="result JSON file (samples go beside it)"),
-             _arg("--max-examples", type=count(1), help="seeded subsample of the dataset"), *_config_args()]),
+             _arg("--max-examples", type=count(1), help="seeded subsample of the dataset"), *_config_args()],
+            sharded=True),
+    Command("grade", cmd_grade, "check generations made anywhere (answers, or code run in a sandbox)",
+            "Grade a JSONL file of generations ({\"id\": ..., \"generation\": ...} per line; matched by id, else "
+            "by order) against a dataset with overmem's answer checking; code runs against its tests in a sandbox.",
+            [_arg("--data", required=True, help="dataset spec, e.g. humaneval or gsm8k:test[:200]"),
+             _arg("--generations", required=True, help="JSONL file: one object per example with 'generation'"),
+             _arg("--out", required=True, help="result JSON file (per-example rows go beside it)"),
+             _arg("--timeout", type=count(1), default=10, metavar="SECONDS",
+                  help="wall-clock limit of each program (default: 10)"),
+             _arg("--workers", type=count(1), help="programs run at a time (default: the CPU count, at most 8)"),
+             *_config_args()]),
     Command("select", cmd_select, "which checkpoint to keep, and why",
             "Compare selection rules (paper sec. 6.1, Table 4) on a run's dynamics.",
             [_RUN_FOLDER, _arg("--band", type=band, help="relative validation-perplexity band (default 0.05)"),
@@ -318,7 +356,7 @@ COMMANDS: tuple[Command, ...] = (
             [_arg("run", help="run folder (its config.yaml gives model and data)"),
              _arg("--checkpoints", nargs="+", required=True, metavar="CKPT",
                   help="names under RUN/checkpoints (epoch-0 = base model) or model/adapter folders"),
-             _arg("--suite", help="comma-separated analyses, e.g. ood,mia (default: all)"),
+             _arg("--suite", help="comma-separated analyses, e.g. ood,mia (default: all but judge)"),
              _set("override a config field, e.g. --set analysis.mia.size=200 (repeatable)"), _DATA_DIR, _QUIET]),
     # --epochs and --pretrain-steps defaults are kept equal to demo.DEMO_EPOCHS and demo.DEMO_PRETRAIN.steps
     # (the demo module, which imports torch, loads lazily; tests/test_demo.py checks).
@@ -363,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=_EPILOG)
         for flags, kwargs in command.args:
             p.add_argument(*flags, **kwargs)
-        p.set_defaults(func=command.func)
+        p.set_defaults(func=command.func, sharded=command.sharded)
     return parser
 
 
@@ -397,8 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if hasattr(args, "overrides"):  # commands append to it: not to argparse's default list, shared by every call
         args.overrides = list(args.overrides)
+    if not args.sharded and not is_main():
+        return 0  # launched on several processes: rank 0 alone runs a command that is not shared
     try:
         return args.func(args)
+    except RankFailed:  # another rank failed and reports the error itself
+        return 1
     except (ConfigError, FileNotFoundError, ValueError) as err:
         if os.environ.get("OVERMEM_DEBUG"):
             raise

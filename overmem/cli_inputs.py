@@ -122,3 +122,14 @@ def stored_result(path: Path, model: type[BaseModel]) -> dict[str, Any] | None:
         print(f"note: {path} is unreadable ({str(err).splitlines()[0]}); computing it afresh", file=sys.stderr)
         return None
     return stored
+
+
+def check_checkpoint_bases(checkpoints: list, base: str) -> None:
+    """Adapter checkpoints trained on a base with other weights than `base` are refused before any
+    work (loading one refuses it too, but only after the earlier checkpoints' results are written)."""
+    from .models import check_adapter_base, is_adapter
+
+    for ckpt in checkpoints:
+        if ckpt.path is not None and is_adapter(ckpt.path):
+            check_adapter_base(ckpt.path, base, uncomparable_ok=True,
+                               fix="set model.name_or_path to the base the checkpoints were trained on")

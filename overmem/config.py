@@ -95,8 +95,17 @@ class TrainConfig(_Strict):
     scheduler: str = "linear"
     warmup_steps: int = Field(100, ge=0)
     epochs: int = Field(10, gt=0)
-    batch_size: int = Field(128, gt=0, description="effective batch size (per step)")
-    micro_batch_size: int = Field(8, gt=0, description="examples per forward pass")
+    batch_size: int = Field(128, gt=0, description="effective batch size (per step), over all processes")
+    micro_batch_size: int = Field(8, gt=0, description="examples per forward pass on each device (the per-device "
+                                  "batch); accumulation = batch_size / (micro_batch_size x world_size)")
+    world_size: int | None = Field(
+        None, gt=0, description="processes training together; recorded by the run from its launcher (torchrun, "
+        "accelerate launch); leave unset")
+    fsdp: str | None = Field(None, description="FSDP mode, passed to TrainingArguments.fsdp, e.g. "
+                             "'full_shard auto_wrap'; default: DDP when launched on several processes")
+    fsdp_config: dict[str, Any] | None = Field(None, description="TrainingArguments.fsdp_config, e.g. "
+                                               "{transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}")
+    deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config (TrainingArguments.deepspeed)")
     max_length: int = Field(512, gt=8)
     seed: int = 42
     save_every_steps: int | None = Field(None, gt=0, description="extra checkpoints every K steps")
@@ -139,7 +148,8 @@ class TrainConfig(_Strict):
 
     @property
     def grad_accum(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        """Micro-batches each process accumulates per optimizer step (`world_size` unset: 1 process)."""
+        return self.batch_size // (self.micro_batch_size * (self.world_size or 1))
 
 
 class DataConfig(_Strict):
@@ -177,9 +187,29 @@ class GenerationConfig(_Strict):
     max_new_tokens: int = Field(512, gt=0)
     batch_size: int = Field(16, gt=0)
     stop_at_answer: bool = True
-    cache: Literal["dynamic", "static"] = Field(
-        "dynamic", description="KV cache during decoding: 'static' preallocates it (no per-token growth; about 2x "
-        "faster for small models on the CPU, same greedy outputs)")
+    cache: Literal["auto", "dynamic", "static"] = Field(
+        "auto", description="KV cache during decoding (Hugging Face backend): 'static' preallocates it (no per-token "
+        "growth: 13x faster for SmolLM2-135M on the CPU, same outputs); 'auto' = static on the CPU, dynamic on GPUs")
+
+
+class VllmSettings(_Strict):
+    """The vLLM engine of `eval.backend: vllm` (`overmem.vllm_backend`); None = chosen for the device."""
+
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, lt=1, description="share of GPU memory the engine takes (default 0.85); on the CPU, share of "
+        "system RAM for the weights and KV cache (default: kv_cache_gib decides instead)")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV cache size in GiB (default on the CPU: 1; on "
+                                       "GPUs: what gpu_memory_utilization leaves)")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one engine spans")
+    max_model_len: int | None = Field(None, gt=1, description="longest sequence (default: train.max_length + "
+                                      "generation.max_new_tokens)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="weights' dtype in the engine (default: model.dtype, as the Hugging Face path)")
+    enforce_eager: bool | None = Field(None, description="no CUDA graphs (default: on the CPU only)")
+    max_lora_rank: int | None = Field(None, gt=0, description="largest adapter rank evaluated as an adapter "
+                                      "(default: from train.lora.r; higher ranks are merged and loaded as models)")
+    python: str | None = Field(None, description="interpreter of the engine process, e.g. a virtualenv with "
+                               "vLLM (default: $OVERMEM_VLLM_PYTHON, else this one)")
 
 
 class EvalConfig(_Strict):
@@ -187,6 +217,10 @@ class EvalConfig(_Strict):
     accuracy: bool = Field(True, description="generate and check answers (else perplexity only)")
     bootstrap: int = Field(1000, ge=100)
     confidence: float = Field(0.95, gt=0, lt=1)
+    backend: Literal["hf", "vllm", "auto"] = Field(
+        "hf", description="checkpoint evaluation (scoring and generation): Hugging Face, vLLM, or vLLM when it is "
+        "installed and runs the model (`auto`)")
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
 
 class PhaseRule(_Strict):

@@ -19,23 +19,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EvalConfig, GenerationConfig
 from .data.answers import is_correct
+from .data.code import can_check, check_generations
 from .data.example import Example, format_prompt
+from .distributed import evaluate_sharded, is_main, main_value, on_main
 from .generation import generate
+from .intervals import bootstrap_ci
 from .results import RunDir, append_jsonl, write_jsonl
 from .scoring import response_pieces, score_examples
 
 TOKEN_DECIMALS = 4  # per-token NLL stored in samples files: enough to shade, small on disk
-
-
-def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values`."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) -> dict[str, Any]:
@@ -45,7 +37,10 @@ def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) ->
     non-finite loss (a diverged model) the row counts them in `non_finite`, and its perplexities are
     None rather than a mean over the other examples. Examples cut to fit `max_length` are counted in
     `n_truncated`; examples with no scored token (an empty reference) have no perplexity, so `ppl`
-    is the mean over the other `n - n_skipped`. Each count is there only when it is not zero."""
+    is the mean over the other `n - n_skipped`. Open-ended examples (kind "open") have no automatic
+    check: accuracy is over the other examples (`n_unchecked` counts those left out when some are
+    checked) and None (null in JSON, never NaN or 0) when no example is. Each count is there only
+    when it is not zero."""
     ppls = [s["ppl"] for s in samples if s["n_tokens"]]
     nll = sum(s["nll_sum"] for s in samples)
     tokens = sum(s["n_tokens"] for s in samples)
@@ -59,12 +54,13 @@ def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) ->
         "accuracy_ci_low": None,
         "accuracy_ci_high": None,
     }
-    if samples and "correct" in samples[0]:
-        correct = [float(s["correct"]) for s in samples]
+    correct = [float(s["correct"]) for s in samples if "correct" in s]  # open-ended examples have none
+    if correct:
         low, high = bootstrap_ci(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
         row.update(accuracy=float(np.mean(correct)), accuracy_ci_low=low, accuracy_ci_high=high)
     counts = {"non_finite": sum(not math.isfinite(p) for p in ppls),
-              "n_truncated": sum(s["truncated"] for s in samples), "n_skipped": len(samples) - len(ppls)}
+              "n_truncated": sum(s["truncated"] for s in samples), "n_skipped": len(samples) - len(ppls),
+              "n_unchecked": len(samples) - len(correct) if correct else 0}
     row.update((key, count) for key, count in counts.items() if count)
     for key in ("ppl", "ppl_token", "nll_token"):
         if not math.isfinite(row[key]):
@@ -87,7 +83,8 @@ def evaluate_examples(
     """Per-example rows: reference NLL, token count, perplexity (None when no token was scored),
     whether the example was cut to fit `max_length` (`truncated`; generation then sees the prompt's
     last `max_length` tokens too), and (if enabled) the greedy generation, the answer extracted
-    from it and whether it is correct.
+    from it and whether it is correct (code: the program, whether its tests passed in the sandbox,
+    the `failure` reason and the `sandbox` isolation; `overmem.data.code`).
 
     With `token_losses`, rows also hold the question, the text of each scored response token
     (`tokens`) and its NLL (`token_nll`, rounded to TOKEN_DECIMALS): the report's token view.
@@ -107,12 +104,15 @@ def evaluate_examples(
                 question=ex.question, tokens=response_pieces(tokenizer, ex.response, s.n_tokens),
                 token_nll=[round(-x, TOKEN_DECIMALS) for x in s.logprobs.tolist()],
             )
-    if eval_cfg.accuracy:
-        with tqdm(total=len(examples), desc=f"generate {desc}", disable=quiet, leave=False) as bar:
+    # Open-ended answers ("open") and code without tests (a CodeFeedback training set) have no
+    # automatic check: no generation, no `correct` field.
+    checked = [(row, ex) for row, ex in zip(rows, examples) if ex.kind != "open" and can_check(ex)]
+    if eval_cfg.accuracy and checked:
+        with tqdm(total=len(checked), desc=f"generate {desc}", disable=quiet, leave=False) as bar:
             texts = generate(
                 model,
                 tokenizer,
-                [format_prompt(ex.question) for ex in examples],
+                [format_prompt(ex.question) for _, ex in checked],
                 max_new_tokens=gen_cfg.max_new_tokens,
                 batch_size=gen_cfg.batch_size,
                 stop_at_answer=gen_cfg.stop_at_answer,
@@ -120,9 +120,16 @@ def evaluate_examples(
                 max_prompt_tokens=max_length,
                 progress=bar.update,
             )
-        for row, ex, (text,) in zip(rows, examples, texts):
-            extracted, ok = is_correct(text, ex.answer, ex.kind)
-            row.update(generation=text, extracted=extracted, correct=ok)
+        code = [(row, ex, text) for (row, ex), (text,) in zip(checked, texts) if ex.kind == "code"]
+        for (row, ex), (text,) in zip(checked, texts):
+            if ex.kind != "code":
+                extracted, ok = is_correct(text, ex.answer, ex.kind)
+                row.update(generation=text, extracted=extracted, correct=ok)
+        if code:  # code is correct when its tests pass, run in parallel sandboxes
+            runs = check_generations([ex for _, ex, _ in code], [text for _, _, text in code])
+            for (row, _, text), run in zip(code, runs):
+                row.update(generation=text, extracted=run.program, correct=run.passed, failure=run.failure,
+                           sandbox=run.sandbox)
     return rows
 
 
@@ -147,24 +154,30 @@ def evaluate_checkpoint(
 
     The per-example file is written (atomically) before the dynamics row is appended, so an
     interruption leaves either both or a samples file that the next resume overwrites.
+
+    Launched on several processes, each evaluates its share of every split and rank 0 alone writes
+    (`overmem.distributed`); every rank returns the same rows.
     """
-    done = run.done()
+    done = main_value(run.done)
     new_rows = []
     for split, examples in splits.items():
         if (checkpoint, split) in done:
             continue
         t0 = time.perf_counter()
-        samples = evaluate_examples(
-            model, tokenizer, examples, eval_cfg=eval_cfg, gen_cfg=gen_cfg, max_length=max_length,
-            desc=f"{checkpoint}/{split}", quiet=quiet, token_losses=split in token_splits,
+        samples = evaluate_sharded(
+            lambda part, split=split: evaluate_examples(
+                model, tokenizer, part, eval_cfg=eval_cfg, gen_cfg=gen_cfg, max_length=max_length,
+                desc=f"{checkpoint}/{split}", quiet=quiet or not is_main(), token_losses=split in token_splits,
+            ),
+            tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length,
         )
-        write_jsonl(run.samples(checkpoint, split), samples)
         row = {"checkpoint": checkpoint, "epoch": epoch, "step": step, "split": split}
         row.update(split_summary(samples, eval_cfg))
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        append_jsonl(run.dynamics, row)
+        on_main(lambda split=split, samples=samples, row=row: (
+            write_jsonl(run.samples(checkpoint, split), samples), append_jsonl(run.dynamics, row)))
         new_rows.append(row)
-        if not quiet:
+        if not quiet and is_main():
             acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
             ppl = "-" if row["ppl"] is None else f"{row['ppl']:.3f}"
             cut = "".join(f", {row[k]} {k[2:]}" for k in ("n_truncated", "n_skipped") if k in row)

@@ -18,9 +18,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .config import GenerationConfig, TrainConfig
+from .vllm_backend import VllmModel, is_vllm
 
 DEFAULTS = GenerationConfig()  # decoding limits: their defaults live in the config, nowhere else
 MAX_PROMPT_TOKENS = TrainConfig().max_length  # the longest prompt, by default
+VLLM_REQUEST = 64  # prompts per request to a vLLM engine (at least)
 _ANSWER_LINE = re.compile(r"####[^\n]*\S[^\n]*\n")
 
 
@@ -76,16 +78,24 @@ def generate(
     Returns one list of texts per prompt, in input order. Sampling is seeded per batch, so
     the same call gives the same texts. `cache="static"` has transformers preallocate the KV
     cache for prompt + `max_new_tokens` instead of growing it every token (faster for small
-    models on the CPU; the attention over the unused slots is masked, so outputs are the same).
+    models on the CPU; the attention over the unused slots is masked, so outputs are the same);
+    `cache="auto"` (the default) takes it on the CPU and the dynamic cache on GPUs.
+    `model` may be a vLLM handle (`overmem.vllm_backend.VllmModel`; the cache setting is then moot).
     A prompt of more than `max_prompt_tokens` tokens keeps its last `max_prompt_tokens`.
     """
-    if cache not in ("dynamic", "static"):
-        raise ValueError(f"generation.cache: {cache!r} is not 'dynamic' or 'static'")
+    if cache not in ("dynamic", "static", "auto"):
+        raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+    if is_vllm(model):
+        return _generate_vllm(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              sampling=(temperature, top_p) if do_sample else None, num_samples=num_samples,
+                              seed=seed, max_prompt_tokens=max_prompt_tokens, progress=progress)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    if cache == "auto":
+        cache = "static" if device.type == "cpu" else "dynamic"
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     out: list[list[str]] = [[] for _ in prompts]
@@ -117,4 +127,27 @@ def generate(
         if progress:
             progress(len(idx))
     model.train(was_training)
+    return out
+
+
+def _generate_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                   max_new_tokens: int, batch_size: int, sampling: tuple[float, float] | None, num_samples: int,
+                   seed: int, max_prompt_tokens: int,
+                   progress: Callable[[int], None] | None) -> list[list[str]]:
+    """`generate` on the vLLM engine: the same prompt token ids, EOS as the one stop token, the
+    continuations decoded here and cut after the answer line as the Hugging Face path cuts them.
+    A continuation runs on past its answer line (vLLM has no stop rule of ours); the cut makes the
+    text the same. Sampling seeds prompt i with `seed + i`."""
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    temperature, top_p = sampling if sampling else (0.0, 1.0)
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out: list[list[str]] = []
+    step = max(batch_size, VLLM_REQUEST)  # the engine batches by itself; this only paces progress reports
+    for start in range(0, len(encoded), step):
+        part = encoded[start : start + step]
+        ids = model.generate_ids(part, max_tokens=max_new_tokens, n=num_samples, temperature=temperature,
+                                 top_p=top_p, seed=seed + start, stop_token_ids=stop)
+        out += [[truncate_after_answer(tokenizer.decode(x, skip_special_tokens=True)) for x in rows] for rows in ids]
+        if progress:
+            progress(len(part))
     return out

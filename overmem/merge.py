@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .merge_inputs import SafetensorsFolder, model_folder, open_input
 from .merge_writing import atomic_folder, copy_model_files, write_dense, write_exact_adapter
+from .models import check_adapter_base
 from .results import ADAPTER_CONFIG, MODEL_CONFIG, read_json
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
@@ -81,7 +82,7 @@ def merge_checkpoints(
     inputs only). Everything is checked before anything is written; the folder is built next
     to `out` and renamed at the end, so a failure leaves nothing at `out`. `overwrite` replaces
     an earlier merge at `out` (a folder with merge.json), nothing else. Each adapter's recorded base
-    must be `base` (`_check_recorded_base`); `force` skips that check. Returns `out`.
+    must be `base` (`models.check_adapter_base`); `force` skips that check. Returns `out`.
     """
     out = Path(out)
     weights = _check_weights(checkpoints, weights)
@@ -97,7 +98,9 @@ def merge_checkpoints(
             inp.check(base_w)
         if not force:
             for folder in [inp.path for inp in inputs if inp.is_adapter] + ([init.folder] if init else []):
-                _check_recorded_base(folder, base, base_dir, base_w)
+                check_adapter_base(folder, base, uncomparable_ok=False, base_dir=base_dir, role="the merge's base",
+                                   fix="merge onto the base the adapter was trained on, or pass --force if they "
+                                       "are the same model")
         if exact_adapter:
             _check_exact(inputs)
         with atomic_folder(out, overwrite) as tmp:
@@ -187,60 +190,6 @@ def _check_same_base(base: Path, inputs: list) -> None:
         first = next(iter(prints))
         other = next(p for p, fp in prints.items() if fp != prints[first])
         raise ValueError(f"{other}: tokenizer differs from the one in {first}; merge checkpoints of one base model")
-
-
-def _check_recorded_base(adapter: Path, base: str | Path, base_dir: Path, base_w: SafetensorsFolder) -> None:
-    """The base `adapter` was trained on (`base_model_name_or_path`) is the merge's base: the same
-    name, the same folder, the Hub cache's copy of that name, or a folder or cached copy with the
-    same weights (`_weights_fingerprint`). Same shapes are not enough: an adapter of another base of
-    one architecture merges without error into a wrong model."""
-    config = adapter / ADAPTER_CONFIG
-    recorded = read_json(config).get("base_model_name_or_path")
-    if recorded is None or str(recorded) == str(base):
-        return
-    trained_on = _local_copy(str(recorded))
-    if trained_on is not None and trained_on.resolve() == base_dir.resolve():
-        return
-    if trained_on is None:
-        why = f"{recorded!r} is neither a local folder nor in the Hugging Face cache, so the weights cannot be compared"
-    elif not _has_weights(trained_on):
-        why = f"{trained_on} has no safetensors weights to compare"
-    else:
-        with SafetensorsFolder(trained_on, "model.safetensors") as theirs:
-            if _weights_fingerprint(theirs) == _weights_fingerprint(base_w):
-                return
-        why = f"{trained_on} holds other weights"
-    raise ValueError(f"{config}: trained on base {recorded!r}, but the merge's base is {str(base)!r} ({why}); merge "
-                     "onto the base the adapter was trained on, or pass --force if they are the same model")
-
-
-def _local_copy(name: str) -> Path | None:
-    """The folder of model `name` on this machine: itself, or the Hub cache's copy (no download)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_absolute() or name.startswith(("./", "../", "~")):
-        return None
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (or not a valid repo id): no copy here
-        return None
-
-
-def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
-
-
-def _weights_fingerprint(store: SafetensorsFolder) -> str:
-    """Hash of every tensor's name, shape and first row: two bases' weights compared without reading them
-    whole (a finetuned or different model differs in the first row of most of its matrices)."""
-    digest = hashlib.sha256()
-    for name in sorted(store.names):
-        digest.update(f"{name}{store.shape(name)}".encode())
-        digest.update(store.head(name).float().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _check_exact(inputs: list) -> None:

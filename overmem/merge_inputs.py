@@ -19,8 +19,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from .models import open_safetensors
 from .results import ADAPTER_CONFIG, MODEL_CONFIG, read_json
 
 _PEFT_PREFIX = "base_model.model."
@@ -48,15 +48,6 @@ def model_folder(name: str | Path) -> Path:
         return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES]))
     except Exception as e:  # offline, unknown repo, ...: say which base could not be found
         raise FileNotFoundError(f"{name}: not a local folder and not fetched from the Hub ({e})") from e
-
-
-def open_safetensors(path: Path):  # -> safetensors' safe_open handle
-    """A safetensors file opened for reading; a truncated or corrupt one is an error naming it."""
-    try:
-        return safe_open(str(path), "pt")
-    except SafetensorError as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: "
-                         "save or download it again") from None
 
 
 class SafetensorsFolder:

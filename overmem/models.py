@@ -9,10 +9,12 @@ full finetuning) so the model trains and saves like any other.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
-from .results import ADAPTER_CONFIG
+from .results import ADAPTER_CONFIG, read_json
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,9 @@ def load_checkpoint(
     if is_adapter(path):
         from peft import PeftModel
 
+        # A base that cannot be compared here (not on this machine) is trusted; one with other
+        # weights is refused: the adapter would load without error into a wrong model.
+        check_adapter_base(path, base_cfg.name_or_path, uncomparable_ok=True)
         base = load_model(base_cfg, device)
         with _readable(str(path)):
             try:
@@ -190,7 +195,146 @@ def load_checkpoint(
     return load_model(cfg, device)
 
 
+def load_for_eval(path: str | Path | None, cfg):  # cfg: RunConfig -> PreTrainedModel | VllmModel
+    """The checkpoint at `path` (None: the base model) as `cfg.eval.backend` evaluates it: a Hugging
+    Face model, or a handle on the process's one vLLM engine with these weights loaded in place
+    (`overmem.vllm_backend`). `scoring` and `generation` take either."""
+    from .vllm_backend import choose_backend, open_checkpoint
+
+    if choose_backend(cfg) == "vllm":
+        return open_checkpoint(path, cfg)
+    return load_model(cfg.model) if path is None else load_checkpoint(path, cfg.model)
+
+
+def engine_model_folder(cfg: ModelConfig) -> str:
+    """What a vLLM engine loads for the base `cfg`: its hub id or folder, or for a GGUF file a
+    Hugging Face folder of its weights dequantized as `load_model` does (made once, cached under
+    `$OVERMEM_CACHE`, default `~/.cache/overmem`), so both backends run the same weights."""
+    import os
+    import shutil
+    import tempfile
+
+    src = ModelSource.parse(cfg.name_or_path)
+    if not src.gguf_file:
+        return src.repo
+    gguf = Path(src.repo) / src.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{cfg.dtype}".encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("OVERMEM_CACHE", Path.home() / ".cache" / "overmem"))
+    folder = cache / f"dequantized-{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache))
+    try:
+        load_model(cfg, torch.device("cpu")).save_pretrained(tmp)
+        load_tokenizer(cfg).save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not a concurrent maker's finished copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
 def adapter_base(path: str | Path) -> str | None:
     """The base model an adapter folder was trained on, as recorded by PEFT."""
     cfg = Path(path) / ADAPTER_CONFIG
-    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None
+    if not cfg.exists():
+        return None
+    content = read_json(cfg)
+    if not isinstance(content, dict):
+        raise ValueError(f"{cfg}: expected a JSON object (a PEFT adapter config); restore the file")
+    return content.get("base_model_name_or_path")
+
+
+class AdapterBaseMismatch(ValueError):
+    """An adapter is applied to a base other than the one it was trained on."""
+
+
+def check_adapter_base(adapter: str | Path, base: str | Path, *, uncomparable_ok: bool, base_dir: Path | None = None,
+                       role: str = "the base given", fix: str = "give the base the adapter was trained on") -> None:
+    """The base `adapter` was trained on (`base_model_name_or_path`) is `base`: the same name, the
+    same folder, the Hub cache's copy of that name, or a folder or cached copy with the same weights
+    (`weights_fingerprint`). Same shapes are not enough: an adapter of another base of one
+    architecture loads, and merges, without error into a wrong model.
+
+    Raises `AdapterBaseMismatch` when the weights differ, and also when they cannot be compared
+    (a base that is not on this machine) unless `uncomparable_ok`. `base_dir`: where `base` is
+    (default: looked up as `base` itself or in the Hub cache)."""
+    config = Path(adapter) / ADAPTER_CONFIG
+    recorded = adapter_base(adapter)
+    if recorded is None or str(recorded) == str(base):
+        return
+    trained_on, given = _local_copy(str(recorded)), base_dir or _local_copy(str(base))
+    if trained_on is not None and given is not None and trained_on.resolve() == given.resolve():
+        return
+    if trained_on is None or given is None:
+        missing = recorded if trained_on is None else base
+        why = f"{str(missing)!r} is neither a local folder nor in the Hugging Face cache, so the weights cannot be compared"
+    else:
+        mine, theirs = weights_fingerprint(given), weights_fingerprint(trained_on)
+        if mine is not None and mine == theirs:
+            return
+        if mine is None or theirs is None:
+            why = f"{trained_on if theirs is None else given} has no safetensors weights to compare"
+        else:
+            why = f"{trained_on} holds other weights"
+            uncomparable_ok = False
+    if uncomparable_ok:
+        return
+    raise AdapterBaseMismatch(f"{config}: trained on base {recorded!r}, but {role} is {str(base)!r} ({why}); {fix}")
+
+
+def _local_copy(name: str) -> Path | None:
+    """The folder of model `name` on this machine: itself, or the Hub cache's copy (no download)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or path.is_absolute() or name.startswith(("./", "../", "~", PACKAGE_PREFIX)):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid repo id): no copy here
+        return None
+
+
+def open_safetensors(path: Path):  # -> safetensors' safe_open handle
+    """A safetensors file opened for reading; a truncated or corrupt one is an error naming it."""
+    try:
+        return safe_open(str(path), "pt")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: "
+                         "save or download it again") from None
+
+
+@lru_cache(maxsize=16)
+def weights_fingerprint(folder: Path) -> str | None:
+    """Hash of every tensor's name, shape and first row (the first 1024 values of a vector) in
+    `folder`'s `model.safetensors` or its shards: two models' weights compared without reading them
+    whole (a finetuned or different model differs in the first row of most of its matrices).
+    None when the folder holds no safetensors weights."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        files = sorted({folder / f for f in weight_map.values()})
+    else:
+        return None
+    entries = []
+    for path in files:
+        with open_safetensors(path) as handle:
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                part = handle.get_slice(name)
+                shape = tuple(part.get_shape())
+                head = part[:1] if len(shape) > 1 else part[:1024]
+                entries.append((name, shape, head.float().numpy().tobytes()))
+    digest = hashlib.sha256()
+    for name, shape, head in sorted(entries):
+        digest.update(f"{name}{shape}".encode())
+        digest.update(head)
+    return digest.hexdigest()

@@ -22,7 +22,8 @@ perplexity p_i (the mean of per-example perplexities, `ppl`) and accuracy a_i:
     a_i < learn_frac * acc_best             -> low_accuracy    (accuracy collapsed, ppl did not rise)
     otherwise                               -> healthy         (yellow)
 
-Checkpoints whose accuracy is None (generation skipped) can only be judged by perplexity; they
+Checkpoints whose accuracy is None (generation skipped, or open-ended answers, which have no
+automatic check) can only be judged by perplexity; they
 get `high_ppl` (elevated) or `low_ppl` (not elevated) and never count as over-memorized.
 Comparisons treat values within 1e-9 as equal, so a value exactly on a threshold passes it.
 Rows with `epoch` None (merged models) are not on the training curve and are listed in
@@ -138,11 +139,6 @@ def phases_are_current(stored: Mapping[str, Any], rows: Sequence[Mapping[str, An
     """Whether a stored `phases.json` was made with `cfg`'s phase rule on the split it names now."""
     split = phase_split(split_names(rows), cfg.phases, cfg.selection.valid_split)
     return stored.get("split") == split and stored.get("rule") == cfg.phases.model_dump(exclude={"split"})
-
-
-def has_accuracy(rows: Iterable[Mapping[str, Any]], split: str) -> bool:
-    """Whether any row of `split` has a measured accuracy."""
-    return any(r["split"] == split and r.get("accuracy") is not None for r in rows)
 
 
 def split_rows(rows: Iterable[Mapping[str, Any]], split: str) -> list[dict[str, Any]]:
@@ -268,7 +264,8 @@ def _warnings(
         notes.append("only one checkpoint: there is no curve to compare against, so the label is trivial")
     missing = sum(a is None for a in accs)
     if acc_best is None:
-        notes.append("accuracy was not measured (generation skipped): labels come from perplexity only")
+        notes.append("accuracy was not measured (generation skipped, or open-ended answers with no automatic "
+                     "check): labels come from perplexity only")
     elif missing:
         notes.append(f"accuracy missing at {missing} checkpoint(s): those are labelled from perplexity only")
     if acc_best is not None and acc_best <= 0:

@@ -4,6 +4,10 @@
 base model as epoch 0, finetune while evaluating every epoch checkpoint, then detect phases,
 select a checkpoint, draw the figure and write the report. Every step skips work already on disk;
 each stage's wall time goes to `timings.json`.
+
+Under `torchrun` / `accelerate launch` every process runs these same functions: all of them load
+the model, train together and evaluate their share of each split; rank 0 alone creates and writes
+the run folder, the others wait for it (`overmem.distributed`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, RunConfig, dump_config, read_yaml
 from .data.example import Example
 from .data.splits import TRAIN, VALIDATION, derive_splits, load_spec
+from .distributed import evaluate_sharded, is_main, main_value, on_main, setup, world_size
 from .dynamics import evaluate_checkpoint, evaluate_examples, split_summary
 from .models import (
     adapter_base,
@@ -35,6 +40,8 @@ from .train import TrainingDiverged
 
 # Settings that change what a run computes; a resumed run must agree on all of them.
 _RESUME_KEYS = ("model", "train", "data")
+# ... except these: a run resumed on another number of processes keeps its global batch.
+_RESUME_FREE = {"train": ("world_size",)}
 
 
 def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
@@ -43,7 +50,10 @@ def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
     old = read_yaml(run.config)
     new = json.loads(cfg.model_dump_json())
     for key in _RESUME_KEYS:
-        if old.get(key) != new.get(key):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            a, b = ({k: v for k, v in d.items() if k not in _RESUME_FREE.get(key, ())} for d in (a, b))
+        if a != b:
             raise ConfigError(
                 f"{run.config}: the existing run was made with a different '{key}' section; "
                 "use a new --out folder to start a new run"
@@ -57,6 +67,15 @@ def _eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
                 token_splits=tests)
 
 
+def _check_backend(cfg: RunConfig) -> None:
+    """Several processes share evaluation out with the Hugging Face backend; a vLLM engine (one per
+    process, `eval.vllm.tensor_parallel_size` GPUs) is for a command run in one process."""
+    if world_size() > 1 and cfg.eval.backend != "hf":
+        raise ConfigError(f"eval.backend: {cfg.eval.backend!r} with {world_size()} processes; launched on several "
+                          "processes, overmem shares evaluation out with the Hugging Face backend: set "
+                          "eval.backend=hf, or run the command in one process with eval.vllm.tensor_parallel_size")
+
+
 def _record_environment(run_dir: RunDir) -> None:
     from .doctor import environment
 
@@ -65,37 +84,53 @@ def _record_environment(run_dir: RunDir) -> None:
 
 def run(cfg: RunConfig) -> RunDir:
     """Finetune and track every checkpoint; resumes an existing run folder."""
-    from .train.trainer import check_training_settings
+    from .train.trainer import check_training_settings, with_world_size
 
     quiet_libraries(cfg.quiet)
+    setup()  # several processes: join their group first (on GPUs: this rank's device becomes the default)
+    _check_backend(cfg)
     if not cfg.out_dir:
         raise ConfigError("out_dir: no output folder given (use --out or set out_dir)")
     run_dir = RunDir(cfg.out_dir)
-    _check_resumable(run_dir, cfg)
+    cfg = with_world_size(cfg)  # the resolved config records the processes launched
+    main_value(lambda: _check_resumable(run_dir, cfg))
     # Everything that can fail on bad input happens before the run folder is created.
     t0 = time.perf_counter()
     splits = derive_splits(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
     check_training_settings(cfg, run_dir, model)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir.config, dump_config(cfg))
-    _record_environment(run_dir)
-    run_dir.record_timing("load data and model", time.perf_counter() - t0)
+
+    def create() -> None:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir.config, dump_config(cfg))
+        _record_environment(run_dir)
+        run_dir.record_timing("load data and model", time.perf_counter() - t0)
+
+    on_main(create)
     ev = _eval_kwargs(cfg, splits.tracked)
     evaluate_checkpoint(model, tokenizer, splits.tracked, run_dir, checkpoint=BASE, epoch=0, step=0, **ev)
 
-    if not all(run_dir.checkpoint(epoch_name(e)).exists() for e in range(1, cfg.train.epochs + 1)):
+    trained = main_value(lambda: all(run_dir.checkpoint(epoch_name(e)).exists()
+                                     for e in range(1, cfg.train.epochs + 1)))
+    if not trained:
         _train_and_track(cfg, model, tokenizer, splits.train, splits.tracked, run_dir)
     del model
     release_memory()
     if cfg.merge:
-        with run_dir.timed("merge"):
-            merge_groups(run_dir, cfg)
+        def merge() -> None:
+            with run_dir.timed("merge"):
+                merge_groups(run_dir, cfg)
+
+        on_main(merge)
     scan_checkpoints(run_dir, cfg, splits.tracked, include_base=False)  # merges, and any a resume left
+    on_main(lambda: _finish(run_dir, cfg))
+    return run_dir
+
+
+def _finish(run_dir: RunDir, cfg: RunConfig) -> None:
     finalize(run_dir, cfg)
     write_run_report(run_dir)
-    return run_dir
 
 
 def _train_and_track(
@@ -126,16 +161,22 @@ def _train_and_track(
     t0 = time.perf_counter()
     try:
         finetune(cfg, model, tokenizer, train, run_dir, on_checkpoint=track)
-    except TrainingDiverged:
-        diverged = {r["checkpoint"] for r in run_dir.read_dynamics() if r.get("non_finite")}
-        try:
-            finalize(run_dir, cfg, leave_out=diverged)
-        except ValueError as err:  # the divergence is the error to report, not a figure it spoiled
-            warnings.warn(f"phases and selection not written ({err})", stacklevel=2)
-        write_run_report(run_dir)
+    except TrainingDiverged:  # every rank stops at the same step (see OvermemTrainer.training_step)
+        on_main(lambda: _finish_diverged(run_dir, cfg))
         raise
-    run_dir.record_timing("train", time.perf_counter() - t0 - eval_seconds,
-                          "training and checkpoint saving, without the evaluations during it")
+    seconds = time.perf_counter() - t0 - eval_seconds
+    on_main(lambda: run_dir.record_timing("train", seconds,
+                                          "training and checkpoint saving, without the evaluations during it"))
+
+
+def _finish_diverged(run_dir: RunDir, cfg: RunConfig) -> None:
+    """Phases, selection and report of the checkpoints finished before a divergence."""
+    diverged = {r["checkpoint"] for r in run_dir.read_dynamics() if r.get("non_finite")}
+    try:
+        finalize(run_dir, cfg, leave_out=diverged)
+    except ValueError as err:  # the divergence is the error to report, not a figure it spoiled
+        warnings.warn(f"phases and selection not written ({err})", stacklevel=2)
+    write_run_report(run_dir)
 
 
 def write_run_report(run_dir: RunDir) -> Path | None:
@@ -175,9 +216,10 @@ def scan_checkpoints(
 ) -> None:
     """Evaluate every checkpoint (and the base as epoch 0) not yet in the dynamics."""
     ev = _eval_kwargs(cfg, tracked)
-    done = run_dir.done()
-    todo = [c for c in find_checkpoints(folder or run_dir.root)
-            if any((c.name, s) not in done for s in tracked)] if (folder or run_dir.checkpoints.exists()) else []
+    done = main_value(run_dir.done)
+    todo = main_value(lambda: [c for c in find_checkpoints(folder or run_dir.root)
+                               if any((c.name, s) not in done for s in tracked)]
+                      if (folder or run_dir.checkpoints.exists()) else [])
     tokenizer = None
     if include_base and any((BASE, s) not in done for s in tracked):
         tokenizer = load_tokenizer(cfg.model)
@@ -185,7 +227,7 @@ def scan_checkpoints(
         evaluate_checkpoint(base, tokenizer, tracked, run_dir, checkpoint=BASE, epoch=0, step=0, **ev)
         del base
         release_memory()
-    for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet):
+    for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet or not is_main()):
         model = load_checkpoint(ckpt.path, cfg.model)
         tok = tokenizer or load_tokenizer(cfg.model)
         evaluate_checkpoint(model, tok, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step, **ev)
@@ -196,6 +238,8 @@ def scan_checkpoints(
 def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
     """Track checkpoints that already exist (an overmem run or a Trainer output folder)."""
     quiet_libraries(cfg.quiet)
+    setup()
+    _check_backend(cfg)
     folder = Path(folder)
     adapters = [c for c in find_checkpoints(folder) if is_adapter(c.path)]
     if adapters and cfg.model.name_or_path == RunConfig().model.name_or_path:
@@ -204,14 +248,19 @@ def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": base})})
     run_dir = RunDir(cfg.out_dir or folder)
     splits = derive_splits(cfg.data)
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    if not run_dir.config.exists():
-        atomic_write_text(run_dir.config, dump_config(cfg))
-    _record_environment(run_dir)
-    with run_dir.timed("evaluate checkpoints", "loading included"):
-        scan_checkpoints(run_dir, cfg, splits.tracked, folder=folder)
-    finalize(run_dir, cfg)
-    write_run_report(run_dir)
+
+    def create() -> None:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        if not run_dir.config.exists():
+            atomic_write_text(run_dir.config, dump_config(cfg))
+        _record_environment(run_dir)
+
+    on_main(create)
+    t0 = time.perf_counter()
+    scan_checkpoints(run_dir, cfg, splits.tracked, folder=folder)
+    seconds = time.perf_counter() - t0
+    on_main(lambda: run_dir.record_timing("evaluate checkpoints", seconds, "loading included"))
+    on_main(lambda: _finish(run_dir, cfg))
     return run_dir
 
 
@@ -224,33 +273,37 @@ def evaluate_model(
     rows beside it (`<out stem>.samples.jsonl`).
     """
     quiet_libraries(cfg.quiet)
+    setup()
+    _check_backend(cfg)
     examples = load_spec(cfg.data, data, size=cfg.data.test_size)
     tokenizer = load_tokenizer(cfg.model)
     model = load_checkpoint(adapter, cfg.model) if adapter else load_model(cfg.model)
-    samples = evaluate_examples(model, tokenizer, examples, eval_cfg=cfg.eval, gen_cfg=cfg.generation,
-                                max_length=cfg.train.max_length, desc=data, quiet=cfg.quiet)
+    samples = evaluate_sharded(
+        lambda part: evaluate_examples(model, tokenizer, part, eval_cfg=cfg.eval, gen_cfg=cfg.generation,
+                                       max_length=cfg.train.max_length, desc=data, quiet=cfg.quiet or not is_main()),
+        tokenizer, examples, batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length,
+    )
     row = {"checkpoint": name or adapter or cfg.model.name_or_path, "epoch": None, "step": 0, "split": data}
     row.update(split_summary(samples, cfg.eval))
     out = Path(out)
-    write_jsonl(out.with_name(out.stem + ".samples.jsonl"), samples)
-    write_json(out, row)
+    on_main(lambda: (write_jsonl(out.with_name(out.stem + ".samples.jsonl"), samples), write_json(out, row)))
     return row
 
 
 def finalize(run_dir: RunDir, cfg: RunConfig, *, leave_out: Collection[str] = ()) -> dict[str, Any]:
     """Phases, checkpoint selection and the dynamics figure, from `dynamics.jsonl` alone; the one
-    place `phases.json` and `selection.json` are computed (the latter only when the validation
-    split has accuracy). The checkpoints in `leave_out` are not used (a diverged run's last one,
+    place `phases.json` and `selection.json` are computed (the latter when the validation split
+    was tracked). The checkpoints in `leave_out` are not used (a diverged run's last one,
     whose perplexities are None)."""
-    from .phases import detect_run_phases, has_accuracy
+    from .phases import detect_run_phases
     from .plotting import plot_dynamics
-    from .selection import select_run_checkpoint, write_selection
+    from .selection import select_run_checkpoint, selectable, write_selection
 
     rows = [r for r in run_dir.read_dynamics() if r["checkpoint"] not in leave_out]
     report = detect_run_phases(rows, cfg)
     write_json(run_dir.phases, report.to_dict())
     out: dict[str, Any] = {"phases": report}
-    if has_accuracy(rows, cfg.selection.valid_split):
+    if selectable(rows, cfg.selection.valid_split):
         sel = select_run_checkpoint(rows, cfg)
         write_selection(sel, run_dir.selection)
         out["selection"] = sel

@@ -21,6 +21,7 @@ line per write, so a killed run never leaves a partial result that a resume woul
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -76,8 +77,11 @@ def step_name(step: int) -> str:
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary file beside `path` to write to; renamed to `path` when the block succeeds and
-    removed when it fails, so `path` is never left half-written. A failure to write names `path`."""
+    removed when it fails, so `path` is never left half-written. A failure to write names `path`.
+    Temporary files of `path` left by a killed writer are removed first (one writer per file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a writer of this file that was killed mid-write
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
@@ -124,10 +128,10 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
 
 
-def read_jsonl(path: Path, *, torn_ok: bool = True) -> list[dict[str, Any]]:
-    """Read a JSONL file written by overmem. A torn last line (a killed writer) is dropped when
-    `torn_ok` (what a resuming writer wants: it rewrites that row); otherwise it is an error, so
-    that a reader does not silently lose the row."""
+def read_jsonl(path: Path, *, torn_ok: bool = False) -> list[dict[str, Any]]:
+    """Read a JSONL file written by overmem. A torn last line (a killed appender) is an error, so
+    that a reader does not silently lose the row; it is dropped when `torn_ok` (what a resuming
+    writer wants: it rewrites that row)."""
     if not path.exists():
         return []
     rows = []
@@ -159,7 +163,7 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
             fh.seek(-1, os.SEEK_END)
             torn = fh.read(1) != b"\n"
         if torn:
-            write_jsonl(path, read_jsonl(path))
+            write_jsonl(path, read_jsonl(path, torn_ok=True))
     try:
         with open(path, "a") as fh:
             fh.write(json.dumps(row, default=_jsonable) + "\n")

@@ -14,6 +14,7 @@ next-token distribution p that Min-K%++ (`overmem.analysis.mia`) needs:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,10 +24,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.encoding import IGNORE, length_sorted_batches, pad_id_of, pad_right
 from .data.example import Example
+from .vllm_backend import VllmModel, is_vllm
 
 # float32 log-probs below this are exp() == 0 exactly; clamping there keeps 0 * (-inf) out of mu/sigma.
 _LOGPROB_FLOOR = -1e4
 VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
+VLLM_REQUEST = 64  # examples per request to a vLLM engine (at least; the engine batches them itself)
 
 
 @dataclass
@@ -170,7 +173,17 @@ def score_examples(
     (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`).
 
     An example longer than `max_length` tokens is scored with its prompt cut from the left (the
-    response whole when it fits) and is marked `truncated`; an empty response scores no token."""
+    response whole when it fits) and is marked `truncated`; an empty response scores no token.
+
+    `model` may be a vLLM handle (`overmem.vllm_backend.VllmModel`): the same token ids are then
+    scored by the engine's prompt log-probs. vLLM has no vocabulary statistics: with `vocab_stats`
+    the checkpoint is loaded with Hugging Face for this pass (and a note says so)."""
+    if is_vllm(model):
+        if not vocab_stats:
+            return _score_vllm(model, tokenizer, examples, batch_size=batch_size, max_length=max_length,
+                               progress=progress)
+        _note_once("vocabulary statistics (Min-K%++) come from the Hugging Face backend: vLLM does not compute them")
+        model = model.hf_model()
     was_training = model.training
     model.eval()
     out: list[TokenScores | None] = [None] * len(examples)
@@ -185,6 +198,32 @@ def score_examples(
             progress(len(idx))
     model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def _score_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *,
+                batch_size: int, max_length: int, progress: Callable[[int], None] | None) -> list[TokenScores]:
+    """`score_examples` on the vLLM engine: the encodings of the Hugging Face path, the log-prob of
+    each labelled token given the tokens before it."""
+    out: list[TokenScores | None] = [None] * len(examples)
+    # The engine batches by itself; bigger requests only make progress reports coarser.
+    for idx, encoded in length_sorted_batches(tokenizer, examples, batch_size=max(batch_size, VLLM_REQUEST),
+                                              max_length=max_length):
+        starts = [next((t for t, y in enumerate(e.labels) if y != IGNORE), len(e.labels)) for e in encoded]
+        logprobs = model.score([e.ids for e in encoded], starts)
+        for i, e, lp in zip(idx, encoded, logprobs):
+            out[i] = TokenScores(torch.tensor(lp, dtype=torch.float32), truncated=e.truncated)
+        if progress:
+            progress(len(idx))
+    return out  # type: ignore[return-value]
+
+
+_noted: set[str] = set()
+
+
+def _note_once(text: str) -> None:
+    if text not in _noted:
+        _noted.add(text)
+        print(f"note: {text}", file=sys.stderr)
 
 
 def response_pieces(tokenizer: PreTrainedTokenizerBase, response: str, n_tokens: int) -> list[str]:

@@ -15,6 +15,11 @@ perplexity and accuracy were measured. `last`, `min_valid_ppl` (ties: earlier) a
 run's `selection.json` reproduces Table 4. Only training-curve checkpoints (epoch not None) are
 candidates; off-curve rows such as merges are listed in `others` for comparison.
 
+Without any validation accuracy (open-ended answers, which have no automatic check, or generation
+skipped) there is nothing to weigh perplexity against: `recommended` falls back to the lowest
+validation perplexity (ties: earlier), `max_valid_acc` is left out, and `selection.json` says so
+in `rule` ("lowest_valid_ppl" instead of "ppl_band") and in the reason.
+
 Which checkpoint to keep has one answer, `checkpoint_to_keep`: the `recommended` rule on the
 validation split; for a run without validation accuracy (a training script tracking only test
 sets), the same rule on the phase split; without any accuracy, the lowest phase-split
@@ -25,7 +30,7 @@ report's token view all use it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -38,6 +43,7 @@ from .phases import THRESHOLD_TOL, split_curve, split_names, split_rows, test_sp
 from .results import atomic_write_text
 
 CRITERIA: tuple[str, ...] = ("recommended", "last", "min_valid_ppl", "max_valid_acc")
+FALLBACK_RULE = "lowest_valid_ppl"  # `recommended` when the validation split has no accuracy
 
 
 class SplitFigures(BaseModel):
@@ -70,6 +76,8 @@ class SelectionResult(BaseModel):
     valid_split: str
     test_splits: list[str]
     ppl_band: float
+    rule: str = Field("ppl_band", description=f"how `recommended` was chosen: 'ppl_band' (paper sec. 6.1), or "
+                      f"'{FALLBACK_RULE}' when the validation split has no accuracy")
     choices: dict[str, Choice]
     others: list[Choice] = Field(description="off-curve checkpoints (e.g. merges), for comparison")
 
@@ -92,7 +100,8 @@ def select_checkpoint(
     """Apply every selection criterion to the dynamics rows of one run.
 
     `test_splits` defaults to every split other than "train" and `valid_split`. Raises
-    ValueError if the validation split is missing, has no accuracy, or a test split is missing.
+    ValueError if the validation split is missing or has no training-curve row, or a test split is
+    missing. Without validation accuracy, `recommended` is the fallback rule (module docstring).
     """
     if ppl_band < 0:
         raise ValueError(f"ppl_band must be >= 0, got {ppl_band}")
@@ -103,12 +112,9 @@ def select_checkpoint(
             "Track a validation set or pass valid_split=..."
         )
     curve = split_curve(rows, valid_split)
+    if not curve:
+        raise ValueError(f"validation split {valid_split!r} has no training-curve rows; no checkpoint to select")
     scored = [r for r in curve if r.get("accuracy") is not None]
-    if not scored:
-        raise ValueError(
-            f"validation split {valid_split!r} has no accuracy at any training checkpoint (generation "
-            "skipped?); selection needs validation accuracy: evaluate it with accuracy enabled"
-        )
     tests = list(test_splits) if test_splits is not None else test_split_names(rows, valid_split)
     missing = [s for s in tests if s not in present]
     if missing:
@@ -124,27 +130,34 @@ def select_checkpoint(
         )
 
     order = {r["checkpoint"]: i for i, r in enumerate(curve)}
-    rec, reason = _recommend(curve, ppl_band, "validation")
     low = min(curve, key=lambda r: (r["ppl"], order[r["checkpoint"]]))
-    top = min(scored, key=lambda r: (-r["accuracy"], order[r["checkpoint"]]))
+    if scored:
+        rule = "ppl_band"
+        rec, reason = _recommend(curve, ppl_band, "validation")
+    else:  # FALLBACK_RULE: nothing to weigh perplexity against
+        rule = FALLBACK_RULE
+        rec, reason = low, (f"lowest validation perplexity {low['ppl']:.4g}: the fallback rule, as {valid_split!r} "
+                            "has no accuracy (open-ended answers have no automatic check, or generation was skipped)")
     last = curve[-1]
     choices = [
         choice("recommended", rec, reason),
         choice("last", last, f"last checkpoint of the run (epoch {last['epoch']:g}, step {last.get('step')})"),
         choice("min_valid_ppl", low, f"lowest validation perplexity {low['ppl']:.4g}"),
-        choice(
+    ]
+    if scored:
+        top = min(scored, key=lambda r: (-r["accuracy"], order[r["checkpoint"]]))
+        choices.append(choice(
             "max_valid_acc", top,
             f"highest validation accuracy {top['accuracy']:.3f}; its validation ppl is "
             f"{top['ppl'] / low['ppl']:.2f}x the minimum",
-        ),
-    ]
+        ))
     others = [
         choice("off_curve", r, "not on the training curve (epoch None, e.g. a merge); shown for comparison")
         for r in split_rows(rows, valid_split)
         if r.get("epoch") is None
     ]
     return SelectionResult(
-        valid_split=valid_split, test_splits=tests, ppl_band=ppl_band,
+        valid_split=valid_split, test_splits=tests, ppl_band=ppl_band, rule=rule,
         choices={c.criterion: c for c in choices}, others=others,
     )
 
@@ -197,6 +210,12 @@ def checkpoint_to_keep(
         row = min(curve, key=lambda r: r["ppl"])  # min keeps the first of equal values: the earlier
         reason = f"lowest {phase_split} perplexity {row['ppl']:.4g} (no accuracy measured)"
     return Keep(checkpoint=row["checkpoint"], split=phase_split, reason=reason)
+
+
+def selectable(rows: Iterable[Mapping[str, Any]], valid_split: str) -> bool:
+    """Whether a run's dynamics can be selected from: the validation split was tracked (with or
+    without accuracy; without, the fallback rule applies)."""
+    return any(r["split"] == valid_split for r in rows)
 
 
 def select_run_checkpoint(rows: Sequence[Mapping[str, Any]], cfg: RunConfig) -> SelectionResult:

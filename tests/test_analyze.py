@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from overmem.analysis import calibration, diversity, mia, ood, premem, robustness, sampling
-from overmem.analysis.base import ANALYSES, Analysis, AnalysisResult, Context, Prepared
+from overmem.analysis.base import ANALYSES, Analysis, AnalysisResult, Context, Prepared, default_suite
 from overmem.analysis.sampling import Decoding
 from overmem.cli import main
 from overmem.config import AnalysisSettings, ConfigError, config_from_dict, dump_config, load_config
@@ -463,7 +463,8 @@ def test_analyze_end_to_end_schema_and_resume(tiny_run, toy_jsonl, capsys):
     out = capsys.readouterr().out
     assert "w/o perturb" in out and "min_k++@0.2 AUROC" in out and "BoN@3" in out
     files = sorted(p for p in (tiny_run / "analysis").rglob("*") if p.is_file())
-    for name in ANALYSES:
+    assert not (tiny_run / "analysis" / "judge.json").exists()  # off by default: it needs a judge server
+    for name in default_suite():
         doc = json.loads((tiny_run / "analysis" / f"{name}.json").read_text())
         assert {"analysis", "settings", "checkpoints", "table", "figures", "samples"} <= set(doc)
         assert doc["analysis"] == name and list(doc["checkpoints"]) == ["epoch-0", "epoch-1"]

@@ -335,6 +335,6 @@ def test_choice_invalid_gold_is_an_error(gold):
 
 def test_unknown_kind_is_an_error():
     with pytest.raises(ValueError, match="unknown answer kind"):
-        extract_answer("#### 5", "code")  # type: ignore[arg-type]
+        extract_answer("#### 5", "haiku")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown answer kind"):
-        answers_match("5", "5", "code")  # type: ignore[arg-type]
+        answers_match("5", "5", "haiku")  # type: ignore[arg-type]

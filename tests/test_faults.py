@@ -428,10 +428,15 @@ BAD_INPUT = [
                  "{tmp}/epoch-1/adapter_model.safetensors: truncated or corrupt weights", id="adapter: truncated"),
     pytest.param(lambda w: _adapter(w, "adapter_config.json", _garble),
                  lambda w: _evaluate(w, "--adapter", w.tmp / "epoch-1"), 2,
-                 "{tmp}/epoch-1: a JSON file is truncated or corrupt", id="adapter: broken adapter_config.json"),
+                 "{tmp}/epoch-1/adapter_config.json line 1: not valid JSON", id="adapter: broken adapter_config.json"),
     pytest.param(None, lambda w: _evaluate(w, "--adapter", w.adapters[0], model=w.wide), 2,
+                 "epoch-1/adapter_config.json: trained on base '{model}', but the base given is '{root}/wide-base' "
+                 "({model} holds other weights)", id="adapter: over a base of other shapes"),
+    pytest.param(lambda w: _adapter(w, "adapter_config.json", lambda p: p.write_text(p.read_text().replace(
+                     str(w.model), "someone/not-on-this-machine"))),
+                 lambda w: _evaluate(w, "--adapter", w.tmp / "epoch-1", model=w.wide), 2,
                  "epoch-1: the adapter does not fit the base {root}/wide-base (size mismatch for base_model.model.model."
-                 "layers.0.self_attn.q_proj.lora_A.default.weight", id="adapter: over a base of other shapes"),
+                 "layers.0.self_attn.q_proj.lora_A.default.weight", id="adapter: recorded base unknown, other shapes"),
     # select and plot on a run folder
     pytest.param(lambda w: _run(w, _lines(lambda ls: [*ls[:-1], ls[-1][:40]])), lambda w: ["select", w.tmp / "run"],
                  2, "run/dynamics.jsonl line 12: incomplete last line (an interrupted write)",
@@ -459,6 +464,20 @@ BAD_INPUT = [
     pytest.param(_run, lambda w: ["scan", w.tmp / "run", "--set", f"data.tests={{test: {w.files['train']}}}"], 2,
                  "run/config.yaml: the results in {tmp}/run were made with data.tests=",
                  id="scan: other data into a folder with results"),
+    # an adapter applied to another base of the same shapes: it would load without error
+    pytest.param(None, lambda w: _evaluate(w, "--adapter", w.adapters[0], model=w.other), 2,
+                 "epoch-1/adapter_config.json: trained on base '{model}', but the base given is '{other}' ({model} "
+                 "holds other weights); give the base the adapter was trained on", id="evaluate: adapter of another base"),
+    pytest.param(lambda w: _copy(w.adapters[0], w.tmp / "hf" / "checkpoint-5"),
+                 lambda w: ["scan", w.tmp / "hf", "--config", w.run / "config.yaml", "--set",
+                            f"model.name_or_path={w.other}", "--out", w.tmp / "scan"], 2,
+                 "checkpoint-5/adapter_config.json: trained on base '{model}', but the base given is '{other}' "
+                 "({model} holds other weights); set model.name_or_path", id="scan: adapters of another base"),
+    pytest.param(lambda w: _copy(w.adapters[0], _checkpoint_in_run(w, "epoch-1").parent / "epoch-2"),
+                 lambda w: ["analyze", w.tmp / "run", "--checkpoints", "epoch-2", "--suite", "mia", "-q", "--set",
+                            f"model.name_or_path={w.other}"], 2,
+                 "epoch-2/adapter_config.json: trained on base '{model}', but the base given is '{other}'",
+                 id="analyze: adapters of another base"),
     # merge
     pytest.param(None, lambda w: _merge(w, base=w.other), 2,
                  "epoch-1/adapter_config.json: trained on base '{model}', but the merge's base is '{other}'",
@@ -706,3 +725,145 @@ def test_an_interrupted_figure_save_leaves_no_half_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left on device"):
         plot_dynamics(_dynamics_rows(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dynamics.png"]
+
+
+# ---- kills of scan and analyze at each kind of file write ------------------------------------
+# The command runs in a subprocess that SIGKILLs itself at the n-th write of a file matching a
+# pattern: "after" the file is complete, or "during" it (an atomic write's temporary file is
+# written but not yet renamed; an appended row is half written). Re-running the same command must
+# finish with the results of a command that was never killed, and leave no temporary file behind.
+
+_KILLER = """
+import fnmatch, os, signal, sys
+from contextlib import contextmanager
+import overmem.results as results
+
+pattern, when, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+seen = [0]
+real_atomic_path, real_append = results.atomic_path, results.append_jsonl
+
+def hit(path):
+    if fnmatch.fnmatch(str(path), pattern):
+        seen[0] += 1
+        return seen[0] == nth
+    return False
+
+@contextmanager
+def atomic_path(path):
+    kill = hit(path)
+    with real_atomic_path(path) as tmp:
+        yield tmp
+        if kill and when == "during":
+            os.kill(os.getpid(), signal.SIGKILL)
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def append_jsonl(path, row):
+    kill = hit(path)
+    if kill and when == "during":
+        import json
+        line = json.dumps(row)
+        with open(path, "a") as fh:
+            fh.write(line[: len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_append(path, row)
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+results.atomic_path, results.append_jsonl = atomic_path, append_jsonl
+from overmem.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _killed(argv, pattern, when, nth=1):
+    """Run `overmem ARGV` until it kills itself at the chosen write; fails if it never got there."""
+    done = subprocess.run([sys.executable, "-c", _KILLER, pattern, when, str(nth), *map(str, argv)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, f"not killed at {pattern} ({when}): {done.stderr[-2000:]}"
+
+
+def _results(folder, *, skip=()):
+    """Every result file under `folder` by relative path: JSON/JSONL parsed with timings left out,
+    figures by presence (their bytes hold a date). Temporary files are listed too: there must be none."""
+    def clean(obj):
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if k not in ("seconds", "created")}
+        return [clean(v) for v in obj] if isinstance(obj, list) else obj
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if not p.is_file() or rel.startswith(skip):
+            continue
+        if p.suffix == ".jsonl":
+            out[rel] = clean(read_jsonl(p, torn_ok=False))
+        elif p.suffix == ".json":
+            out[rel] = clean(json.loads(p.read_text()))
+        else:
+            out[rel] = p.suffix
+    return out
+
+
+def _scan_argv(w, out):
+    hf = w.tmp / "hf"
+    if not hf.exists():
+        for step, src in ((5, w.model), (10, w.other)):
+            ckpt = _copy(src, hf / f"checkpoint-{step}")
+            (ckpt / "trainer_state.json").write_text(json.dumps({"epoch": step / 5, "global_step": step}))
+    return ["scan", hf, "--config", w.run / "config.yaml", "--out", out, "-q"]
+
+
+SCAN_KILLS = [
+    ("*/samples/checkpoint-5/validation.jsonl", "after", 1),  # samples written, its dynamics row not
+    ("*/samples/checkpoint-5/test.jsonl", "during", 1),  # temporary samples file left
+    ("*/dynamics.jsonl", "during", 4),  # a torn dynamics row
+    ("*/dynamics.jsonl", "after", 6),  # the second checkpoint's last row, before phases and selection
+    ("*/phases.json", "during", 1),
+    ("*/dynamics.png", "during", 1),  # the figure, half made
+    ("*/report.html", "during", 1),
+]
+
+
+@pytest.mark.slow
+def test_scan_killed_at_each_kind_of_write_then_rerun(world, tmp_path):
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    ref = tmp_path / "ref"
+    assert main([str(a) for a in _scan_argv(w, ref)]) == 0
+    expected = _results(ref, skip=("timings",))
+    assert {"dynamics.jsonl", "phases.json", "selection.json", "report.html"} <= set(expected)
+    for i, (pattern, when, nth) in enumerate(SCAN_KILLS):
+        out = tmp_path / f"out{i}"
+        _killed(_scan_argv(w, out), pattern, when, nth)
+        assert main([str(a) for a in _scan_argv(w, out)]) == 0, (pattern, when)
+        assert _results(out, skip=("timings",)) == expected, (pattern, when)
+
+
+def _analyze_argv(run):
+    return ["analyze", run, "--checkpoints", "epoch-0", "epoch-1", "--suite", "mia,calibration", "-q",
+            "--set", "analysis.mia.size=5", "--set", "analysis.mia.ks=[0.2]", "--set", "analysis.calibration.size=3",
+            "--set", "analysis.calibration.n_samples=2"]
+
+
+ANALYZE_KILLS = [
+    ("*/analysis/mia/epoch-0.jsonl", "after", 1),  # samples written, mia.json not
+    ("*/analysis/mia.json", "during", 1),
+    ("*/analysis/mia/epoch-1.jsonl", "during", 1),
+    ("*/analysis/calibration.json", "after", 2),  # both checkpoints in, figures not drawn
+    ("*/analysis/calibration*.svg", "during", 1),  # the PNG is there, its SVG half made
+]
+
+
+@pytest.mark.slow
+def test_analyze_killed_at_each_kind_of_write_then_rerun(world, tmp_path):
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    _checkpoint_in_run(w, "epoch-1")
+    ref = _copy(w.tmp / "run", tmp_path / "ref")
+    assert main([str(a) for a in _analyze_argv(ref)]) == 0
+    expected = _results(ref / "analysis")
+    assert any(k.endswith(".svg") for k in expected) and "mia/epoch-1.jsonl" in expected
+    for i, (pattern, when, nth) in enumerate(ANALYZE_KILLS):
+        run = _copy(w.tmp / "run", tmp_path / f"run{i}")
+        _killed(_analyze_argv(run), pattern, when, nth)
+        assert main([str(a) for a in _analyze_argv(run)]) == 0, (pattern, when)
+        assert _results(run / "analysis") == expected, (pattern, when)

@@ -271,3 +271,18 @@ def test_report_in_headless_chromium(tiny_run, tmp_path):
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         driver.quit()
+
+
+def test_a_torn_samples_file_is_named_not_read_short(tiny_run, tmp_path, capsys):
+    """A samples file whose last line was cut (edited, or copied while written) is an error naming
+    the file and line; the token view is not drawn from one example fewer, and the report stays as it was."""
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = (run / "report.html").read_bytes()
+    for path in run.glob("samples/*/test.jsonl"):
+        path.write_text(path.read_text()[:-20])
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(r"samples/epoch-\d/test.jsonl line \d+: incomplete last line", err) and len(err.splitlines()) == 1
+    assert (run / "report.html").read_bytes() == before

@@ -13,7 +13,9 @@ def test_torn_last_line_is_dropped_and_repaired(tmp_path):
     append_jsonl(p, {"a": 1})
     with open(p, "a") as fh:
         fh.write('{"a": 2, "b"')  # a writer killed mid-line
-    assert read_jsonl(p) == [{"a": 1}]
+    assert read_jsonl(p, torn_ok=True) == [{"a": 1}]
+    with pytest.raises(ValueError, match=r"d.jsonl line 2: incomplete last line \(an interrupted write\)"):
+        read_jsonl(p)  # a reader is told, not handed one row fewer
     append_jsonl(p, {"a": 3})
     assert read_jsonl(p) == [{"a": 1}, {"a": 3}]
     assert p.read_text().count("\n") == 2

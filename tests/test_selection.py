@@ -104,10 +104,19 @@ def test_missing_validation_split():
         select_checkpoint(rows)
 
 
-def test_validation_without_accuracy():
-    rows = curve("validation", [2.0, 1.9], [None, None]) + curve("test", [2.5, 2.4], [0.4, 0.5])
-    with pytest.raises(ValueError, match="no accuracy"):
-        select_checkpoint(rows)
+def test_validation_without_accuracy_falls_back_to_lowest_ppl(tmp_path):
+    # Open-ended data: no accuracy anywhere. Lowest validation ppl 1.9 at epoch-1 (epoch-3 ties later).
+    rows = curve("validation", [2.0, 1.9, 2.3, 1.9], [None] * 4) + curve("test", [2.5, 2.4, 2.6, 2.4], [None] * 4)
+    result = select_checkpoint(rows)
+    assert result.rule == "lowest_valid_ppl"
+    assert result.recommended.checkpoint == "epoch-1"
+    assert "fallback rule" in result.recommended.reason and "no accuracy" in result.recommended.reason
+    assert list(result.choices) == ["recommended", "last", "min_valid_ppl"]  # no accuracy to maximise
+    assert result.recommended.tests["test"].accuracy is None and result.recommended.mean_test_accuracy is None
+    written = json.loads(write_selection(result, tmp_path / "selection.json").read_text())
+    assert written["rule"] == "lowest_valid_ppl" and written["choices"]["recommended"]["valid"]["accuracy"] is None
+    assert "fallback rule" in format_selection(result)
+    assert select_checkpoint(run_rows()).rule == "ppl_band"
 
 
 def test_unknown_test_split():

@@ -8,6 +8,7 @@ diversity    pass@k, best-of-n, EAD and Sentence-BERT diversity (Fig. 5, Table 8
 calibration  expected calibration error, reliability bins and their figure (App. D.1)
 mia          membership-inference scores and ROC metrics (App. D.2, Table 7)
 premem       pre-memorization train accuracy (Kang et al.) and its R^2 against test accuracy
+judge        win rate against reference outputs by an LLM judge endpoint (off by default)
 figures      ROC and metric-against-k figures
 suite        the analyses over a run's checkpoints: resumable files, tables (schema in its docstring)
 
@@ -22,4 +23,4 @@ run a model (`overmem.scoring`, `generation`, `dynamics`) are imported inside th
 use them. `suite`, which loads the models, is imported only by `overmem analyze`.
 """
 
-from . import ood, robustness, diversity, calibration, mia, premem  # noqa: F401, I001  (registration order)
+from . import ood, robustness, diversity, calibration, mia, premem, judge  # noqa: F401, I001  (registration order)

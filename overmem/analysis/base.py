@@ -22,7 +22,8 @@ tokenizer, examples -> `AnalysisResult`), and an `Analysis` subclass registered 
 analysis's own settings from the run config (`self.ctx`, `self.settings`), and runs it over the
 checkpoints. The run config's `analysis` section has one entry per registered analysis
 (`overmem.config.analysis_config_model`). Registration order is the order of the default suite,
-of the config sections and of the printed tables: the order of the import in `__init__`.
+of the config sections and of the printed tables: the order of the import in `__init__`. An
+analysis with `default = False` (the judge, which needs a server) runs only when named.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Analysis(ABC, Generic[S]):
     name: ClassVar[str]
     description: ClassVar[str]
     Settings: ClassVar[type[AnalysisSettings]]
+    default: ClassVar[bool] = True  # part of the default suite; False: only when named (`--suite NAME`)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -191,3 +193,9 @@ def register(cls: type[Analysis]) -> type[Analysis]:
         raise ValueError(f"analysis {cls.name!r} is registered twice")
     ANALYSES[cls.name] = cls
     return cls
+
+
+def default_suite() -> list[str]:
+    """The analyses `overmem analyze` runs when no `--suite` is given: all but those off by default
+    (`default = False`, e.g. the judge, which needs a server)."""
+    return [name for name, cls in ANALYSES.items() if cls.default]

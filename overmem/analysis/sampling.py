@@ -2,7 +2,8 @@
 
 `sample_answers` decodes `n_samples` responses per query (greedy when `temperature` is None,
 else seeded sampling through `overmem.generation.generate`), checks each with
-`overmem.data.answers.is_correct`, and scores each response teacher-forced under the same model
+`overmem.data.answers.is_correct` (code: runs it against its tests in the sandbox,
+`overmem.data.code`), and scores each response teacher-forced under the same model
 with `overmem.scoring.score_examples` (prompt = the paper's template, response = the decoded
 text). That pass gives the token log-probs behind calibration confidence (`sequence_confidence`,
 the mean token probability)
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..config import GenerationConfig, TrainConfig
 from ..data.answers import is_correct
+from ..data.code import check_generations
 from ..data.example import Example, format_prompt
 
 if TYPE_CHECKING:
@@ -74,14 +76,20 @@ def decode(
 
 
 def check(examples: Sequence[Example], texts: Sequence[Sequence[str]]) -> list[list[dict[str, Any]]]:
-    """Per query, per response: {"text", "extracted", "correct"}."""
-    out = []
-    for ex, responses in zip(examples, texts):
-        rows = []
+    """Per query, per response: {"text", "extracted", "correct"}; code responses are run against
+    their example's tests in the sandbox (all of them in parallel) and add the `failure` reason."""
+    out: list[list[dict[str, Any]]] = [[] for _ in examples]
+    code = [(i, j) for i, ex in enumerate(examples) if ex.kind == "code" for j in range(len(texts[i]))]
+    for rows, ex, responses in zip(out, examples, texts):
+        if ex.kind == "code":
+            continue
         for text in responses:
             extracted, ok = is_correct(text, ex.answer, ex.kind)
             rows.append({"text": text, "extracted": extracted, "correct": bool(ok)})
-        out.append(rows)
+    if code:
+        runs = check_generations([examples[i] for i, _ in code], [texts[i][j] for i, j in code])
+        for (i, j), run in zip(code, runs):
+            out[i].append({"text": texts[i][j], "extracted": run.program, "correct": run.passed, "failure": run.failure})
     return out
 
 

@@ -4,7 +4,7 @@
 
 Checkpoints are names under RUN/checkpoints/, `epoch-0` (the base model, unless such a folder
 exists), or model / adapter folders anywhere (named by their folder name). The analyses are
-`ANALYSES` (`overmem.analysis.base`): ood, robustness, diversity, calibration, mia, premem; their
+`ANALYSES` (`overmem.analysis.base`): ood, robustness, diversity, calibration, mia, premem, judge; their
 settings are the `analysis` section of the run config, one entry per analysis.
 
 Files, per analysis NAME:

@@ -56,6 +56,12 @@ choice (MMLU-STEM, letters A-J)
     Lower-case letters are never answers (the article "a"). Gold may be a letter or a 0-based
     index (int or digit string); `choice_letter` converts it.
 
+code (HumanEval, CodeFeedback)
+    Checked by running the program against the example's tests in the sandbox, not here:
+    `overmem.data.code` has the rules (fenced blocks, bare completions, whole functions).
+    `extract_answer` gives the program of a text without a task's prompt; `answers_match` refuses
+    code.
+
 `reference_answer` applies the same rules to a reference solution, without the numeric
 last-number fallback (a bare number is accepted), and raises `ValueError` if nothing is found.
 """
@@ -379,7 +385,11 @@ def extract_answer(text: str, kind: AnswerKind) -> str | None:
         return _extract_math(text)
     if kind == "choice":
         return _extract_choice(text)
-    raise ValueError(f"unknown answer kind {kind!r}; expected numeric, math or choice")
+    if kind == "code":  # the program of the text, without a task's prompt (`overmem.data.code`)
+        from overmem.data.code import extract_program
+
+        return extract_program(text)
+    raise ValueError(f"unknown answer kind {kind!r}; expected numeric, math, choice or code")
 
 
 def answers_match(pred: str | None, gold: str | int | float, kind: AnswerKind) -> bool:
@@ -401,7 +411,10 @@ def answers_match(pred: str | None, gold: str | int | float, kind: AnswerKind) -
         return pred is not None and _choice_of(pred) == gold_letter
     if kind == "math":
         return pred is not None and _math_match(pred, str(gold))
-    raise ValueError(f"unknown answer kind {kind!r}; expected numeric, math or choice")
+    if kind == "code":
+        raise ValueError("code is checked by running its tests (overmem.data.code.check_generations), "
+                         "not by comparing it with the reference program")
+    raise ValueError(f"unknown answer kind {kind!r}; expected numeric, math, choice or code")
 
 
 def is_correct(

@@ -20,12 +20,20 @@ order gets other ids.
     tabmwp          test/dev   tabmwp/problems_{test1k,dev1k}.json      -
     mmlu_stem       test       mmlu_stem/mmlu_stem_test_qwen25math.jsonl cais/mmlu (18 subjects)
 
+Registered by their own modules (imported on first use; layouts in their docstrings):
+
+    gpqa            train/test gpqa/gpqa_main.csv (300 / rest, seeded)  Idavidrein/gpqa (gated)
+    gpqa_diamond    test       gpqa/gpqa_diamond.csv                    Idavidrein/gpqa (gated)
+    alpaca_cleaned  train      alpaca_cleaned/alpaca_data_cleaned.json  yahma/alpaca-cleaned
+    humaneval       test       humaneval/HumanEval.jsonl                openai/openai_humaneval
+    codefeedback    train      codefeedback/CodeFeedback-Filtered-Instruction.jsonl  m-a-p/CodeFeedback-Filtered-Instruction
+
 SVAMP, ASDiv, MAWPS, GSM8K-Backward and MMLU-STEM come without a worked solution; their
 `response` is the short reference `"The answer is: X"` (MetaMathQA's closing line), so their
 perplexity measures little more than the final answer's likelihood. ASDiv, MAWPS, TabMWP and
 MMLU-STEM use the files of the ToRA / Qwen2.5-Math evaluation harnesses, whose benchmark list
-matches the paper's OOD table (Minerva-MATH has no local copy). HumanEval is not registered: its
-answers are checked by running code, which no `AnswerKind` covers.
+matches the paper's OOD table (Minerva-MATH has no local copy). HumanEval and CodeFeedback
+(answers checked by running code) are registered in `overmem.data.code`.
 
 Importing this module registers them; the registry imports it on the first dataset lookup.
 """

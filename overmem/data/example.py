@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-AnswerKind = Literal["numeric", "math", "choice"]
+AnswerKind = Literal["numeric", "math", "choice", "open", "code"]
 
 # Paper, appendix B.3: the prompt used for both training and evaluation.
 PROMPT_TEMPLATE = (
@@ -20,7 +20,9 @@ class Example:
 
     `response` is the reference solution whose perplexity we track; `answer` is the final
     answer that generations are checked against, in the form `kind` expects
-    (a number for "numeric", a LaTeX/plain expression for "math", a letter for "choice").
+    (a number for "numeric", a LaTeX/plain expression for "math", a letter for "choice"; for
+    "code" the reference program: generations are checked by running the tests in `meta`, see
+    `overmem.data.code`).
     """
 
     id: str

@@ -204,6 +204,7 @@ _FIELD_MAP_KEYS = ("question", "response", "answer", "id")
 _AUTO_LAYOUTS: tuple[tuple[dict[str, str], AnswerKind], ...] = (
     ({"question": "question", "response": "response", "answer": "answer"}, "numeric"),  # ours
     ({"question": "query", "response": "response"}, "numeric"),  # MetaMathQA
+    ({"question": "query", "response": "answer"}, "code"),  # CodeFeedback: answer = prose + code
     ({"question": "problem", "response": "solution", "answer": "answer"}, "math"),  # MATH500
     ({"question": "problem", "response": "solution"}, "math"),  # MATH
     ({"question": "question", "response": "answer"}, "numeric"),  # GSM8K: answer = solution
@@ -223,8 +224,11 @@ def load_file(
     "answer" the final answer is extracted from the response; without "response" the response is
     the short reference "The answer is: X". Without a map, the layouts of GSM8K
     (question/answer), MetaMathQA (query/response), MATH (problem/solution[/answer]) and our own
-    (question/response/answer) are recognised. `kind` defaults to "math" for MATH files, else
-    "numeric". Ids are `<file stem>/<index>` unless the map names an id column.
+    (question/response/answer) are recognised, and Alpaca (instruction/input/output: open-ended
+    examples, `overmem.data.alpaca`), GPQA's CSV (Question/Correct Answer/...: lettered choices,
+    `overmem.data.gpqa`) and CodeFeedback (query/answer: code, `overmem.data.code`).
+    `kind` defaults to "math" for MATH files, "code" for CodeFeedback files, else "numeric". Ids
+    are `<file stem>/<index>` unless the map names an id column.
     """
     path = Path(path)
     if path.is_dir():
@@ -234,6 +238,16 @@ def load_file(
     rows = list(_read_records(path))
     if not rows:
         raise ValueError(f"{path}: no rows")
+    if field_map is None and kind in (None, "open"):
+        from overmem.data.alpaca import alpaca_file_examples, is_alpaca_row  # it imports this module
+
+        if is_alpaca_row(rows[0][1]):  # open-ended instruction data: instruction/input/output
+            return alpaca_file_examples(rows, path)
+    if field_map is None and kind in (None, "choice"):
+        from overmem.data.gpqa import gpqa_file_examples, is_gpqa_row  # it imports this module
+
+        if is_gpqa_row(rows[0][1]):  # GPQA's CSV: Question, Correct Answer, Incorrect Answer 1..3
+            return gpqa_file_examples(rows, path)
     if field_map is None:
         field_map, default_kind = _detect_layout(*rows[0])
     else:

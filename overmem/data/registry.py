@@ -42,7 +42,9 @@ class DatasetInfo:
 _REGISTRY: dict[str, DatasetInfo] = {}
 _BUILTIN_MODULE = "overmem.data.builtin"
 # Datasets registered by other modules: name -> module, imported when the name is first used.
-_LAZY_MODULES: dict[str, str] = {"synthetic": "overmem.data.synthetic"}
+_LAZY_MODULES: dict[str, str] = {"synthetic": "overmem.data.synthetic", "gpqa": "overmem.data.gpqa",
+                                 "gpqa_diamond": "overmem.data.gpqa", "alpaca_cleaned": "overmem.data.alpaca",
+                                 "humaneval": "overmem.data.code", "codefeedback": "overmem.data.code"}
 
 
 def register_dataset(

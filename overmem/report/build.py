@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 
 from ..config import RunConfig, config_from_dict
-from ..phases import PHASES, PhaseReport, detect_run_phases, has_accuracy
+from ..phases import PHASES, PhaseReport, detect_run_phases
 from ..plotting import plot_dynamics, plot_runs
 from ..results import RunDir, atomic_write_text
-from ..selection import Keep, checkpoint_to_keep, select_run_checkpoint
+from ..selection import Keep, checkpoint_to_keep, select_run_checkpoint, selectable
 from .html import (
     Section, details, esc, fmt, image_file, kv_table, note, page, pct, phase_chip, pre, render_sections, table,
 )
@@ -85,7 +85,7 @@ class RunResults:
         try:
             if self.phases is None:
                 self.phases = detect_run_phases(self.rows, self.settings).to_dict()
-            if self.selection is None and has_accuracy(self.rows, self.settings.selection.valid_split):
+            if self.selection is None and selectable(self.rows, self.settings.selection.valid_split):
                 self.selection = select_run_checkpoint(self.rows, self.settings).to_dict()
         except ValueError:  # no training-curve rows to label or select from
             pass
@@ -254,6 +254,10 @@ def selection_body(res: RunResults) -> str:
     intro = (f"<p>The recommended rule (paper sec. 6.1): the highest {esc(valid)} accuracy among checkpoints whose "
              f"{esc(valid)} perplexity is within {fmt(band)} (relative) of its minimum; highlighted. The other rows "
              "are what the usual rules would pick, with their test figures.</p>")
+    if sel.get("rule", "ppl_band") != "ppl_band":  # no validation accuracy (open-ended answers)
+        intro = (f"<p>{esc(valid)} has no accuracy (open-ended answers have no automatic check, or generation was "
+                 f"skipped), so the recommended checkpoint (highlighted) falls back to the lowest {esc(valid)} "
+                 "perplexity. The other rows are what the usual rules would pick, with their test figures.</p>")
     return intro + table(cols, rows, raw=True, row_classes=classes)
 
 

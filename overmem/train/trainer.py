@@ -1,6 +1,12 @@
 """Finetuning with the Hugging Face Trainer: loss on response tokens only, `full` or `lora`,
 a loadable checkpoint at every epoch (and optionally every K steps), resumable; a non-finite
-training loss stops it (`TrainingDiverged`)."""
+training loss stops it (`TrainingDiverged`).
+
+Launched on several processes (`torchrun`, `accelerate launch`) the Trainer trains with its own
+distributed path: DDP, or FSDP / DeepSpeed when `train.fsdp` / `train.deepspeed` say so. The
+global batch stays `train.batch_size` (accumulation shrinks with the number of processes), rank 0
+alone writes checkpoints (consolidated full weights under FSDP and ZeRO-3), and every rank
+evaluates its share of each checkpoint (`overmem.distributed`)."""
 
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import OptimizerNames
 
-from ..config import ConfigError, RunConfig, TrainConfig
+from ..config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from ..distributed import all_gather, main_value, on_main, world_size
 from ..data.encoding import IGNORE, encode_example, pad_right
 from ..data.example import Example
 from ..results import CHECKPOINT_META, HF_TRAINER_STATE, INIT_ADAPTER, RunDir, epoch_name, step_name
@@ -66,7 +73,10 @@ class OvermemTrainer(Trainer):
         checkpoint of NaN weights is saved or evaluated (the Trainer itself would log the loss as
         0.0 and go on)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.args.world_size > 1:  # every rank stops at the same step, not only the one that saw it
+            finite = all(all_gather(finite))
+        if not finite:
             step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
             raise TrainingDiverged(f"at step {step} (loss {loss.item()})", self.args.learning_rate)
         return loss
@@ -104,7 +114,11 @@ def save_model_atomic(
 
 
 class EpochCheckpointCallback(TrainerCallback):
-    """Writes `checkpoints/epoch-N` (and `step-K` every `every_steps`) as plain model folders."""
+    """Writes `checkpoints/epoch-N` (and `step-K` every `every_steps`) as plain model folders.
+
+    Rank 0 writes; under FSDP or DeepSpeed every rank first takes part in gathering the full
+    weights (`bind` the trainer), and `after_save` then gets the model reloaded from the saved
+    folder, since the sharded one cannot run on one rank's share of the examples."""
 
     def __init__(
         self,
@@ -113,20 +127,43 @@ class EpochCheckpointCallback(TrainerCallback):
         every_steps: int | None = None,
         after_save: Callable[[str, PreTrainedModel, Any], None] | None = None,
         save_kwargs: dict[str, Any] | None = None,
+        model_cfg: ModelConfig | None = None,
     ):
         self.run = run
+        self.model_cfg = model_cfg or ModelConfig()
         self.tokenizer = tokenizer
         self.every_steps = every_steps
         self.after_save = after_save
         self.save_kwargs = save_kwargs or {}
+        self.trainer: Trainer | None = None
+
+    def bind(self, trainer: Trainer) -> EpochCheckpointCallback:
+        self.trainer = trainer
+        return self
+
+    def _sharded(self) -> bool:
+        t = self.trainer
+        return t is not None and (t.is_fsdp_enabled or t.is_deepspeed_enabled)
 
     def _save(self, name: str, model: PreTrainedModel, state: Any) -> None:
         dest = self.run.checkpoint(name)
-        if not dest.exists():
+        if not main_value(dest.exists):
+            kwargs = dict(self.save_kwargs)
+            if self._sharded():  # a collective: every rank hands in its shard, rank 0 gets the whole
+                kwargs["state_dict"] = self.trainer.accelerator.get_state_dict(self.trainer.model_wrapped)
+                model = self.trainer.accelerator.unwrap_model(self.trainer.model_wrapped)
             meta = f'{{"epoch": {state.epoch:.4f}, "step": {state.global_step}}}\n'
-            save_model_atomic(model, self.tokenizer, dest, files={CHECKPOINT_META: meta}, **self.save_kwargs)
+            on_main(lambda: save_model_atomic(model, self.tokenizer, dest, files={CHECKPOINT_META: meta}, **kwargs))
         if self.after_save:
-            self.after_save(name, model, state)
+            if self._sharded():
+                from ..models import load_checkpoint, release_memory
+
+                saved = load_checkpoint(dest, self.model_cfg)
+                self.after_save(name, saved, state)
+                del saved
+                release_memory()
+            else:
+                self.after_save(name, model, state)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         self._save(epoch_name(round(state.epoch)), model, state)
@@ -134,6 +171,18 @@ class EpochCheckpointCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_steps and state.global_step % self.every_steps == 0:
             self._save(step_name(state.global_step), model, state)
+
+
+def with_world_size(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `train.world_size` set to the processes launched; the global batch must split
+    evenly into their per-device micro-batches (the error names the fields to change)."""
+    n, t = world_size(), cfg.train
+    if t.batch_size % (t.micro_batch_size * n):
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size}) "
+            f"x the {n} processes launched ({t.micro_batch_size * n}); change train.batch_size, "
+            "train.micro_batch_size or the number of processes")
+    return cfg.model_copy(update={"train": t.model_copy(update={"world_size": n})})
 
 
 def training_args(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> TrainingArguments:
@@ -165,6 +214,10 @@ def training_args(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> Traini
         use_cpu=not on_gpu,
         bf16=bf16,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in the forward pass
+        fsdp=t.fsdp,
+        fsdp_config=t.fsdp_config,
+        deepspeed=t.deepspeed,
     )
 
 
@@ -183,8 +236,11 @@ def check_training_settings(cfg: RunConfig, run: RunDir, model: PreTrainedModel)
     if t.optimizer not in {o.value for o in OptimizerNames}:
         raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r}; "
                           "e.g. adamw_torch, adamw_torch_fused, sgd, adafactor (see transformers' OptimizerNames)")
+    _check_sharding(t)
     try:
         args = training_args(cfg, run, model)
+    except ImportError as err:  # DeepSpeed asked for and not installed
+        raise ConfigError(f"train.deepspeed: {str(err).splitlines()[0]} (pip install deepspeed)") from None
     except ValueError as err:
         message = str(err).splitlines()[0]
         field = next((ours for theirs, ours in _ARG_FIELDS.items() if theirs in message), "train")
@@ -204,6 +260,22 @@ def check_training_settings(cfg: RunConfig, run: RunDir, model: PreTrainedModel)
     _check_report_to(args.report_to)
 
 
+def _check_sharding(t: TrainConfig) -> None:
+    """FSDP / DeepSpeed settings: a readable DeepSpeed JSON; a warning where accelerate would
+    silently train with DDP instead (it shards on GPUs only)."""
+    if t.deepspeed is not None:
+        path = Path(t.deepspeed)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed: {path}: file not found (give the path to a DeepSpeed JSON config)")
+        try:
+            json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"train.deepspeed: {path}: not valid JSON ({err})") from None
+    if (t.fsdp or t.deepspeed) and world_size() > 1 and not torch.cuda.is_available():
+        log.warning("train.fsdp / train.deepspeed: accelerate shards the model on GPUs only; on the CPU the "
+                    "Trainer trains with DDP (every rank holds the whole model)")
+
+
 def _check_report_to(names: list[str]) -> None:
     from transformers.integrations import get_available_reporting_integrations, get_reporting_integration_callbacks
 
@@ -217,11 +289,16 @@ def _check_report_to(names: list[str]) -> None:
 
 
 def resume_checkpoint(run: RunDir) -> str | None:
-    """The newest complete Trainer checkpoint of the run (None: start from the beginning).
+    """The newest complete Trainer checkpoint of the run (None: start from the beginning); rank 0
+    looks (and deletes), every rank gets its answer.
 
     The Trainer writes a checkpoint's weights, optimizer, scheduler and RNG states first and its
     `trainer_state.json` last; a checkpoint without a readable one was cut off by a kill. It is
     deleted, with a log line: resuming from it fails, or restarts the schedule on its weights."""
+    return main_value(lambda: _newest_complete(run))
+
+
+def _newest_complete(run: RunDir) -> str | None:
     found = []
     for path in run.trainer_state.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
@@ -257,19 +334,20 @@ def finetune(
     `on_checkpoint(name, model, state)` runs after each save (the run evaluates there, while
     the model is in memory). Resumes from the last trainer checkpoint in the run folder.
     """
+    cfg = with_world_size(cfg)
     model = apply_method(model, cfg.train)
     save_kwargs = {}
     if changes_base(cfg.train):
         # Checkpoints store B A - B0 A0 as plain LoRA over the original base (see methods.py).
         init_dir = run.checkpoint(INIT_ADAPTER)
-        if not init_dir.exists():
-            save_initial_adapter(model, init_dir)
+        on_main(lambda: init_dir.exists() or save_initial_adapter(model, init_dir))
         save_kwargs["path_initial_model_for_weight_conversion"] = str(init_dir)
     features = []
     for ex in train_examples:
         ids, labels, _ = encode_example(tokenizer, ex, max_length=cfg.train.max_length, add_eos=True)
         features.append({"input_ids": ids, "labels": labels})
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    on_main(lambda: run.checkpoints.mkdir(parents=True, exist_ok=True))
+    saver = EpochCheckpointCallback(run, tokenizer, cfg.train.save_every_steps, on_checkpoint, save_kwargs, cfg.model)
     trainer = OvermemTrainer(
         loss_cfg=cfg.train,
         model=model,
@@ -277,9 +355,10 @@ def finetune(
         train_dataset=features,
         data_collator=ResponseOnlyCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[EpochCheckpointCallback(run, tokenizer, cfg.train.save_every_steps, on_checkpoint, save_kwargs)],
+        callbacks=[saver],
         optimizers=(create_optimizer(model, cfg.train), None),
     )
+    saver.bind(trainer)
     if cfg.quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     trainer.train(resume_from_checkpoint=resume_checkpoint(run))

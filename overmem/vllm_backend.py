@@ -1,0 +1,331 @@
+"""The vLLM backend of checkpoint evaluation (`eval.backend: vllm | auto`).
+
+One engine per process and setting (`engine_for`): it starts once (the engine's start is the cost,
+16-20 s on two CPU cores) and every checkpoint evaluated afterwards is loaded into it in place.
+The engine runs in a process of its own (`overmem.vllm_worker`, talking JSON over a pipe); this
+module does not import vLLM.
+
+What a checkpoint becomes (`open_checkpoint`) is a `VllmModel` handle, passed where a Hugging Face
+model would be: `overmem.scoring.score_examples` and `overmem.generation.generate` see the handle
+and send token ids to the engine, so both backends score and continue exactly the same tokens.
+
+- The base model (None): the engine's own weights.
+- A full checkpoint folder: its weights reloaded in place into the engine.
+- A LoRA adapter that vLLM runs as one (plain LoRA on linear projections, rank up to the engine's
+  `max_lora_rank`; PiSSA and MiLoRA checkpoints are saved as such, see `overmem.train.methods`): a
+  LoRA request on the base, nothing merged or written.
+- Any other adapter (DoRA, `modules_to_save`, higher rank, ...): merged by PEFT into a temporary
+  folder, loaded in place like a full checkpoint, the folder removed when the handle is dropped.
+
+The Min-K%++ vocabulary statistics are not available from vLLM: `hf_model()` loads the same
+checkpoint with Hugging Face for the analyses that need them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates adapters for
+LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+STOP_SECONDS = 30  # a worker that has not exited this long after `stop` is killed
+_LOG_TAIL = 1500
+
+
+class VllmError(RuntimeError):
+    """The vLLM engine could not start or answer; the message says why in one line."""
+
+
+class VllmEngine:
+    """One vLLM engine in a worker process; `request` sends one JSON request and returns the reply."""
+
+    def __init__(self, settings: dict[str, Any], python: str | None = None):
+        self.settings = settings
+        self.python = python or sys.executable
+        self._lock = threading.Lock()
+        self.log = tempfile.NamedTemporaryFile(prefix="overmem-vllm-", suffix=".log", delete=False)  # noqa: SIM115
+        env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+        # vLLM drops to one torch thread on the CPU unless OMP_NUM_THREADS is set.
+        env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                              else os.cpu_count() or 1))
+        if settings.get("tensor_parallel_size", 1) == 1:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in the worker itself: no 2nd process
+        try:
+            self.proc = subprocess.Popen(  # noqa: S603 - our own worker script
+                [self.python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                text=True, encoding="utf-8", env=env)
+        except OSError as err:
+            self._drop_log()
+            raise VllmError(f"eval.vllm.python: cannot run {self.python!r} ({err})") from None
+        self.weights: str | None = None
+        try:
+            self.pid = self.request("start", **settings)["pid"]
+        except BaseException:
+            self.close()
+            raise
+
+    def request(self, op: str, **args: Any) -> Any:
+        with self._lock:
+            if self.proc.poll() is not None or self.proc.stdin is None or self.proc.stdout is None:
+                raise VllmError(f"the vLLM engine process has exited ({self._tail()})")
+            try:
+                self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+                self.proc.stdin.flush()
+                line = self.proc.stdout.readline()
+            except (BrokenPipeError, OSError):
+                line = ""
+            if not line:
+                self.proc.wait(timeout=STOP_SECONDS)
+                raise VllmError(f"the vLLM engine process died during {op!r} (exit {self.proc.returncode}; "
+                                f"{self._tail()})")
+            reply = json.loads(line)
+        if "error" in reply:
+            raise VllmError(f"vLLM {op}: {reply['error']}")
+        return reply["ok"]
+
+    def load(self, weights: str | None) -> None:
+        """The weights of the folder `weights` (None: the engine's model) into the engine, in place."""
+        if weights != self.weights:
+            self.request("load", weights=weights)
+            self.weights = weights
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """Stop the worker (and with it the engine and everything it holds); idempotent."""
+        if self.proc.poll() is None:
+            try:
+                with self._lock:
+                    assert self.proc.stdin is not None
+                    self.proc.stdin.write(json.dumps({"op": "stop"}) + "\n")
+                    self.proc.stdin.flush()
+                self.proc.wait(timeout=STOP_SECONDS)
+            except (OSError, subprocess.TimeoutExpired, AssertionError):
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._drop_log()
+
+    def _tail(self) -> str:
+        try:
+            text = Path(self.log.name).read_text(errors="replace")
+        except OSError:
+            return "no log"
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        last = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+        return "last message: " + last.strip()[-_LOG_TAIL:] if last else "no message"
+
+    def _drop_log(self) -> None:
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@dataclass(eq=False)
+class VllmModel:
+    """A checkpoint as the vLLM engine evaluates it; pass it where a Hugging Face model goes."""
+
+    engine: VllmEngine
+    cfg: RunConfig
+    source: str | None  # the checkpoint folder (None: the base model)
+    weights: str | None = None  # folder loaded into the engine in place (None: the engine's own model)
+    lora: str | None = None  # LoRA adapter folder applied per request
+    _merged: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def score(self, ids: Sequence[list[int]], start: Sequence[int]) -> list[list[float]]:
+        """log p(ids[i][t] | ids[i][:t]) for t from start[i] on, for each sequence i."""
+        self.engine.load(self.weights)
+        return self.engine.request("score", ids=[list(x) for x in ids], start=list(start), lora=self.lora)
+
+    def generate_ids(self, prompts: Sequence[list[int]], *, max_tokens: int, n: int = 1, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, stop_token_ids: Sequence[int] = ()) -> list[list[list[int]]]:
+        """`n` continuations (token ids) of each prompt; greedy at temperature 0, else prompt i is
+        sampled with seed `seed + i`, so the same call gives the same tokens."""
+        self.engine.load(self.weights)
+        return self.engine.request("generate", prompts=[list(p) for p in prompts], max_tokens=max_tokens, n=n,
+                                   temperature=temperature, top_p=top_p, seed=seed,
+                                   stop_token_ids=list(stop_token_ids), lora=self.lora)
+
+    def hf_model(self):  # -> PreTrainedModel
+        """The same checkpoint loaded with Hugging Face (for what vLLM does not compute)."""
+        from .models import load_checkpoint, load_model
+
+        return load_model(self.cfg.model) if self.source is None else load_checkpoint(self.source, self.cfg.model)
+
+    def close(self) -> None:
+        if self._merged is not None:
+            self._merged.cleanup()
+            self._merged = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def is_vllm(model: Any) -> bool:
+    return isinstance(model, VllmModel)
+
+
+# --- the engine of this process --------------------------------------------------------------------
+
+_engine: VllmEngine | None = None
+_key: str | None = None
+
+
+def engine_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The engine's settings for `cfg` (`eval.vllm`, the defaults filled in for this machine)."""
+    import torch
+
+    from .models import engine_model_folder, resolve_dtype
+
+    v, cuda = cfg.eval.vllm, torch.cuda.is_available()
+    dtype = v.dtype or cfg.model.dtype
+    rank = v.max_lora_rank
+    if rank is None and cfg.train.method != "full":
+        # PiSSA and MiLoRA checkpoints are saved as rank-2r LoRA over the original base.
+        rank = cfg.train.lora.r * (2 if cfg.train.method in ("pissa", "milora") else 1)
+    if rank is not None:
+        rank = next((r for r in LORA_RANKS if r >= rank), None)
+    return {
+        "model": engine_model_folder(cfg.model),
+        "revision": cfg.model.revision,
+        "dtype": str(resolve_dtype(dtype)).removeprefix("torch."),
+        "max_model_len": v.max_model_len or cfg.train.max_length + cfg.generation.max_new_tokens,
+        "gpu_memory_utilization": v.gpu_memory_utilization or (0.85 if cuda else 0.1),
+        # On the CPU the share above must also hold the weights (0.92 of RAM fails; 0.1 is too little
+        # for SmolLM2-135M beside a busy machine's other processes): a fixed KV cache size is robust.
+        "kv_cache_memory_bytes": int((v.kv_cache_gib or 1.0) * 2**30) if v.kv_cache_gib or not (
+            cuda or v.gpu_memory_utilization) else None,
+        "tensor_parallel_size": v.tensor_parallel_size,
+        "enforce_eager": (not cuda) if v.enforce_eager is None else v.enforce_eager,
+        "max_lora_rank": rank,
+        "seed": 0,
+    }
+
+
+def engine_python(cfg: RunConfig) -> str | None:
+    """The engine's interpreter: `eval.vllm.python`, else `$OVERMEM_VLLM_PYTHON` (set by
+    `EXTRAS=vllm bash scripts/setup.sh`, which puts vLLM in a virtualenv of its own), else this one."""
+    return cfg.eval.vllm.python or os.environ.get("OVERMEM_VLLM_PYTHON") or None
+
+
+def engine_for(cfg: RunConfig) -> VllmEngine:
+    """This process's engine for `cfg`, started on first use; one with other settings is closed first."""
+    global _engine, _key
+    settings = engine_settings(cfg)
+    key = json.dumps([settings, engine_python(cfg)], sort_keys=True)
+    if _engine is not None and (_key != key or not _engine.alive):
+        close_engine()
+    if _engine is None:
+        _engine, _key = VllmEngine(settings, engine_python(cfg)), key
+    return _engine
+
+
+def close_engine() -> None:
+    """Stop this process's engine, if any (also done at exit)."""
+    global _engine, _key
+    if _engine is not None:
+        engine, _engine, _key = _engine, None, None
+        engine.close()
+
+
+atexit.register(close_engine)
+
+
+def vllm_importable(python: str | None) -> bool:
+    """Whether the engine's interpreter can import vllm (checked without importing it here)."""
+    if python is None:
+        from importlib.util import find_spec
+
+        return find_spec("vllm") is not None
+    try:
+        done = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('vllm') is not None)"],  # noqa: S603
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.stdout.strip() == "True"
+
+
+_choice: dict[str, str] = {}
+
+
+def choose_backend(cfg: RunConfig) -> str:
+    """'hf' or 'vllm' for `cfg.eval.backend`; `auto` takes vLLM when it is installed and starts on
+    the model (else Hugging Face), says which once per process, and remembers it."""
+    if cfg.eval.backend != "auto":
+        return cfg.eval.backend
+    key = json.dumps([engine_settings(cfg), engine_python(cfg)], sort_keys=True)
+    if key not in _choice:
+        why = ""
+        if not vllm_importable(engine_python(cfg)):
+            why = "vllm is not installed (pip install 'overmem[vllm]')"
+        else:
+            try:
+                engine_for(cfg)
+            except VllmError as err:
+                why = str(err)
+        _choice[key] = "hf" if why else "vllm"
+        if not cfg.quiet:
+            print(f"eval.backend auto: {'Hugging Face, ' + why if why else 'vLLM'}", file=sys.stderr)
+    return _choice[key]
+
+
+# --- checkpoints as handles ------------------------------------------------------------------------
+
+def lora_as_adapter(adapter_config: dict[str, Any], max_rank: int | None) -> str | None:
+    """Why vLLM cannot run this PEFT adapter config as an adapter (None: it can)."""
+    c = adapter_config
+    targets = c.get("target_modules")
+    ranks = [c.get("r") or 0, *(c.get("rank_pattern") or {}).values()]
+    checks = [
+        (c.get("peft_type") != "LORA", f"peft_type {c.get('peft_type')!r}"),
+        (bool(c.get("use_dora")), "DoRA"),
+        (c.get("bias", "none") != "none" or bool(c.get("lora_bias")), "trained biases"),
+        (bool(c.get("modules_to_save")), "modules_to_save"),
+        (c.get("layers_to_transform") is not None, "layers_to_transform"),
+        (not isinstance(targets, list) or not set(targets) <= LORA_MODULES, f"target modules {targets!r}"),
+        (max_rank is None, "the engine has no LoRA (train.method: full)"),
+        (max_rank is not None and max(ranks) > max_rank, f"rank {max(ranks)} > eval.vllm.max_lora_rank {max_rank}"),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
+def open_checkpoint(path: str | Path | None, cfg: RunConfig) -> VllmModel:
+    """The checkpoint at `path` (None: the base model) ready in this process's engine."""
+    from .models import check_adapter_base, is_adapter, load_checkpoint, release_memory
+    from .results import ADAPTER_CONFIG
+
+    engine = engine_for(cfg)
+    if path is None:
+        return VllmModel(engine, cfg, None)
+    path = Path(path)
+    if is_adapter(path):
+        check_adapter_base(path, cfg.model.name_or_path, uncomparable_ok=True)
+        adapter_config = json.loads((path / ADAPTER_CONFIG).read_text())
+        if lora_as_adapter(adapter_config, engine.settings["max_lora_rank"]) is None:
+            return VllmModel(engine, cfg, str(path), lora=str(path.resolve()))
+        merged = tempfile.TemporaryDirectory(prefix="overmem-merged-")
+        import torch
+
+        model = load_checkpoint(path, cfg.model, torch.device("cpu")).merge_and_unload()
+        model.save_pretrained(merged.name)
+        del model
+        release_memory()
+        return VllmModel(engine, cfg, str(path), weights=merged.name, _merged=merged)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: neither a model folder nor a PEFT adapter")
+    return VllmModel(engine, cfg, str(path), weights=str(path.resolve()))

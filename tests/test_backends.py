@@ -1,0 +1,70 @@
+"""The evaluation backend's choices that need no vLLM: engine settings, which adapters run as
+adapters, `auto` without vLLM, and an engine that cannot start (one-line error, no process left).
+The backends' agreement is in tests/test_vllm.py (needs vLLM)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from overmem.config import RunConfig
+from overmem.vllm_backend import VllmEngine, VllmError, choose_backend, engine_settings, lora_as_adapter
+
+PLAIN = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+
+
+def _cfg(**train) -> RunConfig:
+    return RunConfig.model_validate({"model": {"name_or_path": "some/hub-model", "dtype": "float32"},
+                                     "train": {"max_length": 300, **train}, "generation": {"max_new_tokens": 50}})
+
+
+def test_hugging_face_is_the_default():
+    assert RunConfig().eval.backend == "hf"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU defaults")
+def test_engine_settings_on_the_cpu():
+    s = engine_settings(_cfg())
+    assert s["model"] == "some/hub-model" and s["dtype"] == "float32"
+    assert s["max_model_len"] == 350  # train.max_length + generation.max_new_tokens
+    assert s["enforce_eager"] is True and s["kv_cache_memory_bytes"] == 2**30
+    assert s["max_lora_rank"] == 64  # train.lora.r
+    assert engine_settings(_cfg(method="pissa"))["max_lora_rank"] == 128  # saved as rank 2r
+    assert engine_settings(_cfg(lora={"r": 12}))["max_lora_rank"] == 16  # the next rank vLLM allocates
+    assert engine_settings(_cfg(method="full"))["max_lora_rank"] is None  # no LoRA in the engine
+    given = _cfg().model_copy(deep=True)
+    given.eval.vllm.gpu_memory_utilization = 0.2
+    assert engine_settings(given)["kv_cache_memory_bytes"] is None  # the share decides then
+
+
+def test_which_adapters_run_as_adapters():
+    assert lora_as_adapter(PLAIN, 8) is None
+    assert lora_as_adapter({**PLAIN, "rank_pattern": {"q_proj": 16}}, 8) == "rank 16 > eval.vllm.max_lora_rank 8"
+    assert lora_as_adapter({**PLAIN, "use_dora": True}, 8) == "DoRA"
+    assert lora_as_adapter({**PLAIN, "modules_to_save": ["lm_head"]}, 8) == "modules_to_save"
+    assert lora_as_adapter({**PLAIN, "bias": "lora_only"}, 8) == "trained biases"
+    assert lora_as_adapter({**PLAIN, "target_modules": "q_proj|v_proj"}, 8).startswith("target modules")
+    assert lora_as_adapter({**PLAIN, "peft_type": "IA3"}, 8) == "peft_type 'IA3'"
+    assert lora_as_adapter(PLAIN, None).startswith("the engine has no LoRA")
+
+
+def test_auto_without_vllm_takes_hugging_face(capsys):
+    cfg = _cfg().model_copy(deep=True)
+    cfg.eval.backend = "auto"
+    cfg.eval.vllm.python = "/nonexistent/python"
+    assert choose_backend(cfg) == "hf"
+    assert capsys.readouterr().err.strip() == (
+        "eval.backend auto: Hugging Face, vllm is not installed (pip install 'overmem[vllm]')")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_an_engine_that_cannot_start_is_one_line_and_leaves_nothing():
+    with pytest.raises(VllmError, match=r"^vLLM start: ModuleNotFoundError: No module named 'vllm'$"):
+        VllmEngine({"model": "x"}, sys.executable)
+    children = open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split() if sys.platform == "linux" else []
+    assert not children  # the worker was stopped
+    with pytest.raises(VllmError, match="eval.vllm.python: cannot run '/nonexistent/python'"):
+        VllmEngine({"model": "x"}, "/nonexistent/python")

@@ -1,0 +1,184 @@
+"""The sandbox against hostile programs, in every isolation mode this machine has.
+
+One batch per mode holds a good program, then the attacks, then a good program again: each
+attack is contained and reported with its reason, and the programs after it still run. The fork
+bomb is bounded (at most 500 forks, each child sleeping 30 s), so a failed containment cannot
+take the machine down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from overmem import sandbox
+from overmem.sandbox import Limits, run_programs, select_isolation
+
+LIMITS = Limits(timeout_s=4, memory_mb=512)
+
+
+def _isolation(tool: str) -> sandbox.Isolation:
+    try:
+        return select_isolation(tool)
+    except RuntimeError as err:
+        pytest.skip(f"isolation {tool!r} is not available here: {err}")
+
+
+def _protected(iso: sandbox.Isolation) -> bool:
+    """Whether the file system is out of the program's reach: bwrap, or a user other than ours."""
+    return iso.tool == "bwrap" or iso.drop_user
+
+
+def _bomb(token: str) -> str:
+    return f"""
+import ctypes, os, time
+libc = ctypes.CDLL(None)
+n = 0
+for _ in range(500):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        libc.prctl(15, b"{token}", 0, 0, 0)  # PR_SET_NAME: the test finds survivors by it
+        time.sleep(30)
+        os._exit(0)
+    n += 1
+print("forked", n, flush=True)
+time.sleep(60)
+"""
+
+
+def _processes_named(token: str) -> list[int]:
+    """Live processes called `token`; zombies (killed, waiting for init to reap them) do not count."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if fields.get("Name", "").strip() == token and not fields.get("State", "").strip().startswith("Z"):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize(("tool", "cgroup"), [(tool, True) for tool in sandbox.TOOLS] + [("none", False)])
+def test_hostile_programs_are_contained(tool, cgroup, tmp_path, monkeypatch):
+    """`cgroup=False` runs the fallback without a pids cgroup even where one could be made."""
+    iso = _isolation(tool)
+    if not cgroup:
+        iso = dataclasses.replace(iso, pids_cgroup=False)
+    canary = tmp_path / "canary.txt"
+    canary.write_text("still here")
+    outside = tmp_path / "outside.txt"
+    home = tmp_path / "home"
+    home.mkdir()
+    home_secret = secrets.token_hex(8)
+    (home / "secret.txt").write_text(home_secret)
+    env_secret = secrets.token_hex(8)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("OVERMEM_TEST_TOKEN", env_secret)
+    token = "bomb" + secrets.token_hex(4)  # 12 characters: fits a process name (15)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    programs = {
+        "good_first": "assert sum(range(4)) == 6",
+        "loop": "while True:\n    pass",
+        "fork_bomb": _bomb(token),
+        "memory": "chunks = []\nwhile True:\n    chunks.append(bytearray(64 * 1024 * 1024))",
+        "write_outside": f"open({str(outside)!r}, 'w').write('x')",
+        "delete": f"import os\nos.remove({str(canary)!r})",
+        "socket": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'x')",
+        "read_home": f"print(open({str(home / 'secret.txt')!r}).read())",
+        "read_env": "import os\nprint(os.environ['OVERMEM_TEST_TOKEN'])",
+        "good_last": "def f(x):\n    return x * 2\nassert f(3) == 6",
+    }
+    before = set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*"))
+    outcomes = dict(zip(programs, run_programs(list(programs.values()), limits=LIMITS, isolation=iso, workers=4)))
+    server_got = _accepted(server)
+    server.close()
+
+    assert outcomes["good_first"].passed and outcomes["good_last"].passed
+    assert outcomes["loop"].status == "timeout" and "timeout" in outcomes["loop"].reason
+    assert outcomes["memory"].status == "memory" and "512 MB" in outcomes["memory"].reason
+    # The bomb sleeps after forking: it times out, and not one of its children is left.
+    bomb = outcomes["fork_bomb"]
+    assert bomb.status == "timeout"
+    assert _processes_named(token) == []
+    if iso.pids_cgroup or iso.drop_user:  # a process limit applies: the bomb stopped early
+        forked = int(bomb.stdout.split()[1])
+        assert forked < LIMITS.max_processes <= 500
+    # An environment secret never reaches the program.
+    assert outcomes["read_env"].status == "error" and "KeyError" in outcomes["read_env"].reason
+    assert env_secret not in outcomes["read_env"].stdout
+    if _protected(iso):
+        assert not outside.exists() and outcomes["write_outside"].status == "error"
+        assert canary.read_text() == "still here" and outcomes["delete"].status == "error"
+        assert outcomes["read_home"].status == "error" and home_secret not in outcomes["read_home"].stdout
+    if iso.tool in ("bwrap", "unshare"):  # a network namespace of its own: our loopback is not reachable
+        assert outcomes["socket"].status == "error" and not server_got
+    # Nothing is left behind: no folder, no cgroup.
+    assert set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*")) == before
+    cgroups = Path("/sys/fs/cgroup/pids")
+    assert not list(cgroups.glob(f"overmem-{os.getpid()}-*")) if cgroups.is_dir() else True
+
+
+def _accepted(server: socket.socket) -> bool:
+    try:
+        conn, _ = server.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+def test_reasons_of_failures():
+    """Each status with the reason a reader needs: the assertion, the exception, the exit code."""
+    iso = select_isolation()
+    outcomes = run_programs(
+        ["assert 1 == 2, 'one is not two'", "raise ValueError('bad value')", "import sys; sys.exit(3)",
+         "print('hello')", "def f(:\n    pass", "import sys\nsys.exit(0)\nassert False"],
+        limits=Limits(timeout_s=10), isolation=iso,
+    )
+    assert [o.status for o in outcomes] == ["failed", "error", "error", "passed", "error", "error"]
+    assert outcomes[0].reason == "AssertionError: one is not two"
+    assert outcomes[1].reason == "ValueError: bad value"
+    assert outcomes[2].reason == "exit code 3"
+    assert outcomes[3].reason is None and outcomes[3].stdout == "hello\n"
+    assert outcomes[4].reason.startswith("SyntaxError")
+    # Exit code 0 before the end (sys.exit, unittest.main) is no pass: the tests never ran.
+    assert outcomes[5].reason == "exited before the end of the program (exit code 0)"
+
+
+def test_isolation_is_described():
+    iso = select_isolation()
+    doc = iso.to_dict()
+    assert doc["tool"] in sandbox.TOOLS and doc["description"].startswith(iso.tool)
+    assert ("unprivileged uid" in doc["description"]) == iso.drop_user
+    assert ("pids cgroup" in doc["description"]) == iso.pids_cgroup
+
+
+def test_a_program_that_cannot_start_leaves_nothing(monkeypatch):
+    iso = select_isolation()
+    before = set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", refuse)
+    with pytest.raises(PermissionError):
+        run_programs(["print(1)"], isolation=iso)
+    assert set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*")) == before
+    cgroups = Path("/sys/fs/cgroup/pids")
+    assert not list(cgroups.glob(f"overmem-{os.getpid()}-*")) if cgroups.is_dir() else True
