@@ -32,6 +32,7 @@ from .cli_inputs import (
 from .config import ConfigError, RunConfig, load_config
 from .distributed import RankFailed, is_main
 from .results import RunDir, find_checkpoints, resolve_checkpoints
+from .sandbox import SandboxUnavailable
 from .train import TrainingDiverged
 
 _EPILOG = "Docs and examples: see the README. Configs are YAML; --set a.b=value overrides any field."
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, SandboxUnavailable) as err:
         if os.environ.get("OVERMEM_DEBUG"):
             raise
         print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)

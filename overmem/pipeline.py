@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig, dump_config, read_yaml
+from .data.code import ensure_sandbox
 from .data.example import Example
 from .data.splits import TRAIN, VALIDATION, derive_splits, load_spec
 from .distributed import evaluate_sharded, is_main, main_value, on_main, setup, world_size
@@ -97,6 +98,8 @@ def run(cfg: RunConfig) -> RunDir:
     # Everything that can fail on bad input happens before the run folder is created.
     t0 = time.perf_counter()
     splits = derive_splits(cfg.data)
+    if cfg.eval.accuracy:
+        ensure_sandbox(ex for examples in splits.tracked.values() for ex in examples)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
     check_training_settings(cfg, run_dir, model)
@@ -248,6 +251,8 @@ def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": base})})
     run_dir = RunDir(cfg.out_dir or folder)
     splits = derive_splits(cfg.data)
+    if cfg.eval.accuracy:
+        ensure_sandbox(ex for examples in splits.tracked.values() for ex in examples)
 
     def create() -> None:
         run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -276,6 +281,8 @@ def evaluate_model(
     setup()
     _check_backend(cfg)
     examples = load_spec(cfg.data, data, size=cfg.data.test_size)
+    if cfg.eval.accuracy:
+        ensure_sandbox(examples)
     tokenizer = load_tokenizer(cfg.model)
     model = load_checkpoint(adapter, cfg.model) if adapter else load_model(cfg.model)
     samples = evaluate_sharded(

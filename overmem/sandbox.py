@@ -70,6 +70,10 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
+class SandboxUnavailable(RuntimeError):
+    """No isolation mode could run a test program on this machine (exit code 1 on the command line)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-program limits. `max_processes` bounds the program's processes (and threads) where
@@ -276,8 +280,8 @@ def select_isolation(tool: Tool | Literal["auto"] = "auto", drop_user: bool | No
     """The strongest isolation that works here (each candidate is tried on a one-line program).
 
     `tool` forces one tool ("auto": bwrap, else unshare, else none); `drop_user` forces running
-    as an unprivileged uid or not (default: drop when root). Raises RuntimeError when the forced choice
-    cannot run a program here. The choice is remembered for the life of the process.
+    as an unprivileged uid or not (default: drop when root). Raises `SandboxUnavailable` when no
+    choice can run a program here. The choice is remembered for the life of the process.
     """
     key = (tool, drop_user)
     if key in _SELECTED:
@@ -304,7 +308,8 @@ def select_isolation(tool: Tool | Literal["auto"] = "auto", drop_user: bool | No
                     _SELECTED[key] = candidate
                     return candidate
                 tried.append(f"{candidate.describe()} with {interpreter}: {probe.reason}")
-    raise RuntimeError("no sandbox could run a program here: " + "; ".join(tried))
+    raise SandboxUnavailable("no sandbox could run a program here: " + "; ".join(tried) +
+                             "; install bubblewrap (apt-get install bubblewrap) or see docs/sandbox.md")
 
 
 # ---- running -----------------------------------------------------------------------------------

@@ -57,9 +57,10 @@ class VllmEngine:
         self._lock = threading.Lock()
         self.log = tempfile.NamedTemporaryFile(prefix="overmem-vllm-", suffix=".log", delete=False)  # noqa: SIM115
         env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
-        # vLLM drops to one torch thread on the CPU unless OMP_NUM_THREADS is set.
-        env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                              else os.cpu_count() or 1))
+        # vLLM drops to one torch thread on the CPU unless OMP_NUM_THREADS is set (an empty one is invalid).
+        if not env.get("OMP_NUM_THREADS", "").strip():
+            env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                         else os.cpu_count() or 1)
         if settings.get("tensor_parallel_size", 1) == 1:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in the worker itself: no 2nd process
         try:

@@ -26,7 +26,7 @@ from overmem.data.readers import load_file
 from overmem.data.example import Example
 from overmem.dynamics import evaluate_checkpoint
 from overmem.results import RunDir, read_jsonl, write_jsonl
-from tests.conftest import make_tiny_llama, toy_examples, write_toy_jsonl
+from tests.conftest import DATA_DIR, make_tiny_llama, toy_examples, write_toy_jsonl
 
 # ---- training: settings the Trainer checks, divergence, kills ---------------------------------
 
@@ -867,3 +867,22 @@ def test_analyze_killed_at_each_kind_of_write_then_rerun(world, tmp_path):
         _killed(_analyze_argv(run), pattern, when, nth)
         assert main([str(a) for a in _analyze_argv(run)]) == 0, (pattern, when)
         assert _results(run / "analysis") == expected, (pattern, when)
+
+
+@pytest.mark.skipif(not (DATA_DIR / "humaneval" / "HumanEval.jsonl").is_file(), reason="no local HumanEval copy")
+def test_code_without_a_working_sandbox_fails_before_any_work(world, tmp_path, capsys, monkeypatch):
+    """Code examples with tests need a sandbox: a machine where none runs is told so in one line
+    (exit 1) before the model is loaded or anything is written, not at the first evaluation."""
+    from overmem import sandbox
+
+    def unavailable(*args, **kwargs):
+        raise sandbox.SandboxUnavailable("no sandbox could run a program here: bwrap: not installed")
+
+    monkeypatch.setattr(sandbox, "select_isolation", unavailable)
+    out = tmp_path / "e.json"
+    argv = ["evaluate", "--model", str(world.model), "--data", "humaneval:test[:2]", "--data-dir", str(DATA_DIR),
+            "--out", str(out), "-q"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["overmem evaluate: error: no sandbox could run a program here: bwrap: not installed"]
+    assert list(tmp_path.iterdir()) == []

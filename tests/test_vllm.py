@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from overmem.config import RunConfig
 from overmem.data.example import Example, format_prompt
@@ -128,7 +128,7 @@ def test_lora_adapter_equals_merged_model(cfg, engine, char_tokenizer, folders):
     _assert_same(adapter, load_checkpoint(folders["lora"], cfg.model), char_tokenizer, examples)
 
 
-def test_unsupported_adapter_is_merged(cfg, engine, char_tokenizer, folders, tmp_path):
+def test_unsupported_adapter_is_merged(cfg, engine, char_tokenizer, folders):
     """An adapter vLLM cannot run as one (here: rank above the engine's) is merged and loaded in place."""
     config = json.loads((folders["lora"] / "adapter_config.json").read_text())
     assert lora_as_adapter(config, 8) is None

@@ -26,7 +26,7 @@ Without a prompt (a CodeFeedback example), the program is the code itself.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +99,16 @@ def program_with_tests(program: str, test: str, entry_point: str) -> str:
 def can_check(example: Example) -> bool:
     """Whether generations for `example` can be checked: any non-code example, and code with tests."""
     return example.kind != "code" or bool(example.meta.get("test") and example.meta.get("entry_point"))
+
+
+def ensure_sandbox(examples: Iterable[Example]) -> None:
+    """Before any work: when some of `examples` are code with tests, a sandbox must run here
+    (`overmem.sandbox.select_isolation`, probed once a process), so that a machine without one
+    fails now with `SandboxUnavailable`, not after training."""
+    if any(ex.kind == "code" and can_check(ex) for ex in examples):
+        from overmem.sandbox import select_isolation
+
+        select_isolation()
 
 
 @dataclass(frozen=True)
