@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import ModelConfig
+from .config import ModelConfig, RunConfig
 from .results import ADAPTER_CONFIG, read_json
 
 
@@ -195,7 +195,7 @@ def load_checkpoint(
     return load_model(cfg, device)
 
 
-def load_for_eval(path: str | Path | None, cfg):  # cfg: RunConfig -> PreTrainedModel | VllmModel
+def load_for_eval(path: str | Path | None, cfg: RunConfig):  # -> PreTrainedModel | VllmModel
     """The checkpoint at `path` (None: the base model) as `cfg.eval.backend` evaluates it: a Hugging
     Face model, or a handle on the process's one vLLM engine with these weights loaded in place
     (`overmem.vllm_backend`). `scoring` and `generation` take either."""

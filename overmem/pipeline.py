@@ -30,7 +30,7 @@ from .dynamics import evaluate_checkpoint, evaluate_examples, split_summary
 from .models import (
     adapter_base,
     is_adapter,
-    load_checkpoint,
+    load_for_eval,
     load_model,
     load_tokenizer,
     quiet_libraries,
@@ -77,6 +77,14 @@ def _check_backend(cfg: RunConfig) -> None:
                           "eval.backend=hf, or run the command in one process with eval.vllm.tensor_parallel_size")
 
 
+def _for_eval(model: Any, saved: Path | None, cfg: RunConfig) -> Any:
+    """What a run evaluates: the model in memory (Hugging Face backend), or with vLLM its saved
+    checkpoint (None: the base) loaded into the engine (`overmem.models.load_for_eval`)."""
+    from .vllm_backend import choose_backend
+
+    return model if choose_backend(cfg) == "hf" else load_for_eval(saved, cfg)
+
+
 def _record_environment(run_dir: RunDir) -> None:
     from .doctor import environment
 
@@ -112,7 +120,8 @@ def run(cfg: RunConfig) -> RunDir:
 
     on_main(create)
     ev = _eval_kwargs(cfg, splits.tracked)
-    evaluate_checkpoint(model, tokenizer, splits.tracked, run_dir, checkpoint=BASE, epoch=0, step=0, **ev)
+    evaluate_checkpoint(_for_eval(model, None, cfg), tokenizer, splits.tracked, run_dir, checkpoint=BASE, epoch=0,
+                        step=0, **ev)
 
     trained = main_value(lambda: all(run_dir.checkpoint(epoch_name(e)).exists()
                                      for e in range(1, cfg.train.epochs + 1)))
@@ -153,7 +162,8 @@ def _train_and_track(
     def track(name: str, m: Any, state: Any) -> None:
         nonlocal eval_seconds
         t = time.perf_counter()
-        rows = evaluate_checkpoint(m, tokenizer, tracked, run_dir, checkpoint=name, epoch=round(state.epoch, 4),
+        rows = evaluate_checkpoint(_for_eval(m, run_dir.checkpoint(name), cfg), tokenizer, tracked, run_dir,
+                                   checkpoint=name, epoch=round(state.epoch, 4),
                                    step=state.global_step, **ev)
         eval_seconds += time.perf_counter() - t
         bad = [f"{r['non_finite']} of {r['n']} on {r['split']}" for r in rows if r.get("non_finite")]
@@ -226,12 +236,12 @@ def scan_checkpoints(
     tokenizer = None
     if include_base and any((BASE, s) not in done for s in tracked):
         tokenizer = load_tokenizer(cfg.model)
-        base = load_model(cfg.model)
+        base = load_for_eval(None, cfg)
         evaluate_checkpoint(base, tokenizer, tracked, run_dir, checkpoint=BASE, epoch=0, step=0, **ev)
         del base
         release_memory()
     for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet or not is_main()):
-        model = load_checkpoint(ckpt.path, cfg.model)
+        model = load_for_eval(ckpt.path, cfg)
         tok = tokenizer or load_tokenizer(cfg.model)
         evaluate_checkpoint(model, tok, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step, **ev)
         del model
@@ -284,7 +294,7 @@ def evaluate_model(
     if cfg.eval.accuracy:
         ensure_sandbox(examples)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_checkpoint(adapter, cfg.model) if adapter else load_model(cfg.model)
+    model = load_for_eval(adapter, cfg)
     samples = evaluate_sharded(
         lambda part: evaluate_examples(model, tokenizer, part, eval_cfg=cfg.eval, gen_cfg=cfg.generation,
                                        max_length=cfg.train.max_length, desc=data, quiet=cfg.quiet or not is_main()),

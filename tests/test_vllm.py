@@ -168,6 +168,60 @@ def test_auto_backend(cfg, capsys):
     assert "Hugging Face, vllm is not installed" in capsys.readouterr().err
 
 
+def test_scan_with_vllm_equals_scan_with_hugging_face(cfg, engine, folders, tmp_path):
+    """`scan_checkpoints` (what `overmem scan` and a run's last pass call) on a folder of a full
+    checkpoint and a LoRA adapter: the same dynamics rows with either backend (perplexity within
+    1e-3 relative, the same accuracy), through the module's one engine."""
+    import shutil
+
+    from overmem.pipeline import scan_checkpoints
+    from overmem.results import RunDir
+
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(folders["full"], ckpts / "checkpoint-1")
+    shutil.copytree(folders["lora"], ckpts / "checkpoint-2")
+    tracked = {"test": toy_examples(4)}
+    rows = {}
+    for backend in ("hf", "vllm"):
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.eval.backend, run_cfg.quiet = backend, True
+        run = RunDir(tmp_path / backend)
+        run.root.mkdir()
+        scan_checkpoints(run, run_cfg, tracked, folder=ckpts)
+        rows[backend] = {r["checkpoint"]: r for r in run.read_dynamics()}
+    assert engine_for(cfg) is engine
+    assert set(rows["vllm"]) == set(rows["hf"]) == {"epoch-0", "checkpoint-1", "checkpoint-2"}
+    for name, hf in rows["hf"].items():
+        v = rows["vllm"][name]
+        assert abs(v["ppl"] - hf["ppl"]) / hf["ppl"] < REL and v["accuracy"] == hf["accuracy"], (name, v, hf)
+
+
+def test_run_with_vllm_equals_run_with_hugging_face(cfg, engine, folders, toy_jsonl, tmp_path):
+    """`overmem run --set eval.backend=vllm`: each epoch's saved checkpoint evaluated in the module's
+    engine; the dynamics equal the Hugging Face run's (perplexity within 1e-3 relative, same accuracy)."""
+    from overmem.cli import main
+    from overmem.results import read_jsonl
+
+    sets = [f"model.name_or_path={folders['base']}", "model.dtype=float32", f"data.train={toy_jsonl['train']}[:8]",
+            f"data.tests={{test: {toy_jsonl['test']}}}", "data.monitor_size=4", "data.validation_size=4",
+            "train.method=full", "train.epochs=1", "train.lr=5e-3", "train.batch_size=4", "train.micro_batch_size=4",
+            "train.warmup_steps=0", "train.max_length=256", "generation.max_new_tokens=40", "eval.bootstrap=200",
+            "eval.vllm.max_lora_rank=8", "quiet=true"]  # the module engine's settings: no second engine
+    rows = {}
+    for backend in ("hf", "vllm"):
+        args = [a for x in [*sets, f"eval.backend={backend}"] for a in ("--set", x)]
+        config = tmp_path / "config.yaml"
+        config.write_text("quiet: true\n")
+        assert main(["run", str(config), "--out", str(tmp_path / backend), *args]) == 0
+        rows[backend] = {(r["checkpoint"], r["split"]): r for r in read_jsonl(tmp_path / backend / "dynamics.jsonl")}
+    assert engine_for(cfg) is engine
+    assert engine.weights == str((tmp_path / "vllm" / "checkpoints" / "epoch-1").resolve())  # the last one evaluated
+    assert set(rows["vllm"]) == set(rows["hf"]) and len(rows["hf"]) == 6  # 2 checkpoints x 3 splits
+    for key, hf in rows["hf"].items():
+        v = rows["vllm"][key]
+        assert abs(v["ppl"] - hf["ppl"]) / hf["ppl"] < REL and v["accuracy"] == hf["accuracy"], (key, v, hf)
+
+
 def _rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))) / 1024

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..config import ConfigError, RunConfig
-from ..models import load_checkpoint, load_model, load_tokenizer, quiet_libraries, release_memory
+from ..models import load_for_eval, load_tokenizer, quiet_libraries, release_memory
 from ..results import ANALYSIS_DIR, Checkpoint, RunDir, resolve_checkpoints, write_json, write_jsonl
 from .base import ANALYSES, Analysis, AnalysisResult, Context
 from .figures import figure_exists
@@ -189,7 +189,7 @@ def _clean(obj: Any) -> Any:
 
 
 def _load_model(target: Checkpoint, cfg: RunConfig) -> PreTrainedModel:
-    return load_model(cfg.model) if target.path is None else load_checkpoint(target.path, cfg.model)
+    return load_for_eval(target.path, cfg)  # a Hugging Face model or a vLLM handle (`eval.backend`)
 
 
 def format_table(doc: Mapping[str, Any], checkpoints: Sequence[str] | None = None) -> str:
