@@ -103,3 +103,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def hand_made_run(run: Path, model_dir: Path, tokenizer, *, train: str, tests: dict[str, str], max_new_tokens: int,
+                  accuracies: dict[str, float | None]) -> Path:
+    """A run folder as `overmem run` leaves it, made by hand: config, checkpoint `epoch-1` (a tiny
+    random Llama), and one `test` dynamics row per checkpoint with the given accuracy."""
+    import json
+
+    from overmem.config import config_from_dict, dump_config
+
+    cfg = config_from_dict({
+        "model": {"name_or_path": str(model_dir)}, "data": {"train": train, "tests": tests},
+        "generation": {"max_new_tokens": max_new_tokens}, "eval": {"bootstrap": 100}, "quiet": True,
+    })
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(cfg))
+    ckpt = run / "checkpoints" / "epoch-1"
+    make_tiny_llama(len(tokenizer), seed=1).save_pretrained(ckpt)
+    (ckpt / "overmem.json").write_text(json.dumps({"epoch": 1.0, "step": 2}))
+    (run / "dynamics.jsonl").write_text("".join(
+        json.dumps({"checkpoint": c, "split": "test", "accuracy": a}) + "\n" for c, a in accuracies.items()))
+    return run
+

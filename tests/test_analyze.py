@@ -21,7 +21,7 @@ from overmem.config import AnalysisSettings, ConfigError, config_from_dict, dump
 from overmem.data.answers import is_correct
 from overmem.data.example import PROMPT_TEMPLATE, Example, format_prompt
 from overmem.results import RunDir, read_jsonl
-from tests.conftest import DATA_DIR, make_tiny_llama, toy_examples, wording_skeleton
+from tests.conftest import DATA_DIR, hand_made_run, make_tiny_llama, toy_examples, wording_skeleton
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -429,20 +429,9 @@ def test_invalid_analysis_settings_name_the_field(override, field):
 @pytest.fixture()
 def tiny_run(tmp_path, tiny_model_dir, toy_jsonl, char_tokenizer):
     """A run folder made by hand (as `overmem run` leaves it): config, one checkpoint, dynamics."""
-    run = tmp_path / "run"
-    cfg = config_from_dict({
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"train": f"{toy_jsonl['train']}[:16]", "tests": {"test": str(toy_jsonl["test"])}},
-        "generation": {"max_new_tokens": 6}, "eval": {"bootstrap": 100}, "quiet": True,
-    })
-    run.mkdir()
-    (run / "config.yaml").write_text(dump_config(cfg))
-    ckpt = run / "checkpoints" / "epoch-1"
-    make_tiny_llama(len(char_tokenizer), seed=1).save_pretrained(ckpt)
-    (ckpt / "overmem.json").write_text(json.dumps({"epoch": 1.0, "step": 2}))
-    rows = [{"checkpoint": c, "split": "test", "accuracy": a} for c, a in (("epoch-0", 0.0), ("epoch-1", 0.25))]
-    (run / "dynamics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run
+    return hand_made_run(tmp_path / "run", tiny_model_dir, char_tokenizer, train=f"{toy_jsonl['train']}[:16]",
+                         tests={"test": str(toy_jsonl["test"])}, max_new_tokens=6,
+                         accuracies={"epoch-0": 0.0, "epoch-1": 0.25})
 
 
 SMALL = ["analysis.ood.size=3", "analysis.robustness.size=2", "analysis.robustness.preambles={Extra: Well.}",

@@ -23,8 +23,9 @@ from overmem.analysis.judge import (
     without_credentials,
 )
 from overmem.cli import main
-from overmem.config import ConfigError, config_from_dict, dump_config
+from overmem.config import ConfigError
 from overmem.data.example import Example
+from tests.conftest import hand_made_run
 
 
 class ScriptedJudge:
@@ -235,25 +236,11 @@ def test_urls_and_prompt_checks():
 @pytest.fixture()
 def alpaca_run(tmp_path, tiny_model_dir, char_tokenizer):
     """A run folder as `overmem run` leaves it, on Alpaca-format data, with one checkpoint."""
-    from tests.conftest import make_tiny_llama
-
     data = tmp_path / "alpaca.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}."}) + "\n"
                             for i in range(6)))
-    run = tmp_path / "run"
-    cfg = config_from_dict({
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"train": f"{data}[:4]", "tests": {"test": str(data)}},
-        "generation": {"max_new_tokens": 5}, "eval": {"bootstrap": 100}, "quiet": True,
-    })
-    run.mkdir()
-    (run / "config.yaml").write_text(dump_config(cfg))
-    ckpt = run / "checkpoints" / "epoch-1"
-    make_tiny_llama(len(char_tokenizer), seed=1).save_pretrained(ckpt)
-    (ckpt / "overmem.json").write_text(json.dumps({"epoch": 1.0, "step": 2}))
-    (run / "dynamics.jsonl").write_text("".join(
-        json.dumps({"checkpoint": c, "split": "test", "accuracy": None}) + "\n" for c in ("epoch-0", "epoch-1")))
-    return run
+    return hand_made_run(tmp_path / "run", tiny_model_dir, char_tokenizer, train=f"{data}[:4]",
+                         tests={"test": str(data)}, max_new_tokens=5, accuracies={"epoch-0": None, "epoch-1": None})
 
 
 def test_analyze_suite_judge_end_to_end(alpaca_run, judge_server, monkeypatch, capsys):
