@@ -338,3 +338,15 @@ def test_unknown_kind_is_an_error():
         extract_answer("#### 5", "haiku")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown answer kind"):
         answers_match("5", "5", "haiku")  # type: ignore[arg-type]
+
+
+def test_a_fraction_with_a_decimal_numerator_is_a_number_not_a_crash():
+    """A generation answering "0.02/100" stopped a whole run (Fraction() refuses a decimal numerator)."""
+    from fractions import Fraction
+
+    from overmem.data.answers import _parse_number
+
+    assert _parse_number("0.02/100") == Fraction(1, 5000)
+    assert _parse_number("1.5/0") is None
+    assert is_correct("So it is 0.02/100.\n#### 0.02/100", "0.0002", "numeric") == ("0.02/100", True)
+    assert is_correct("#### 0.02/100", "2", "numeric")[1] is False

@@ -181,9 +181,13 @@ def _parse_number(text: str) -> Fraction | None:
     text = _clean_numeric_text(text).strip().rstrip(".").rstrip("%").strip()
     if not _NUMBER_RE.fullmatch(text):
         return None
+    number = _canonical_number(text)
     try:
-        return Fraction(_canonical_number(text))
-    except ZeroDivisionError:
+        if "/" in number:  # Fraction() takes "1/4" but not "0.02/100", which models write too
+            numerator, denominator = number.split("/", 1)
+            return Fraction(numerator) / Fraction(denominator)
+        return Fraction(number)
+    except (ValueError, ZeroDivisionError):
         return None
 
 
