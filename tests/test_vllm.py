@@ -168,6 +168,14 @@ def test_auto_backend(cfg, capsys):
     assert "Hugging Face, vllm is not installed" in capsys.readouterr().err
 
 
+def test_doctor_finds_the_engine(capsys):
+    """`overmem doctor` ticks vllm where these tests found it (this interpreter or $OVERMEM_VLLM_PYTHON)."""
+    from overmem.cli import main
+
+    assert main(["doctor"]) == 0
+    assert "[x] vllm" in capsys.readouterr().out
+
+
 def test_scan_with_vllm_equals_scan_with_hugging_face(cfg, engine, folders, tmp_path):
     """`scan_checkpoints` (what `overmem scan` and a run's last pass call) on a folder of a full
     checkpoint and a LoRA adapter: the same dynamics rows with either backend (perplexity within
