@@ -30,6 +30,22 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def random_lora_adapter(model, path: Path, tokenizer, seed: int, **lora_kw) -> Path:
+    """A LoRA adapter over the loaded base `model`, saved to `path`, with random nonzero A and B (as
+    if trained; a fresh adapter's B is zero). `lora_kw` are LoraConfig fields."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kw))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(

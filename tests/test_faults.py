@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from overmem.cli import main
@@ -26,7 +25,7 @@ from overmem.data.readers import load_file
 from overmem.data.example import Example
 from overmem.dynamics import evaluate_checkpoint
 from overmem.results import RunDir, read_jsonl, write_jsonl
-from tests.conftest import DATA_DIR, make_tiny_llama, toy_examples, write_toy_jsonl
+from tests.conftest import DATA_DIR, make_tiny_llama, random_lora_adapter, toy_examples, write_toy_jsonl
 
 # ---- training: settings the Trainer checks, divergence, kills ---------------------------------
 
@@ -210,17 +209,9 @@ def test_length_reference_with_no_scorable_token_is_skipped_and_counted(tmp_path
 
 
 def _lora_adapter(base, path, tokenizer, seed):
-    """A LoRA adapter over `base` with random nonzero factors, as if trained (records `base`)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A LoRA adapter over `base`, as if trained (records `base`)."""
+    return random_lora_adapter(AutoModelForCausalLM.from_pretrained(base), path, tokenizer, seed,
+                               r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
 
 
 def _dynamics_rows():

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from overmem.merge import ADAPTER_SUBDIR, merge_checkpoints, merge_name
 
-from .conftest import make_tiny_llama
+from .conftest import make_tiny_llama, random_lora_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -57,16 +57,8 @@ def _full_ckpt(base: Path, path: Path, tok, seed: int, **save_kw) -> Path:
 
 def _lora_ckpt(base: Path, path: Path, tok, seed: int, **lora_kw) -> Path:
     """A LoRA adapter with random nonzero A and B (as if trained)."""
-    torch.manual_seed(seed)
-    cfg = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora_kw}
-    model = get_peft_model(_load_model(base), LoraConfig(**cfg))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return random_lora_adapter(_load_model(base), path, tok, seed,
+                               **{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora_kw})
 
 
 def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
