@@ -331,32 +331,31 @@ def _scan_trainer_folder(w, how):
     how(ckpt)
 
 
+def _bad_override(override, fragment, id):
+    """A BAD_INPUT row: `overmem evaluate --set OVERRIDE` on the shared world, refused with exit 2."""
+    return pytest.param(None, lambda w: _evaluate(w, "--set", override), 2, fragment, id=id)
+
+
 BAD_INPUT = [
     # config files and --set
-    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr=["), 2,
-                 "override 'train.lr=[': the value is not valid YAML (expected the node content", id="set: open list"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "data.tests={"), 2,
-                 "override 'data.tests={': the value is not valid YAML", id="set: open mapping"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr=\t"), 2,
-                 "the value is not valid YAML (found character '\\t' that cannot start any token", id="set: tab"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "=1"), 2, "override '=1': empty name in the key",
-                 id="set: empty key"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr"), 2, "override 'train.lr': expected key.path=value",
-                 id="set: no value"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "train.lr=.inf"), 2,
-                 "field 'train.lr': Input should be a finite number", id="float: infinity"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "selection.ppl_band=.nan"), 2,
-                 "field 'selection.ppl_band': Input should be a finite number", id="float: NaN"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "phases.eps=.inf"), 2,
-                 "field 'phases.eps': Input should be a finite number", id="phase rule: infinity"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "train.epochs=yes"), 2,
-                 "field 'train.epochs': Value error, expected a number, got true", id="int: a boolean"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "analysis.mia.size=true"), 2,
-                 "field 'analysis.mia.size': Value error, expected a number, got true", id="analysis int: a boolean"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "model.dtype=float8"), 2,
-                 "field 'model.dtype': Input should be 'auto', 'float32', 'bfloat16' or 'float16'", id="literal"),
-    pytest.param(None, lambda w: _evaluate(w, "--set", "data.tests=[a]"), 2,
-                 "field 'data.tests': Input should be a valid dictionary", id="dict: a list"),
+    _bad_override("train.lr=[", "override 'train.lr=[': the value is not valid YAML (expected the node content",
+                  id="set: open list"),
+    _bad_override("data.tests={", "override 'data.tests={': the value is not valid YAML", id="set: open mapping"),
+    _bad_override("train.lr=\t", "the value is not valid YAML (found character '\\t' that cannot start any token",
+                  id="set: tab"),
+    _bad_override("=1", "override '=1': empty name in the key", id="set: empty key"),
+    _bad_override("train.lr", "override 'train.lr': expected key.path=value", id="set: no value"),
+    _bad_override("train.lr=.inf", "field 'train.lr': Input should be a finite number", id="float: infinity"),
+    _bad_override("selection.ppl_band=.nan", "field 'selection.ppl_band': Input should be a finite number",
+                  id="float: NaN"),
+    _bad_override("phases.eps=.inf", "field 'phases.eps': Input should be a finite number", id="phase rule: infinity"),
+    _bad_override("train.epochs=yes", "field 'train.epochs': Value error, expected a number, got true",
+                  id="int: a boolean"),
+    _bad_override("analysis.mia.size=true", "field 'analysis.mia.size': Value error, expected a number, got true",
+                  id="analysis int: a boolean"),
+    _bad_override("model.dtype=float8",
+                  "field 'model.dtype': Input should be 'auto', 'float32', 'bfloat16' or 'float16'", id="literal"),
+    _bad_override("data.tests=[a]", "field 'data.tests': Input should be a valid dictionary", id="dict: a list"),
     pytest.param(lambda w: (w.tmp / "c.yaml").write_text("train:\n  lr: [1e-4\n"), lambda w: ["run", w.tmp / "c.yaml"],
                  2, "c.yaml: invalid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1",
                  id="config: invalid YAML"),
