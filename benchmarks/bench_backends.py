@@ -9,7 +9,8 @@ engine reloads in place). Each checkpoint's examples are scored (reference perpl
 greedily, as `overmem.dynamics.evaluate_examples` does. Prints wall time per stage (engine start,
 weight load, scoring, generation), the ratios, the accuracy of each backend, how many generations
 agree with the static-cache HF ones, and the largest relative perplexity difference. The issue's
-full setting is `--checkpoints 3 --n 64 --new 192` (tens of minutes on two CPU cores).
+full setting is `--checkpoints 3 --n 64 --new 192` (15 min on two CPU cores with `--skip-dynamic`;
+the figures are in docs/backends.md).
 vLLM runs from `$OVERMEM_VLLM_PYTHON` when set (docs/backends.md).
 """
 
