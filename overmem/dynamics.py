@@ -115,7 +115,7 @@ def evaluate_examples(
                 [format_prompt(ex.question) for _, ex in checked],
                 max_new_tokens=gen_cfg.max_new_tokens,
                 batch_size=gen_cfg.batch_size,
-                stop_at_answer=gen_cfg.stop_at_answer,
+                stop_at_answer=[gen_cfg.stop_at_answer and ex.has_answer_line for _, ex in checked],
                 cache=gen_cfg.cache,
                 max_prompt_tokens=max_length,
                 progress=bar.update,

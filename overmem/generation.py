@@ -18,11 +18,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .config import GenerationConfig, TrainConfig
-from .vllm_backend import VllmModel, is_vllm
+from .vllm_backend import VLLM_REQUEST, VllmModel, is_vllm
 
 DEFAULTS = GenerationConfig()  # decoding limits: their defaults live in the config, nowhere else
 MAX_PROMPT_TOKENS = TrainConfig().max_length  # the longest prompt, by default
-VLLM_REQUEST = 64  # prompts per request to a vLLM engine (at least)
 _ANSWER_LINE = re.compile(r"####[^\n]*\S[^\n]*\n")
 
 
@@ -33,9 +32,10 @@ class AnswerLineStop(StoppingCriteria):
     cost to a handful of short decodes.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, rows: Sequence[bool] | None = None):
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
+        self.rows = None if rows is None else torch.tensor(list(rows), dtype=torch.bool)  # rows that stop
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         newline_ids = [i for i, t in enumerate(vocab) if t and ("\n" in t or "Ċ" in t or "<0x0A>" in t)]
         self.newline_ids = torch.tensor(newline_ids, dtype=torch.long)
@@ -43,7 +43,8 @@ class AnswerLineStop(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         last = input_ids[:, -1].cpu()
-        candidates = torch.isin(last, self.newline_ids).nonzero().flatten().tolist()
+        hit = torch.isin(last, self.newline_ids)
+        candidates = (hit if self.rows is None else hit & self.rows).nonzero().flatten().tolist()
         for row in candidates:
             text = self.tokenizer.decode(input_ids[row, self.prompt_width :], skip_special_tokens=True)
             done[row] = bool(_ANSWER_LINE.search(text))
@@ -55,6 +56,12 @@ def truncate_after_answer(text: str) -> str:
     return text[: m.end()].rstrip("\n") if m else text
 
 
+def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt, cut from the left to its last `max_prompt_tokens`."""
+    return [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -63,7 +70,7 @@ def generate(
     *,
     max_new_tokens: int = DEFAULTS.max_new_tokens,
     batch_size: int = DEFAULTS.batch_size,
-    stop_at_answer: bool = DEFAULTS.stop_at_answer,
+    stop_at_answer: bool | Sequence[bool] = DEFAULTS.stop_at_answer,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -82,21 +89,26 @@ def generate(
     `cache="auto"` (the default) takes it on the CPU and the dynamic cache on GPUs.
     `model` may be a vLLM handle (`overmem.vllm_backend.VllmModel`; the cache setting is then moot).
     A prompt of more than `max_prompt_tokens` tokens keeps its last `max_prompt_tokens`.
+    `stop_at_answer` (one value, or one per prompt): a continuation ends with its first complete
+    `#### ...` line and is cut there; one that does not stop there is returned whole.
     """
     if cache not in ("dynamic", "static", "auto"):
         raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
+    stops = [stop_at_answer] * len(prompts) if isinstance(stop_at_answer, bool) else list(stop_at_answer)
+    if len(stops) != len(prompts):
+        raise ValueError(f"stop_at_answer: {len(stops)} values for {len(prompts)} prompts")
+    encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
     if is_vllm(model):
-        return _generate_vllm(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        return _generate_vllm(model, tokenizer, encoded, stops, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               sampling=(temperature, top_p) if do_sample else None, num_samples=num_samples,
-                              seed=seed, max_prompt_tokens=max_prompt_tokens, progress=progress)
+                              seed=seed, progress=progress)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     if cache == "auto":
         cache = "static" if device.type == "cpu" else "dynamic"
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     out: list[list[str]] = [[] for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -105,7 +117,8 @@ def generate(
         width = max(len(encoded[i]) for i in idx)
         ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device)
-        stops = StoppingCriteriaList([AnswerLineStop(tokenizer, width)] if stop_at_answer else [])
+        rows = [stops[i] for i in idx for _ in range(num_samples)]  # generate's rows: samples of a prompt together
+        criteria = StoppingCriteriaList([AnswerLineStop(tokenizer, width, rows)] if any(rows) else [])
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if do_sample:
@@ -115,7 +128,7 @@ def generate(
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_samples,
-            stopping_criteria=stops,
+            stopping_criteria=criteria,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
             **({"cache_implementation": "static"} if cache == "static" else {}),
@@ -123,22 +136,22 @@ def generate(
         )
         texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
         for j, i in enumerate(idx):
-            out[i] = [truncate_after_answer(t) for t in texts[j * num_samples : (j + 1) * num_samples]]
+            mine = texts[j * num_samples : (j + 1) * num_samples]
+            out[i] = [truncate_after_answer(t) for t in mine] if stops[i] else mine
         if progress:
             progress(len(idx))
     model.train(was_training)
     return out
 
 
-def _generate_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-                   max_new_tokens: int, batch_size: int, sampling: tuple[float, float] | None, num_samples: int,
-                   seed: int, max_prompt_tokens: int,
+def _generate_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, encoded: Sequence[list[int]],
+                   stops: Sequence[bool], *, max_new_tokens: int, batch_size: int,
+                   sampling: tuple[float, float] | None, num_samples: int, seed: int,
                    progress: Callable[[int], None] | None) -> list[list[str]]:
     """`generate` on the vLLM engine: the same prompt token ids, EOS as the one stop token, the
     continuations decoded here and cut after the answer line as the Hugging Face path cuts them.
     A continuation runs on past its answer line (vLLM has no stop rule of ours); the cut makes the
     text the same. Sampling seeds prompt i with `seed + i`."""
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
     temperature, top_p = sampling if sampling else (0.0, 1.0)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out: list[list[str]] = []
@@ -147,7 +160,9 @@ def _generate_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, prompts
         part = encoded[start : start + step]
         ids = model.generate_ids(part, max_tokens=max_new_tokens, n=num_samples, temperature=temperature,
                                  top_p=top_p, seed=seed + start, stop_token_ids=stop)
-        out += [[truncate_after_answer(tokenizer.decode(x, skip_special_tokens=True)) for x in rows] for rows in ids]
+        for rows, cut in zip(ids, stops[start : start + step]):
+            texts = [tokenizer.decode(x, skip_special_tokens=True) for x in rows]
+            out.append([truncate_after_answer(t) for t in texts] if cut else texts)
         if progress:
             progress(len(part))
     return out

@@ -24,12 +24,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.encoding import IGNORE, length_sorted_batches, pad_id_of, pad_right
 from .data.example import Example
-from .vllm_backend import VllmModel, is_vllm
+from .vllm_backend import VLLM_REQUEST, VllmModel, is_vllm
 
 # float32 log-probs below this are exp() == 0 exactly; clamping there keeps 0 * (-inf) out of mu/sigma.
 _LOGPROB_FLOOR = -1e4
 VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
-VLLM_REQUEST = 64  # examples per request to a vLLM engine (at least; the engine batches them itself)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from .config import RunConfig
 WORKER = Path(__file__).with_name("vllm_worker.py")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates adapters for
 LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+VLLM_REQUEST = 64  # prompts or examples per request (at least; the engine batches them itself)
 STOP_SECONDS = 30  # a worker that has not exited this long after `stop` is killed
 _LOG_TAIL = 1500
 

@@ -46,6 +46,17 @@ def random_lora_adapter(model, path: Path, tokenizer, seed: int, **lora_kw) -> P
     return path
 
 
+def fixed_continuation(model, tokenizer, text: str) -> None:
+    """Make `model.generate` append the tokens of `text` to every prompt (what a model that wrote
+    `text` would return), so that what is done with a generation can be checked exactly."""
+    tail = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fixed(input_ids, **kw):
+        return torch.cat([input_ids, torch.tensor([tail] * input_ids.shape[0])], dim=1)
+
+    model.generate = fixed
+
+
 def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(

@@ -43,7 +43,7 @@ def _ref_logprobs(model, tok, question: str, response: str) -> np.ndarray:
 
 def _fake_decode(answers):
     """A `decode` stand-in: `answers(prompt) -> list of response texts`."""
-    def decode(model, tok, prompts, decoding, progress=None):
+    def decode(model, tok, prompts, decoding, progress=None, examples=None):
         return [answers(p) for p in prompts]
     return decode
 

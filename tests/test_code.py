@@ -12,7 +12,7 @@ from overmem.data.answers import extract_answer, is_correct
 from overmem.data.code import can_check, extract_program, program_with_tests
 from overmem.data.specs import load_dataset_spec
 from overmem.dynamics import evaluate_examples, split_summary
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, fixed_continuation
 
 PROMPT = "import math\n\n\ndef area(r: float) -> float:\n    \"\"\"Area of a circle of radius r.\"\"\"\n"
 
@@ -119,6 +119,20 @@ def test_accuracy_of_code_comes_from_the_sandbox(tiny_model_dir, char_tokenizer,
     assert all(r["ppl"] > 1 for r in rows)  # the references are scored as any other
     summary = split_summary(rows, eval_cfg)
     assert summary["accuracy"] == pytest.approx(2 / 3) and summary["n_unchecked"] == 1
+
+
+def test_a_comment_line_of_hashes_does_not_end_a_program(char_tokenizer, tiny_model_dir, tmp_path):
+    """`#### ...` ends a math answer, not a program: a completion holding such a comment runs whole."""
+    from transformers import AutoModelForCausalLM
+
+    _fake_humaneval(tmp_path, 1)
+    (example,) = load_dataset_spec("humaneval", data_dir=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    fixed_continuation(model, char_tokenizer, "    #### the easy case\n    return x\n")
+    (row,) = evaluate_examples(model, char_tokenizer, [example], eval_cfg=EvalConfig(bootstrap=100),
+                               gen_cfg=GenerationConfig(max_new_tokens=4), max_length=512, quiet=True)
+    assert row["generation"] == "    #### the easy case\n    return x\n"
+    assert row["correct"] is True, row["failure"]
 
 
 ROOT = Path(__file__).resolve().parents[1]

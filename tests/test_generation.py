@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from overmem.generation import DEFAULTS, AnswerLineStop, generate, truncate_after_answer
-from tests.conftest import make_tiny_llama
+from tests.conftest import fixed_continuation, make_tiny_llama
 
 
 def test_batched_greedy_equals_one_at_a_time(char_tokenizer):
@@ -37,6 +37,28 @@ def test_answer_line_stop(char_tokenizer):
     assert truncate_after_answer("no answer line") == "no answer line"
 
 
+def test_answer_line_stop_only_in_the_rows_that_stop(char_tokenizer):
+    prompt = char_tokenizer("Q?\n")["input_ids"]
+    done = char_tokenizer("Q?\n" + "So 3.\n#### 18\n")["input_ids"]
+    stop = AnswerLineStop(char_tokenizer, prompt_width=len(prompt), rows=[False, True])
+    assert stop(torch.tensor([done, done]), None).tolist() == [False, True]
+
+
+def test_a_continuation_is_cut_at_its_answer_line_only_where_asked(char_tokenizer):
+    """A program may hold a `####` comment; with stop_at_answer off (one value or per prompt) the
+    text comes back whole, with it on it is cut after its first answer line."""
+    model = make_tiny_llama(len(char_tokenizer), seed=4)
+    code = "def f(x):\n    #### the base case\n    return x\n"
+    fixed_continuation(model, char_tokenizer, code)
+    prompts = ["Write f.\n", "Write g.\n"]
+    assert generate(model, char_tokenizer, prompts, stop_at_answer=False) == [[code], [code]]
+    cut = "def f(x):\n    #### the base case"
+    assert generate(model, char_tokenizer, prompts, stop_at_answer=True) == [[cut], [cut]]
+    assert generate(model, char_tokenizer, prompts, stop_at_answer=[False, True], batch_size=1) == [[code], [cut]]
+    with pytest.raises(ValueError, match="stop_at_answer: 1 values for 2 prompts"):
+        generate(model, char_tokenizer, prompts, stop_at_answer=[True])
+
+
 def test_static_cache_gives_the_same_outputs(char_tokenizer):
     """The preallocated KV cache is a speed option only: greedy texts and seeded samples are unchanged,
     with left padding in mixed-length batches."""
@@ -51,8 +73,8 @@ def test_static_cache_gives_the_same_outputs(char_tokenizer):
 
 
 def test_default_cache_is_the_fast_one():
-    """`auto` (the default) is the static cache on the CPU: 13x faster than dynamic for SmolLM2-135M
-    there (docs/backends.md), the same outputs (test above)."""
+    """`auto` (the default) is the static cache on the CPU: the same outputs (test above), as fast
+    or faster there (measured in docs/backends.md)."""
     assert DEFAULTS.cache == "auto"
 
 

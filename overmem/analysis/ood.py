@@ -68,7 +68,7 @@ def ood_accuracy(
     metrics: dict[str, float] = {}
     rows = []
     for name, examples in sets.items():
-        texts = decode(model, tokenizer, [format_prompt(ex.question) for ex in examples], decoding, progress)
+        texts = decode(model, tokenizer, [format_prompt(ex.question) for ex in examples], decoding, progress, examples)
         checked = [responses[0] for responses in check(examples, texts)]
         for ex, c in zip(examples, checked):
             rows.append({"set": name, "id": ex.id, "answer": ex.answer, **c})

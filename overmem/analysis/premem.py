@@ -138,7 +138,7 @@ def premem_checkpoint(
     from ..scoring import score_examples
 
     prompts = [format_prompt(ex.question) for ex in examples]
-    texts = check(examples, decode(model, tokenizer, prompts, decoding, progress))
+    texts = check(examples, decode(model, tokenizer, prompts, decoding, progress, examples))
     ppl = np.array([s.ppl for s in score_examples(model, tokenizer, examples, batch_size=score_batch_size,
                                                   max_length=max_length)])
     mask = not_memorized_mask(ppl, tau)

@@ -74,7 +74,7 @@ def prompt_robustness(
     rows = []
     for name, preamble in {UNPERTURBED: "", **preambles}.items():
         prompts = [perturbed_prompt(ex.question, preamble, position) for ex in examples]
-        checked = [r[0] for r in check(examples, decode(model, tokenizer, prompts, decoding, progress))]
+        checked = [r[0] for r in check(examples, decode(model, tokenizer, prompts, decoding, progress, examples))]
         rows.extend({"preamble": name, "id": ex.id, "answer": ex.answer, **c} for ex, c in zip(examples, checked))
         stats = accuracy_ci([c["correct"] for c in checked], n_boot=n_boot, confidence=confidence, seed=decoding.seed)
         metrics.update({name: stats["accuracy"], f"{name}_ci_low": stats["ci_low"], f"{name}_ci_high": stats["ci_high"]})

@@ -61,14 +61,18 @@ def decode(
     prompts: Sequence[str],
     decoding: Decoding,
     progress: Callable[[int], None] | None = None,
+    examples: Sequence[Example] | None = None,
 ) -> list[list[str]]:
-    """`decoding.n_samples` responses per prompt, in input order."""
+    """`decoding.n_samples` responses per prompt, in input order. With the prompts' `examples`,
+    only those with an answer line stop at it (`Example.has_answer_line`)."""
     from ..generation import generate
 
     sampling = decoding.temperature is not None
+    stops = decoding.stop_at_answer if examples is None else [
+        decoding.stop_at_answer and ex.has_answer_line for ex in examples]
     return generate(
         model, tokenizer, prompts, max_new_tokens=decoding.max_new_tokens, batch_size=decoding.batch_size,
-        stop_at_answer=decoding.stop_at_answer, do_sample=sampling,
+        stop_at_answer=stops, do_sample=sampling,
         temperature=decoding.temperature if sampling else 1.0, top_p=decoding.top_p,
         num_samples=decoding.n_samples, seed=decoding.seed, cache=decoding.cache,
         max_prompt_tokens=decoding.max_prompt_tokens, progress=progress,
@@ -133,7 +137,7 @@ def sample_answers(
 ) -> list[list[dict[str, Any]]]:
     """Decode, check and score: per query, per response {"text", "extracted", "correct",
     "n_tokens", "mean_logprob", "confidence"}. An empty response has NaN mean_logprob and confidence."""
-    texts = decode(model, tokenizer, [format_prompt(ex.question) for ex in examples], decoding, progress)
+    texts = decode(model, tokenizer, [format_prompt(ex.question) for ex in examples], decoding, progress, examples)
     checked = check(examples, texts)
     logprobs = response_logprobs(model, tokenizer, examples, texts, batch_size=score_batch_size, max_length=max_length)
     for rows, lps in zip(checked, logprobs):
@@ -147,7 +151,7 @@ def sample_answers(
 
 def accuracy_ci(correct: Sequence[bool], *, n_boot: int, confidence: float, seed: int) -> dict[str, float]:
     """{"accuracy", "ci_low", "ci_high", "n"}: mean and percentile-bootstrap interval."""
-    from ..dynamics import bootstrap_ci
+    from ..intervals import bootstrap_ci
 
     values = [float(c) for c in correct]
     low, high = bootstrap_ci(values, n_boot=n_boot, confidence=confidence, seed=seed)

@@ -35,6 +35,13 @@ class Example:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def has_answer_line(self) -> bool:
+        """Whether a response ends with a `#### answer` line, where decoding may stop
+        (`generation.stop_at_answer`). A program or an open-ended text has none: a `####` line in
+        it is a comment or a heading, and the text goes on."""
+        return self.kind in ("numeric", "math", "choice")
+
 
 def format_prompt(question: str, template: str = PROMPT_TEMPLATE, preamble: str = "") -> str:
     """Render the prompt; `preamble` (robustness analysis) is prepended to the instruction."""
