@@ -45,11 +45,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-# Programs of a root caller run as uid/gid SANDBOX_UID + k, k the worker slot (0..workers-1):
-# unprivileged ids that no account uses, one per concurrent program, so that RLIMIT_NPROC (which
-# counts all processes of a user) bounds each program apart, and all processes of a finished
-# program can be killed by its uid.
+# Programs of a root caller run as uid/gid SANDBOX_UID + 256 * (pid mod 2^20) + k, k the worker
+# slot (0..workers-1) of the calling process: unprivileged ids that no account uses, one per
+# concurrent program, also across processes (the ranks of a torchrun each run their own batch), so
+# that RLIMIT_NPROC (which counts all processes of a user) bounds each program apart, and all
+# processes of a finished program can be killed by its uid.
 SANDBOX_UID = 999_000_000
+MAX_WORKERS = 256
 SANDBOX_DIR = "/sandbox"  # where the program's folder appears inside bwrap
 PROGRAM_FILE = "program.py"
 Tool = Literal["bwrap", "unshare", "none"]
@@ -336,6 +338,8 @@ def run_programs(
     the machine gives a failed outcome with its reason; the others still run."""
     isolation = isolation or select_isolation()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers: {workers} is not between 1 and {MAX_WORKERS}")
     return _run_batch(programs, limits, isolation, workers)
 
 
@@ -365,21 +369,26 @@ def _run_batch(programs: Sequence[str], limits: Limits, isolation: Isolation, wo
     return [o for o in outcomes if o is not None]
 
 
+def _slot_uid(slot: int) -> int:
+    """The uid (and gid) of the program in `slot` of this process (see SANDBOX_UID)."""
+    return SANDBOX_UID + MAX_WORKERS * (os.getpid() % 2**20) + slot
+
+
 def _start(index: int, program: str, limits: Limits, isolation: Isolation, slot: int) -> _Running:
     folder = tempfile.mkdtemp(prefix="overmem-sandbox-")
     path = os.path.join(folder, PROGRAM_FILE)
     marker = secrets.token_hex(16)
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"{program}\n\n__import__('sys').stdout.write('\\n{marker}\\n')\n")
-    uid = SANDBOX_UID + slot
+    uid = _slot_uid(slot)
     if isolation.drop_user:
         for p in (folder, path):
             os.chown(p, uid, uid)
     cgroup = _make_cgroup(limits.max_processes) if isolation.pids_cgroup else None
     # CPU seconds: a backstop for the wall-clock limit, in case our poll loop is stopped.
     rlimits = limits.rlimits(cpu_s=int(limits.timeout_s) + 2)
-    if not isolation.drop_user:  # RLIMIT_NPROC counts all our processes: allow that many more
-        rlimits["RLIMIT_NPROC"] += _processes_of(os.getuid())
+    if not isolation.drop_user:  # RLIMIT_NPROC counts all our threads: allow that many more
+        rlimits["RLIMIT_NPROC"] += _tasks_of(os.getuid())
     settings = {"cgroup": str(cgroup) if cgroup else None, "limits": rlimits}
     command = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(settings),
                *_command(isolation, folder, uid, limits)]
@@ -399,14 +408,16 @@ def _start(index: int, program: str, limits: Limits, isolation: Isolation, slot:
     return _Running(index, slot, process, folder, cgroup, time.monotonic(), marker)
 
 
-def _processes_of(uid: int) -> int:
-    """How many processes `uid` has (the owner of /proc/PID is the process's user)."""
+def _tasks_of(uid: int) -> int:
+    """How many tasks (threads) `uid` has: what RLIMIT_NPROC counts (the owner of /proc/PID is the
+    process's user; each of its threads is an entry of /proc/PID/task)."""
     count = 0
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                count += entry.stat().st_uid == uid
-            except OSError:
+                if entry.stat().st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry.name}/task"))
+            except OSError:  # the process ended meanwhile
                 pass
     return count
 
@@ -454,7 +465,7 @@ def _cleanup(job: _Running, isolation: Isolation) -> None:
         # No cgroup and no pid namespace that bwrap tears down: a process that left the group
         # (setsid) is found by its uid, which only this program used. `kill -1` signals every
         # process the caller may signal: those of the uid.
-        subprocess.run([*_as_uid(SANDBOX_UID + job.slot), "kill", "-9", "-1"], stdout=subprocess.DEVNULL,
+        subprocess.run([*_as_uid(_slot_uid(job.slot)), "kill", "-9", "-1"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, check=False)
     shutil.rmtree(job.folder, ignore_errors=True)
 

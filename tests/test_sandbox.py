@@ -182,3 +182,21 @@ def test_a_program_that_cannot_start_leaves_nothing(monkeypatch):
     assert set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*")) == before
     cgroups = Path("/sys/fs/cgroup/pids")
     assert not list(cgroups.glob(f"overmem-{os.getpid()}-*")) if cgroups.is_dir() else True
+
+
+def test_programs_of_two_processes_never_share_a_uid():
+    """Two processes (two ranks of a torchrun) each run a batch at the same time: as root, every
+    program has a uid of its own, so one batch's clean-up (`kill -1` as that uid) and process limit
+    cannot reach the other's programs."""
+    import subprocess
+    import sys
+
+    if not select_isolation().drop_user:
+        pytest.skip("programs run as the caller's own user here (not root)")
+    batch = ("from overmem.sandbox import run_programs\n"
+             "outs = run_programs(['import os, time; time.sleep(1); print(os.getuid())'] * 3, workers=3)\n"
+             "print(' '.join(o.stdout.strip() for o in outs))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", batch], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    uids = [set(p.communicate(timeout=120)[0].split()) for p in procs]
+    assert all(len(u) == 3 for u in uids), uids  # three concurrent programs, three uids
+    assert not uids[0] & uids[1], uids
