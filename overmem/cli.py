@@ -34,6 +34,7 @@ from .distributed import RankFailed, is_main
 from .results import RunDir, find_checkpoints, resolve_checkpoints
 from .sandbox import SandboxUnavailable
 from .train import TrainingDiverged
+from .vllm_backend import VllmError
 
 _EPILOG = "Docs and examples: see the README. Configs are YAML; --set a.b=value overrides any field."
 
@@ -431,6 +432,13 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def _judge_error() -> type[Exception]:
+    """The judge's endpoint error (a ConnectionError: caught before OSError, which would blame a path)."""
+    from .analysis.judge import JudgeError
+
+    return JudgeError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, SandboxUnavailable) as err:
+    except (TrainingDiverged, SandboxUnavailable, VllmError, _judge_error()) as err:  # failures, not bad input
         if os.environ.get("OVERMEM_DEBUG"):
             raise
         print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
