@@ -208,6 +208,9 @@ class VllmSettings(_Strict):
     enforce_eager: bool | None = Field(None, description="no CUDA graphs (default: on the CPU only)")
     max_lora_rank: int | None = Field(None, gt=0, description="largest adapter rank evaluated as an adapter "
                                       "(default: from train.lora.r; higher ranks are merged and loaded as models)")
+    lora: Literal["adapter", "merge"] | None = Field(
+        None, description="LoRA checkpoints as adapters on the engine's base, or merged by PEFT and loaded in "
+        "place (default: adapter on GPUs, merge on the CPU, where vLLM's LoRA kernels are 2x slower)")
     python: str | None = Field(None, description="interpreter of the engine process, e.g. a virtualenv with "
                                "vLLM (default: $OVERMEM_VLLM_PYTHON, else this one)")
 

@@ -202,6 +202,8 @@ def engine_settings(cfg: RunConfig) -> dict[str, Any]:
         rank = cfg.train.lora.r * (2 if cfg.train.method in ("pissa", "milora") else 1)
     if rank is not None:
         rank = next((r for r in LORA_RANKS if r >= rank), None)
+    if (v.lora or ("adapter" if cuda else "merge")) == "merge":
+        rank = None  # an engine without LoRA: adapters are merged and loaded in place
     return {
         "model": engine_model_folder(cfg.model),
         "revision": cfg.model.revision,
@@ -300,7 +302,8 @@ def lora_as_adapter(adapter_config: dict[str, Any], max_rank: int | None) -> str
         (bool(c.get("modules_to_save")), "modules_to_save"),
         (c.get("layers_to_transform") is not None, "layers_to_transform"),
         (not isinstance(targets, list) or not set(targets) <= LORA_MODULES, f"target modules {targets!r}"),
-        (max_rank is None, "the engine has no LoRA (train.method: full)"),
+        (max_rank is None, "the engine runs without LoRA (eval.vllm.lora: merge, the default on the CPU; "
+                           "train.method: full; or a rank above 512)"),
         (max_rank is not None and max(ranks) > max_rank, f"rank {max(ranks)} > eval.vllm.max_lora_rank {max_rank}"),
     ]
     return next((why for bad, why in checks if bad), None)

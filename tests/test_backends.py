@@ -16,9 +16,10 @@ from overmem.vllm_backend import VllmEngine, VllmError, choose_backend, engine_s
 PLAIN = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
 
 
-def _cfg(**train) -> RunConfig:
+def _cfg(lora_mode: str | None = None, **train) -> RunConfig:
     return RunConfig.model_validate({"model": {"name_or_path": "some/hub-model", "dtype": "float32"},
-                                     "train": {"max_length": 300, **train}, "generation": {"max_new_tokens": 50}})
+                                     "train": {"max_length": 300, **train}, "generation": {"max_new_tokens": 50},
+                                     "eval": {"vllm": {"lora": lora_mode}}})
 
 
 def test_hugging_face_is_the_default():
@@ -31,10 +32,12 @@ def test_engine_settings_on_the_cpu():
     assert s["model"] == "some/hub-model" and s["dtype"] == "float32"
     assert s["max_model_len"] == 350  # train.max_length + generation.max_new_tokens
     assert s["enforce_eager"] is True and s["kv_cache_memory_bytes"] == 2**30
-    assert s["max_lora_rank"] == 64  # train.lora.r
-    assert engine_settings(_cfg(method="pissa"))["max_lora_rank"] == 128  # saved as rank 2r
-    assert engine_settings(_cfg(lora={"r": 12}))["max_lora_rank"] == 16  # the next rank vLLM allocates
-    assert engine_settings(_cfg(method="full"))["max_lora_rank"] is None  # no LoRA in the engine
+    assert s["max_lora_rank"] is None  # LoRA checkpoints are merged on the CPU by default
+    assert engine_settings(_cfg("adapter"))["max_lora_rank"] == 64  # train.lora.r
+    assert engine_settings(_cfg("adapter", method="pissa"))["max_lora_rank"] == 128  # saved as rank 2r
+    assert engine_settings(_cfg("adapter", lora={"r": 12}))["max_lora_rank"] == 16  # the next rank vLLM allocates
+    assert engine_settings(_cfg("adapter", method="full"))["max_lora_rank"] is None  # no LoRA in the engine
+    assert engine_settings(_cfg("merge"))["max_lora_rank"] is None
     given = _cfg().model_copy(deep=True)
     given.eval.vllm.gpu_memory_utilization = 0.2
     assert engine_settings(given)["kv_cache_memory_bytes"] is None  # the share decides then
@@ -48,7 +51,8 @@ def test_which_adapters_run_as_adapters():
     assert lora_as_adapter({**PLAIN, "bias": "lora_only"}, 8) == "trained biases"
     assert lora_as_adapter({**PLAIN, "target_modules": "q_proj|v_proj"}, 8).startswith("target modules")
     assert lora_as_adapter({**PLAIN, "peft_type": "IA3"}, 8) == "peft_type 'IA3'"
-    assert lora_as_adapter(PLAIN, None).startswith("the engine has no LoRA")
+    assert lora_as_adapter(PLAIN, None).startswith("the engine runs without LoRA (eval.vllm.lora: merge")
+    assert lora_as_adapter(PLAIN, None).startswith("the engine runs without LoRA")
 
 
 def test_auto_without_vllm_takes_hugging_face(capsys):

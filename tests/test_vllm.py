@@ -76,7 +76,7 @@ def cfg(folders) -> RunConfig:
         "model": {"name_or_path": str(folders["base"]), "dtype": "float32"},
         "train": {"max_length": 256, "method": "lora", "lora": {"r": 8}},
         "generation": {"max_new_tokens": 40},
-        "eval": {"backend": "vllm", "vllm": {"python": VLLM_PYTHON}},
+        "eval": {"backend": "vllm", "vllm": {"python": VLLM_PYTHON, "lora": "adapter"}},
     })
 
 
@@ -280,7 +280,7 @@ def test_smollm2_on_gsm8k_matches_hugging_face(tmp_path):
         "model": {"name_or_path": SMOLLM2, "dtype": "float32"},
         "train": {"max_length": 512, "method": "full"},
         "generation": {"max_new_tokens": 64},
-        "eval": {"backend": "vllm", "vllm": {"python": VLLM_PYTHON}},
+        "eval": {"backend": "vllm", "vllm": {"python": VLLM_PYTHON, "lora": "adapter"}},
     })
     tokenizer = load_tokenizer(cfg.model)
     try:
