@@ -120,14 +120,6 @@ def all_gather(obj: T) -> list[T]:
     return out
 
 
-def barrier() -> None:
-    """Wait until every rank is here."""
-    if setup():
-        import torch.distributed as dist
-
-        dist.barrier(group=_objects_group())
-
-
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 

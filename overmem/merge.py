@@ -38,7 +38,7 @@ from pathlib import Path
 from .merge_inputs import SafetensorsFolder, model_folder, open_input
 from .merge_writing import atomic_folder, copy_model_files, write_dense, write_exact_adapter
 from .models import check_adapter_base
-from .results import ADAPTER_CONFIG, MODEL_CONFIG, read_json
+from .results import MODEL_CONFIG, read_json
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ADAPTER_SUBDIR = "adapter"  # where the exact merged adapter goes inside the output folder

@@ -103,11 +103,6 @@ class SafetensorsFolder:
         with open_safetensors(self.file_of[name]) as f:
             return f.get_tensor(name).clone()
 
-    def head(self, name: str) -> torch.Tensor:
-        """The first row of a stored matrix (the first 1024 values of a vector), read without the rest."""
-        part = self._handle(name).get_slice(name)
-        return part[:1] if len(part.get_shape()) > 1 else part[:1024]
-
     @property
     def layout(self) -> _Layout:
         if self._layout is None:

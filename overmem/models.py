@@ -8,7 +8,6 @@ full finetuning) so the model trains and saves like any other.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 from collections.abc import Iterator
@@ -99,10 +98,11 @@ def quiet_libraries(quiet: bool) -> None:
 
 
 def release_memory() -> None:
-    """Return freed model memory (callers drop their references first)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """Return freed model memory (callers drop their references first): accelerate's collect and
+    empty the device's cache (CUDA, MPS, XPU, ...)."""
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache(garbage_collection=True)
 
 
 @contextmanager
