@@ -214,7 +214,8 @@ def test_run_with_vllm_equals_run_with_hugging_face(cfg, engine, folders, toy_js
             f"data.tests={{test: {toy_jsonl['test']}}}", "data.monitor_size=4", "data.validation_size=4",
             "train.method=full", "train.epochs=1", "train.lr=5e-3", "train.batch_size=4", "train.micro_batch_size=4",
             "train.warmup_steps=0", "train.max_length=256", "generation.max_new_tokens=40", "eval.bootstrap=200",
-            "eval.vllm.max_lora_rank=8", "quiet=true"]  # the module engine's settings: no second engine
+            "eval.vllm.max_lora_rank=8", "eval.vllm.lora=adapter",
+                "quiet=true"]  # the module engine's settings: no second engine
     rows = {}
     for backend in ("hf", "vllm"):
         args = [a for x in [*sets, f"eval.backend={backend}"] for a in ("--set", x)]
@@ -280,7 +281,7 @@ def test_smollm2_on_gsm8k_matches_hugging_face(tmp_path):
         "model": {"name_or_path": SMOLLM2, "dtype": "float32"},
         "train": {"max_length": 512, "method": "full"},
         "generation": {"max_new_tokens": 64},
-        "eval": {"backend": "vllm", "vllm": {"python": VLLM_PYTHON, "lora": "adapter"}},
+        "eval": {"backend": "vllm", "vllm": {"python": VLLM_PYTHON}},
     })
     tokenizer = load_tokenizer(cfg.model)
     try:
