@@ -56,12 +56,6 @@ def truncate_after_answer(text: str) -> str:
     return text[: m.end()].rstrip("\n") if m else text
 
 
-def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    max_prompt_tokens: int) -> list[list[int]]:
-    """Token ids of each prompt, cut from the left to its last `max_prompt_tokens`."""
-    return [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
-
-
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -99,7 +93,7 @@ def generate(
     stops = [stop_at_answer] * len(prompts) if isinstance(stop_at_answer, bool) else list(stop_at_answer)
     if len(stops) != len(prompts):
         raise ValueError(f"stop_at_answer: {len(stops)} values for {len(prompts)} prompts")
-    encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
     if is_vllm(model):
         return _generate_vllm(model, tokenizer, encoded, stops, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               sampling=(temperature, top_p) if do_sample else None, num_samples=num_samples,
