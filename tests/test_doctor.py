@@ -75,3 +75,87 @@ def test_help(cmd, capsys):
         main([cmd, "--help"])
     assert exit_.value.code == 0
     assert "usage: overmem " + cmd in capsys.readouterr().out
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_tested_versions_name_the_packages_that_differ(tmp_path, capsys, monkeypatch):
+    import importlib.metadata as md
+
+    installed_torch = md.version("torch")
+    _write(tmp_path / "constraints.txt", "# a comment\n"
+           f"torch=={installed_torch.split('+')[0]}\n"    # the same version without its local label (+cpu)
+           "Packaging==0.0.1\n"                           # installed at another version; any spelling
+           "no-such-package-here==1.0\n")                 # an optional extra not installed: not counted
+    monkeypatch.delenv("OVERMEM_VLLM_PYTHON", raising=False)
+    (entry,) = doctor.tested_versions(tmp_path)
+    assert entry["file"] == str(tmp_path / "constraints.txt") and entry["checked"] == 2
+    assert entry["differ"] == [{"name": "Packaging", "installed": md.version("packaging"), "tested": "0.0.1"}]
+    monkeypatch.setattr(doctor, "SOURCE_ROOT", tmp_path)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out.split("tested versions\n")[1]
+    assert "1 of 2 installed packages differ from constraints.txt" in out
+    assert f"Packaging  {md.version('packaging')} (tested: 0.0.1)" in out
+    assert main(["doctor", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tested"] == [entry]
+
+
+def test_tested_versions_without_a_constraints_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OVERMEM_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(doctor, "SOURCE_ROOT", tmp_path)
+    assert doctor.tested_versions() == [{"environment": sys.executable, "file": None}]
+    assert main(["doctor"]) == 0
+    assert "no constraints.txt beside the package" in capsys.readouterr().out
+
+
+def test_the_vllm_engines_versions_are_read_from_its_interpreter(tmp_path, monkeypatch):
+    import importlib.metadata as md
+
+    _write(tmp_path / "constraints.txt", "")
+    _write(tmp_path / "constraints-vllm.txt", "pyyaml==0.1\n")
+    monkeypatch.setenv("OVERMEM_VLLM_PYTHON", sys.executable)
+    main_env, engine = doctor.tested_versions(tmp_path)
+    assert main_env["checked"] == 0 and engine["environment"] == sys.executable
+    assert engine["differ"] == [{"name": "pyyaml", "installed": md.version("pyyaml"), "tested": "0.1"}]
+    monkeypatch.setenv("OVERMEM_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    assert "could not list its packages" in doctor.tested_versions(tmp_path)[1]["error"]
+
+
+def test_refresh_constraints_writes_pip_freeze_without_overmem_or_local_labels(tmp_path):
+    """scripts/refresh_constraints.sh on this interpreter's environment: every installed distribution
+    (but overmem, editable) pinned at its installed version, local labels dropped."""
+    import importlib.metadata as md
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    venv = Path(sys.prefix)
+    env = {**os.environ, "VENV": str(venv), "VLLM_VENV": str(tmp_path / "none"), "OUT_DIR": str(tmp_path)}
+    subprocess.run(["bash", str(root / "scripts" / "refresh_constraints.sh")], env=env, check=True,
+                   capture_output=True, text=True, timeout=120)
+    pins = doctor.read_constraints(tmp_path / "constraints.txt")
+    assert not (tmp_path / "constraints-vllm.txt").exists()
+    assert "overmem" not in pins and all("+" not in v for _, v in pins.values())
+    installed = {doctor._normal(d.metadata["Name"]): d.version for d in md.distributions()}
+    installed.pop("overmem")
+    assert {k: v.split("+")[0] for k, v in installed.items() if k not in ("pip", "setuptools", "wheel")} == \
+        {k: v for k, (_, v) in pins.items()}
+
+
+def test_the_repository_pins_every_requirement():
+    """constraints.txt (what scripts/setup.sh installs) pins overmem's own requirements and test extras."""
+    import importlib.metadata as md
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    pins = doctor.read_constraints(Path(__file__).resolve().parents[1] / "constraints.txt")
+    for line in md.requires("overmem"):
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": "test"}):
+            assert doctor._normal(req.name) in pins, req.name
+            assert req.specifier.contains(pins[doctor._normal(req.name)][1]), line
