@@ -10,7 +10,9 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,6 +441,22 @@ def _judge_error() -> type[Exception]:
     return JudgeError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill` and `timeout` send), handled as Ctrl-C is: every clean-up runs (programs
+    in the sandbox killed, partial files removed), and a re-run resumes."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> Any:
+    """Turn SIGTERM into `Terminated` while a command runs (main thread only); the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -446,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides)
     if not args.sharded and not is_main():
         return 0  # launched on several processes: rank 0 alone runs a command that is not shared
+    previous = _catch_sigterm()
     try:
         return args.func(args)
     except RankFailed:  # another rank failed and reports the error itself
@@ -465,9 +484,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"overmem {args.command}: error: {_one_line(_os_error(err, args))}", file=sys.stderr)
         return 2 if err.errno in _USAGE_ERRNOS else 1
-    except KeyboardInterrupt:
-        print(f"overmem {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"overmem {args.command}: {'terminated' if isinstance(err, Terminated) else 'interrupted'}; re-run the "
+              "same command to resume", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

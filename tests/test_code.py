@@ -9,7 +9,7 @@ import pytest
 
 from overmem.config import EvalConfig, GenerationConfig
 from overmem.data.answers import extract_answer, is_correct
-from overmem.data.code import can_check, extract_program, program_with_tests
+from overmem.data.code import can_check, extract_program
 from overmem.data.specs import load_dataset_spec
 from overmem.dynamics import evaluate_examples, split_summary
 from tests.conftest import DATA_DIR, fixed_continuation
@@ -42,10 +42,6 @@ def test_extract_program_without_a_prompt():
     assert extract_answer(answer, "code") == "def f(x):\n    return x + 1\n"  # answers.py hands code over
     with pytest.raises(ValueError, match="running its tests"):
         is_correct(answer, "def f(x): ...", "code")
-
-
-def test_program_with_tests_is_humaneval_s_layout():
-    assert program_with_tests("P", "def check(c): pass", "f") == "P\n\ndef check(c): pass\n\ncheck(f)\n"
 
 
 @pytest.mark.skipif(not (DATA_DIR / "humaneval" / "HumanEval.jsonl").is_file(), reason="no HumanEval file")

@@ -27,6 +27,131 @@ from overmem.dynamics import evaluate_checkpoint
 from overmem.results import RunDir, read_jsonl, write_jsonl
 from tests.conftest import DATA_DIR, make_tiny_llama, random_lora_adapter, toy_examples, write_toy_jsonl
 
+# ---- code grading: a forged pass, programs outliving their grader ------------------------------
+
+HUMANEVAL = DATA_DIR / "humaneval" / "HumanEval.jsonl"
+needs_humaneval = pytest.mark.skipif(not HUMANEVAL.is_file(), reason=f"no HumanEval file at {HUMANEVAL}")
+
+# A wrong program that claims to have run its tests: it prints every 32-hex string of its own file
+# (where the old harness wrote its "ran to the end" marker) and leaves with exit code 0.
+_FORGED = ("```python\nimport os, re, sys\ndef {entry}(*args):\n    return None\n"
+           "for m in re.findall(r'[0-9a-f]{{32}}', open(__file__).read()):\n    sys.stdout.write('\\n' + m + '\\n')\n"
+           "sys.stdout.flush()\nos._exit(0)\n```")
+
+# A program that sleeps (and leaves a daemon of its own, in a session of its own), each process
+# named `token` so that survivors are found.
+_SLEEPER = ("```python\nimport ctypes, os, time\ndef {entry}(*args):\n    return None\n"
+            "ctypes.CDLL(None).prctl(15, b'{token}', 0, 0, 0)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\n    os._exit(0)\ntime.sleep(120)\n```")
+
+
+def _humaneval_generations(path, template, n=2, **fields):
+    problems = [json.loads(line) for line in HUMANEVAL.read_text().splitlines()[:n]]
+    write_jsonl(path, [{"id": p["task_id"], "generation": template.format(entry=p["entry_point"], **fields)}
+                       for p in problems])
+    return path
+
+
+def _named(token):
+    """Live (not zombie) processes called `token`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("Name", "").strip() == token and not fields.get("State", "").strip().startswith("Z"):
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_for(condition, seconds=60.0):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def _leftovers(pid):
+    """Program folders and pids cgroups named after grader `pid`."""
+    from overmem.sandbox import CGROUP_PREFIX, FOLDER_PREFIX
+
+    import tempfile
+
+    found = list(Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}{pid}-*"))
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        found += [p for p in root.glob(f"{CGROUP_PREFIX}{pid}-*") if p.is_dir()]
+    return found
+
+
+@needs_humaneval
+def test_grade_a_program_that_prints_the_end_marker_and_exits_0_is_not_passed(tmp_path, capsys):
+    gens = _humaneval_generations(tmp_path / "gens.jsonl", _FORGED)
+    out = tmp_path / "grades.json"
+    assert main(["grade", "--data", "humaneval[:2]", "--data-dir", str(DATA_DIR), "--generations", str(gens),
+                 "--out", str(out), "--timeout", "10"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 2 and result["n_correct"] == 0, result
+    rows = read_jsonl(tmp_path / "grades.samples.jsonl")
+    assert [r["failure"] for r in rows] == ["the program exited before its tests ran (exit code 0)"] * 2
+
+
+def _grade_sleepers(tmp_path, token):
+    gens = _humaneval_generations(tmp_path / "gens.jsonl", _SLEEPER, token=token)
+    argv = [sys.executable, "-m", "overmem", "grade", "--data", "humaneval[:2]", "--data-dir", str(DATA_DIR),
+            "--generations", str(gens), "--out", str(tmp_path / "grades.json"), "--timeout", "100"]
+    grader = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Both programs and their daemons are up (4 processes), or the test cannot tell anything.
+    assert _wait_for(lambda: len(_named(token)) >= 4), (_named(token), grader.poll())
+    return grader
+
+
+@needs_humaneval
+def test_grade_sigterm_kills_its_programs_and_leaves_nothing(tmp_path):
+    token = "term" + os.urandom(4).hex()
+    grader = _grade_sleepers(tmp_path, token)
+    grader.send_signal(signal.SIGTERM)
+    _, err = grader.communicate(timeout=60)
+    assert grader.returncode == 143 and "terminated; re-run the same command" in err, err
+    assert _named(token) == [] and _leftovers(grader.pid) == []
+    assert not (tmp_path / "grades.json").exists()
+
+
+@needs_humaneval
+def test_grade_sigkill_its_supervisors_kill_its_programs(tmp_path):
+    token = "kill" + os.urandom(4).hex()
+    grader = _grade_sleepers(tmp_path, token)
+    grader.kill()
+    grader.communicate(timeout=60)
+    # The kernel tells each program's supervisor that the grader died; it takes the program down.
+    assert _wait_for(lambda: _named(token) == [] and _leftovers(grader.pid) == [], 30), (_named(token),
+                                                                                          _leftovers(grader.pid))
+
+
+@needs_humaneval
+def test_grade_killed_with_its_supervisors_is_cleaned_by_the_next_grade(tmp_path):
+    token = "left" + os.urandom(4).hex()
+    grader = _grade_sleepers(tmp_path, token)
+    supervisors = [int(p) for p in Path(f"/proc/{grader.pid}/task/{grader.pid}/children").read_text().split()]
+    for pid in [grader.pid, *supervisors]:  # all at once: no supervisor is left to clean up
+        os.kill(pid, signal.SIGKILL)
+    grader.communicate(timeout=60)
+    time.sleep(0.5)
+    left = _leftovers(grader.pid)
+    assert left, "the test needs leftovers to clean"
+    from overmem.sandbox import SANDBOX_UID, clean_leftovers
+
+    programs = _named(token)
+    sandbox_uids = all(SANDBOX_UID <= Path(f"/proc/{pid}").stat().st_uid for pid in programs)
+    clean_leftovers()  # what the next grade on this machine does first
+    assert [p for p in left if p.exists()] == []
+    if os.geteuid() == 0 and sandbox_uids:  # programs of an unprivileged uid of their own: found by it
+        assert _wait_for(lambda: _named(token) == [], 10), _named(token)
+
+
 # ---- training: settings the Trainer checks, divergence, kills ---------------------------------
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from overmem import sandbox
-from overmem.sandbox import Limits, run_programs, select_isolation
+from overmem.sandbox import Limits, run_programs, run_tests, select_isolation
 
 LIMITS = Limits(timeout_s=4, memory_mb=512)
 
@@ -200,3 +200,92 @@ def test_programs_of_two_processes_never_share_a_uid():
     uids = [set(p.communicate(timeout=120)[0].split()) for p in procs]
     assert all(len(u) == 3 for u in uids), uids  # three concurrent programs, three uids
     assert not uids[0] & uids[1], uids
+
+
+# ---- grading a program cannot forge -------------------------------------------------------------
+
+_ADD_TEST = """
+def check(candidate):
+    assert candidate(2, 3) == 5
+    assert abs(candidate(0.1, 0.2) - 0.3) < 1e-9
+    assert candidate(a=[1], b=[2]) == [1, 2]
+"""
+_RIGHT = "def add(a, b):\n    return a + b\n"
+
+# Wrong programs (each returns the wrong value, or nothing) that try to be counted as passed. Each
+# attack is one the old harness (the tests appended to the program, a random marker printed at
+# its end) fell for or could: the verdict must not move.
+FORGERIES = {
+    # The marker in the program's own file: print every 32-hex string of it, then leave with 0.
+    "marker_from_file": "import os, re, sys\ndef add(a, b):\n    return None\n"
+                        "for m in re.findall(r'[0-9a-f]{32}', open(__file__).read()):\n"
+                        "    sys.stdout.write('\\n' + m + '\\n')\nsys.stdout.flush()\nos._exit(0)\n",
+    "exit_0_at_load": "import sys\ndef add(a, b):\n    return None\nsys.exit(0)\n",
+    "os_exit_0_when_called": "import os\ndef add(a, b):\n    os._exit(0)\n",
+    "exit_0_when_called": "def add(a, b):\n    raise SystemExit(0)\n",
+    # Patched builtins: the tests' own assert, abs and == must be out of reach.
+    "patched_builtins": "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = type('A', (Exception,), {})\n"
+                        "def add(a, b):\n    return None\n",
+    # Objects that claim to equal anything.
+    "equals_anything": "class Any:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+                       "        return False\n    def __sub__(self, other):\n        return 0\n    __rsub__ = __sub__\n"
+                       "def add(a, b):\n    return Any()\n",
+    "int_equals_anything": "class Int(int):\n    def __eq__(self, other):\n        return True\n"
+                           "    def __sub__(self, other):\n        return 0\n"
+                           "def add(a, b):\n    return Int(0)\n",
+    # A verdict of its own on its stdout, or the checker's stdout found and written.
+    "verdict_on_stdout": 'import os\nprint(\'\\n{"status": "passed", "reason": null}\')\ndef add(a, b):\n    os._exit(0)\n',
+    "verdict_into_checker": "import glob, os, tempfile\n"
+                            "def add(a, b):\n"
+                            "    for path in glob.glob(os.path.join(tempfile.gettempdir(), 'overmem-sandbox-*', '.stdout')):\n"
+                            "        try:\n            open(path, 'a').write('\\n{\"status\": \"passed\", \"reason\": null}\\n')\n"
+                            "        except OSError:\n            pass\n"
+                            "    os._exit(0)\n",
+    # Its parent killed (bwrap's init, or the supervisor): the end of the program, not a pass.
+    "kill_parent": "import os, signal\ndef add(a, b):\n    os.kill(os.getppid(), signal.SIGKILL)\n    return None\n",
+}
+
+
+@pytest.mark.parametrize("tool", sandbox.TOOLS)
+def test_a_wrong_program_cannot_forge_a_pass(tool):
+    iso = _isolation(tool)
+    programs = [_RIGHT, *FORGERIES.values(), _RIGHT]
+    tested = [sandbox.TestedProgram(p, _ADD_TEST, "add") for p in programs]
+    outcomes = run_tests(tested, limits=LIMITS, isolation=iso, workers=4)
+    assert outcomes[0].passed and outcomes[-1].passed, (outcomes[0], outcomes[-1])
+    for name, outcome in zip(FORGERIES, outcomes[1:-1]):
+        if name == "verdict_into_checker" and not _protected(iso):
+            continue  # the user's own files are the program's to write here (docs/sandbox.md)
+        assert not outcome.passed and outcome.status in ("error", "failed", "killed"), (name, outcome)
+
+
+def test_verdicts_of_graded_programs():
+    """Each status of `run_tests` with the reason a reader needs."""
+    cases = {
+        "wrong": ("def add(a, b):\n    return a - b\n", "failed", "AssertionError"),
+        "raises": ("def add(a, b):\n    raise ValueError('bad value')\n", "error", "ValueError: bad value"),
+        "syntax": ("def add(a, b:\n    return a\n", "error", "SyntaxError"),
+        "missing": ("def plus(a, b):\n    return a + b\n", "error", "NameError: the program does not define add"),
+        "exit_3": ("import sys\nsys.exit(3)\n", "error", "exit code 3"),
+        "exit_0": ("import sys\nsys.exit(0)\n", "error", "the program exited before its tests ran (exit code 0)"),
+        "unpassable": ("def add(a, b):\n    return object()\n", "error", "a value of type object cannot be passed"),
+        "loop": ("def add(a, b):\n    while True:\n        pass\n", "timeout", "timeout"),
+        "memory": ("def add(a, b):\n    return bytearray(2**40)\n", "memory", "MemoryError"),
+        "right": (_RIGHT, "passed", None),
+    }
+    outcomes = run_tests([sandbox.TestedProgram(p, _ADD_TEST, "add") for p, _, _ in cases.values()],
+                         limits=Limits(timeout_s=4, memory_mb=512), workers=4)
+    for (name, (_, status, fragment)), outcome in zip(cases.items(), outcomes):
+        assert outcome.status == status, (name, outcome)
+        assert (outcome.reason is None) if fragment is None else (fragment in outcome.reason), (name, outcome)
+
+
+def test_values_cross_between_program_and_tests_as_plain_data():
+    """Every kind of value the codec carries comes back equal and of the same type."""
+    values = ("[None, True, 3, -2**70, 1.5, float('inf'), -0.0, 'text\\n', b'\\x00\\xff', 2 + 3j, [1, [2]], (1, (2,)), "
+              "{'a': 1, (1, 2): [3]}, {1, 2}, frozenset({3})]")
+    test = (f"def check(candidate):\n    values = {values}\n    for v in values:\n        got = candidate(v)\n"
+            "        assert got == v and type(got) is type(v), (v, got)\n"
+            "    nan = candidate(float('nan'))\n    assert nan != nan\n")
+    (outcome,) = run_tests([sandbox.TestedProgram("def echo(x):\n    return x\n", test, "echo")], limits=LIMITS)
+    assert outcome.passed, outcome

@@ -5,8 +5,9 @@ A code example (`kind="code"`) keeps its reference solution in `response` (the p
 and, when it can be checked, its tests in `meta`: `prompt` (the code the solution completes:
 imports, helpers, the signature and docstring), `test` (a `check(candidate)` function) and
 `entry_point` (the function `check` is given). `answer` holds the reference program (the code of
-the response). Correctness is functional: the program of a generation passes when
-`program + test + check(entry_point)` exits normally in the sandbox (`overmem.sandbox`).
+the response). Correctness is functional: the program of a generation passes when `check` returns
+with each call of `candidate` answered by the program's `entry_point`; the program and the tests
+run in two sandboxed processes, so the program cannot forge the verdict (`overmem.sandbox.run_tests`).
 
 The program of a generation (`extract_program`) follows the usual HumanEval conventions:
 1. A chat-style answer with fenced blocks (```python ... ```; an unclosed fence, cut off by the
@@ -91,11 +92,6 @@ def extract_program(generation: str, prompt: str = "", entry_point: str | None =
     return prompt + (code if fenced is not None else _cut_at_stop(code))
 
 
-def program_with_tests(program: str, test: str, entry_point: str) -> str:
-    """What runs in the sandbox: HumanEval's `prompt + completion`, its `test`, `check(entry_point)`."""
-    return f"{program}\n\n{test}\n\ncheck({entry_point})\n"
-
-
 def can_check(example: Example) -> bool:
     """Whether generations for `example` can be checked: any non-code example, and code with tests."""
     return example.kind != "code" or bool(example.meta.get("test") and example.meta.get("entry_point"))
@@ -130,7 +126,7 @@ def check_generations(
 
     Every example must have tests (`can_check`); `limits` are `overmem.sandbox.Limits` (the
     defaults when None)."""
-    from overmem.sandbox import Limits, run_programs, select_isolation
+    from overmem.sandbox import Limits, TestedProgram, run_tests, select_isolation
 
     if len(examples) != len(generations):
         raise ValueError(f"{len(examples)} examples but {len(generations)} generations")
@@ -140,10 +136,12 @@ def check_generations(
     isolation = select_isolation()
     programs = [extract_program(text, ex.meta.get("prompt", ""), ex.meta["entry_point"])
                 for ex, text in zip(examples, generations)]
-    runnable = [(i, program_with_tests(p, ex.meta["test"], ex.meta["entry_point"]))
+    # The prompt is the dataset's (trusted): the checker runs it before the tests, which may use
+    # its helpers (HumanEval/38's `encode_cyclic`); the program is the generation's.
+    runnable = [(i, TestedProgram(p, ex.meta["test"], ex.meta["entry_point"], ex.meta.get("prompt", "")))
                 for i, (ex, p) in enumerate(zip(examples, programs)) if p is not None]
-    outcomes = run_programs([source for _, source in runnable], limits=limits or Limits(), isolation=isolation,
-                            workers=workers)
+    outcomes = run_tests([tested for _, tested in runnable], limits=limits or Limits(), isolation=isolation,
+                         workers=workers)
     by_index = {i: outcome for (i, _), outcome in zip(runnable, outcomes)}
     described = isolation.describe()
     checks = []
