@@ -221,11 +221,20 @@ def diagnose() -> dict[str, Any]:
             "tested": tested_versions()}
 
 
+def _shown(path: str) -> str:
+    """`path` relative to the working folder when it is inside it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path
+    return path if rel.startswith("..") else rel
+
+
 def format_tested(entries: list[dict[str, Any]]) -> list[str]:
     """The "tested versions" lines of the report."""
     lines = ["tested versions"]
     for e in entries:
-        where = f"{e['environment']}"
+        where = _shown(e["environment"])
         if e["file"] is None:
             lines.append(f"  {where}: no {CONSTRAINTS} beside the package (not a source checkout), not compared")
         elif "error" in e:
