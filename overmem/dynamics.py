@@ -25,7 +25,7 @@ from .distributed import evaluate_sharded, is_main, main_value, on_main
 from .generation import generate
 from .intervals import bootstrap_ci
 from .results import RunDir, append_jsonl, write_jsonl
-from .scoring import response_pieces, score_examples
+from .scoring import TokenScores, response_pieces, score_examples
 
 TOKEN_DECIMALS = 4  # per-token NLL stored in samples files: enough to shade, small on disk
 
@@ -65,7 +65,28 @@ def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) ->
     for key in ("ppl", "ppl_token", "nll_token"):
         if not math.isfinite(row[key]):
             row[key] = None
+    # Token-weighted means of the cheap signals over the examples that have them (all, or none: vLLM).
+    signed = [s for s in samples if "top1" in s and s["n_tokens"]]
+    if signed:
+        weight = sum(s["n_tokens"] for s in signed)
+        for key, name in SIGNALS.items():
+            value = sum(s[name] * s["n_tokens"] for s in signed) / weight
+            row[key] = value if math.isfinite(value) else None
     return row
+
+
+# dynamics.jsonl key -> samples key of the cheap signals (`token_signals`).
+SIGNALS = {"top1_token": "top1", "rank_token": "mean_rank", "entropy_token": "entropy"}
+
+
+def token_signals(scores: TokenScores) -> dict[str, float]:
+    """One example's cheap signals (`overmem.scoring`): the share of its reference tokens that are
+    the greedy choice (`top1`), their mean rank (`mean_rank`) and the mean predictive entropy at
+    their positions (`entropy`, nats). Empty when not computed (vLLM) or no token was scored."""
+    if scores.ranks is None or scores.entropy is None or not scores.n_tokens:
+        return {}
+    return {"top1": float((scores.ranks == 1).float().mean()), "mean_rank": float(scores.ranks.float().mean()),
+            "entropy": float(scores.entropy.mean())}
 
 
 def evaluate_examples(
@@ -95,7 +116,7 @@ def evaluate_examples(
         )
     rows = [
         {"id": ex.id, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens, "ppl": s.ppl if s.n_tokens else None,
-         "truncated": s.truncated, "answer": ex.answer}
+         "truncated": s.truncated, "answer": ex.answer, **token_signals(s)}
         for ex, s in zip(examples, scores)
     ]
     if token_losses:

@@ -36,7 +36,7 @@ from .models import (
     quiet_libraries,
     release_memory,
 )
-from .results import BASE, RunDir, atomic_write_text, epoch_name, find_checkpoints, write_json, write_jsonl
+from .results import BASE, RunDir, atomic_write_text, epoch_name, find_checkpoints, read_json, write_json, write_jsonl
 from .train import TrainingDiverged
 
 # Settings that change what a run computes; a resumed run must agree on all of them.
@@ -59,6 +59,40 @@ def _check_resumable(run: RunDir, cfg: RunConfig) -> None:
                 f"{run.config}: the existing run was made with a different '{key}' section; "
                 "use a new --out folder to start a new run"
             )
+    _check_same_backend(run, cfg)
+
+
+def _check_same_backend(run: RunDir, cfg: RunConfig) -> None:
+    """The rows of one folder come from one evaluation backend (vLLM's numbers differ from Hugging
+    Face's in the last digits, and config.yaml names one backend for all of them)."""
+    if not run.config.is_file() or not run.read_dynamics():
+        return
+    old, new = (read_yaml(run.config).get("eval") or {}).get("backend", "hf"), cfg.eval.backend
+    if old != new and "auto" not in (old, new):
+        raise ConfigError(f"{run.config}: the results in {run.root} were evaluated with eval.backend={old!r}, not "
+                          f"{new!r}; keep eval.backend={old}, or write to a new --out folder")
+
+
+def _check_lost_checkpoints(run: RunDir, cfg: RunConfig) -> None:
+    """A resumed run trains on from the Trainer's last saved state: an epoch checkpoint before that
+    state which is gone together with its dynamics rows would never be made again, and the run would
+    finish without it. (A checkpoint deleted after it was evaluated is fine: its rows stay.)"""
+    def epoch_of(state: Path) -> float:
+        try:
+            s = read_json(state)
+        except ValueError:  # cut off by a kill: the resume deletes it
+            return 0.0
+        return s.get("epoch") or 0.0 if isinstance(s, dict) else 0.0
+
+    reached = max((epoch_of(p / "trainer_state.json") for p in run.trainer_state.glob("checkpoint-*")
+                   if (p / "trainer_state.json").is_file()), default=0.0)
+    evaluated = {r["checkpoint"] for r in run.read_dynamics()}
+    lost = [e for e in range(1, cfg.train.epochs + 1) if e <= reached + 1e-6 and epoch_name(e) not in evaluated
+            and not run.checkpoint(epoch_name(e)).exists()]
+    if lost:
+        raise ConfigError(f"{run.checkpoint(epoch_name(lost[0]))}: missing, and not in {run.dynamics}, but the "
+                          f"Trainer's state in {run.trainer_state} is at epoch {reached:g}, so resuming cannot make it "
+                          "again; restore the checkpoint, or start the run afresh in a new --out folder")
 
 
 def _eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +137,7 @@ def run(cfg: RunConfig) -> RunDir:
     run_dir = RunDir(cfg.out_dir)
     cfg = with_world_size(cfg)  # the resolved config records the processes launched
     main_value(lambda: _check_resumable(run_dir, cfg))
+    main_value(lambda: _check_lost_checkpoints(run_dir, cfg))
     # Everything that can fail on bad input happens before the run folder is created.
     t0 = time.perf_counter()
     splits = derive_splits(cfg.data)
@@ -264,9 +299,13 @@ def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
     if cfg.eval.accuracy:
         ensure_sandbox(ex for examples in splits.tracked.values() for ex in examples)
 
+    main_value(lambda: _check_same_backend(run_dir, cfg))
+
     def create() -> None:
         run_dir.root.mkdir(parents=True, exist_ok=True)
-        if not run_dir.config.exists():
+        # config.yaml describes the folder's rows: an earlier scan that wrote none (e.g. its vLLM engine
+        # did not start) leaves no settings to keep.
+        if not run_dir.config.exists() or not run_dir.read_dynamics():
             atomic_write_text(run_dir.config, dump_config(cfg))
         _record_environment(run_dir)
 
@@ -308,12 +347,12 @@ def evaluate_model(
 
 
 def finalize(run_dir: RunDir, cfg: RunConfig, *, leave_out: Collection[str] = ()) -> dict[str, Any]:
-    """Phases, checkpoint selection and the dynamics figure, from `dynamics.jsonl` alone; the one
+    """Phases, checkpoint selection and the dynamics and signals figures, from `dynamics.jsonl` alone; the one
     place `phases.json` and `selection.json` are computed (the latter when the validation split
     was tracked). The checkpoints in `leave_out` are not used (a diverged run's last one,
     whose perplexities are None)."""
     from .phases import detect_run_phases
-    from .plotting import plot_dynamics
+    from .plotting import has_signals, plot_dynamics, plot_signals
     from .selection import select_run_checkpoint, selectable, write_selection
 
     rows = [r for r in run_dir.read_dynamics() if r["checkpoint"] not in leave_out]
@@ -325,4 +364,6 @@ def finalize(run_dir: RunDir, cfg: RunConfig, *, leave_out: Collection[str] = ()
         write_selection(sel, run_dir.selection)
         out["selection"] = sel
     out["figures"] = plot_dynamics(rows, run_dir.root, phase_report=report)
+    if has_signals(rows):
+        out["figures"] += plot_signals(rows, run_dir.root, phase_report=report)
     return out

@@ -97,6 +97,65 @@ def plot_dynamics(
     return _save(fig, Path(out_dir), name)
 
 
+SIGNAL_STYLES = {  # dynamics.jsonl key -> (label, colour); see overmem.scoring for the definitions
+    "top1_token": ("reference tokens that are the greedy choice", "#2a9d8f"),
+    "entropy_token": ("predictive entropy at reference tokens (nats)", "#9c2a6b"),
+    "rank_token": ("mean rank of reference tokens (log)", "#6b6b6b"),
+}
+
+
+def has_signals(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether some training-curve row holds the cheap signals (the Hugging Face backend's scoring)."""
+    return any(r.get("top1_token") is not None and r.get("epoch") is not None for r in rows)
+
+
+def plot_signals(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    phase_report: PhaseReport | None = None,
+    name: str = "signals",
+) -> list[Path]:
+    """The cheap signals of the scoring pass against epoch, one panel per split: the share of
+    reference tokens that are the greedy choice (left axis), the predictive entropy at them and
+    their mean rank (two right axes), over the phases of `phase_report` as in `plot_dynamics`.
+    Saves `<name>.png` and `<name>.svg` in `out_dir`; returns both paths."""
+    splits = [s for s in _plotted_splits([rows]) if has_signals(split_curve(rows, s))]
+    if not splits:
+        raise ValueError("no row holds the token signals (top1_token ...): scored with the vLLM backend, or "
+                         "by an overmem older than these signals")
+    if phase_report is None and test_split_names(rows):
+        phase_report = detect_phases(rows)
+    fig, axes = _grid(len(splits))
+    for ax, split in zip(axes, splits):
+        curve = [r for r in split_curve(rows, split) if r.get("top1_token") is not None]
+        epochs = [r["epoch"] for r in curve]
+        right = ax.twinx()
+        rank_ax = ax.twinx()
+        rank_ax.spines["right"].set_position(("axes", 1.16))
+        for axis, key in ((ax, "top1_token"), (right, "entropy_token"), (rank_ax, "rank_token")):
+            label, color = SIGNAL_STYLES[key]
+            axis.plot(epochs, [r[key] for r in curve], color=color, marker="o", ms=3, lw=1.5, zorder=3,
+                      ls="-" if axis is not rank_ax else ":")
+            axis.tick_params(axis="y", which="both", colors=color, labelsize=7)
+        rank_ax.set_yscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("greedy agreement", color=SIGNAL_STYLES["top1_token"][1])
+        right.set_ylabel("entropy (nats)", color=SIGNAL_STYLES["entropy_token"][1])
+        if phase_report is not None:
+            _shade_phases(ax, phase_report)
+        ax.set_title(split + (" (phases)" if phase_report and split == phase_report.split else ""), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.25, lw=0.5)
+    handles = [Line2D([], [], color=c, marker="o", ls=":" if k == "rank_token" else "-", label=label)
+               for k, (label, c) in SIGNAL_STYLES.items()]
+    if phase_report is not None and phase_report.onset:
+        handles.append(Line2D([], [], color=ONSET_COLOR, ls="--", label=f"onset ({phase_report.onset})"))
+    fig.suptitle("Reference tokens under the model: greedy agreement, entropy, rank")
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
+    return _save(fig, Path(out_dir), name)
+
+
 def plot_runs(
     runs: Mapping[str, Sequence[Mapping[str, Any]]],
     out_dir: str | Path,

@@ -73,7 +73,9 @@ def test_run_writes_a_self_contained_report_with_every_section(tiny_run):
     for name in SECTIONS:
         assert f'id="r0-{name}"' in html, name
     images = re.findall(r'<img[^>]+src="data:image/(png|svg\+xml);base64,', html)
-    assert images.count("png") == 2 and images.count("svg+xml") == 1  # dynamics, analysis PNG, analysis SVG
+    # dynamics, token signals, analysis PNG, analysis SVG
+    assert images.count("png") == 3 and images.count("svg+xml") == 1
+    assert 'alt="reference tokens: greedy agreement, entropy and rank' in html
     assert "analysis/missing.png: figure file not found" in html
     assert "min-k%++" in html and "0.8125" in html and "tpr_at_5fpr" in html  # settings, table, metrics
     assert 'class="recommended"' in html  # the selection table highlights its choice
@@ -145,7 +147,7 @@ def test_several_runs_are_overlaid_and_compared(tiny_run, tmp_path):
     assert "runs differ in training loss" in html
     table = html.split('id="comparison"')[1].split("</table>")[0]
     assert "<td>mar</td>" in table and "<td>ce</td>" in table and "<td>0.001</td>" in table
-    assert len(re.findall(r"<img", html)) == 1 + 2 * 3  # overlay + each run's dynamics and 2 analysis figures
+    assert len(re.findall(r"<img", html)) == 1 + 2 * 4  # overlay + each run's dynamics, signals and 2 analysis figures
 
 
 def test_missing_run_is_a_clear_error(tmp_path, capsys):
@@ -247,7 +249,7 @@ def test_report_in_headless_chromium(tiny_run, tmp_path):
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert severe == []
         figures = driver.find_elements(By.CSS_SELECTOR, "img, svg")
-        assert len(figures) == 3
+        assert len(figures) == 4  # dynamics, token signals, 2 analysis figures
         for fig in figures:
             w, h = driver.execute_script(
                 "var e = arguments[0]; if (e.tagName.toLowerCase() === 'img') return [e.naturalWidth, e.naturalHeight];"

@@ -9,7 +9,6 @@ curves overlaid and a comparison table, then shows each run.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -17,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig, config_from_dict, read_yaml
+from ..files import read_text
 from ..phases import PHASES, PhaseReport, detect_run_phases
-from ..plotting import plot_dynamics, plot_runs
-from ..results import RunDir, atomic_write_text
+from ..plotting import has_signals, plot_dynamics, plot_runs, plot_signals
+from ..results import RunDir, atomic_write_text, read_json
 from ..selection import Keep, checkpoint_to_keep, select_run_checkpoint, selectable
 from .html import (
     Section, details, esc, fmt, image_file, kv_table, note, page, pct, phase_chip, pre, render_sections, table,
@@ -52,13 +50,13 @@ class RunResults:
         run = RunDir(root)
         if not run.root.is_dir():
             raise FileNotFoundError(f"{run.root}: run folder not found")
-        rows = run.read_dynamics()
+        rows = run.read_dynamics(strict=True)  # a torn line, a NaN or a negative value is an error, not left out
         if not rows:
             raise FileNotFoundError(f"{run.dynamics}: no dynamics rows; run `overmem run` or `overmem scan` first")
         out = cls(run.root, label or run.root.name, rows, timings=run.read_timings())
         if run.config.exists():
-            out.config_text = run.config.read_text()
-            out.config = yaml.safe_load(out.config_text) or {}
+            out.config_text = read_text(run.config)
+            out.config = read_yaml(run.config)
             out.settings = config_from_dict(out.config, str(run.config))
         out.phases = run.read_json(run.phases)
         out.selection = run.read_json(run.selection)
@@ -67,9 +65,9 @@ class RunResults:
         out.keep = run.read_json(run.keep)
         for path in sorted(run.analysis_dir.glob("*.json")):
             try:
-                data = json.loads(path.read_text())
+                data = read_json(path)
                 out.analyses.append((path, data if isinstance(data, dict) else "not a JSON object"))
-            except (OSError, json.JSONDecodeError) as err:
+            except (OSError, ValueError) as err:
                 out.analyses.append((path, f"unreadable: {err}"))
         return out
 
@@ -207,6 +205,9 @@ def dynamics_body(res: RunResults) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_dynamics(res.rows, tmp, phase_report=report)[0]
             fig = image_file(png, "learning dynamics: perplexity and accuracy against epoch, per split")
+            if has_signals(res.rows):
+                fig += image_file(plot_signals(res.rows, tmp, phase_report=report)[0],
+                                  "reference tokens: greedy agreement, entropy and rank against epoch, per split")
     except ValueError as err:
         fig = note(f"No figure: {err}")
     if not res.phases:
