@@ -10,10 +10,12 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,19 +23,25 @@ from typing import Any
 from . import __version__
 from .cli_inputs import (
     band,
+    check_adapter_folder,
     check_checkpoint_bases,
     check_merge_groups,
+    check_merge_out,
     check_output_file,
     check_output_folder,
+    check_outputs_spare_inputs,
+    check_report_out,
     check_same_results,
     check_tracked_splits,
     count,
+    data_file,
     quoted,
     stored_result,
 )
 from .config import ConfigError, RunConfig, load_config
 from .distributed import RankFailed, is_main
-from .results import RunDir, find_checkpoints, resolve_checkpoints
+from .results import CHECKPOINTS_DIR, RunDir, find_checkpoints, resolve_checkpoints
+from .runlock import run_lock
 from .sandbox import SandboxUnavailable
 from .train import TrainingDiverged
 from .vllm_backend import VllmError
@@ -60,6 +68,12 @@ def _run_config(run: RunDir, args: argparse.Namespace) -> RunConfig:
     return load_config(run.config if run.config.exists() else None, list(args.overrides))
 
 
+def _writing(args: argparse.Namespace, root: str | Path | None) -> AbstractContextManager:
+    """The lock of run folder `root` while this command writes there (`overmem.runlock`); none
+    without a folder (the command says so itself)."""
+    return run_lock(root, args.command_line) if root else nullcontext()
+
+
 def _dynamics(run: RunDir) -> list[dict[str, Any]]:
     rows = run.read_dynamics(strict=True)  # a torn or foreign row is an error here, not a row less
     if not rows:
@@ -74,7 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_output_folder(cfg.out_dir)
     check_tracked_splits(cfg)
     check_merge_groups(cfg)
-    _print_outcome(run(cfg))
+    with _writing(args, cfg.out_dir):
+        _print_outcome(run(cfg))
     return 0
 
 
@@ -97,7 +112,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     cfg = _scan_config(args)
     check_tracked_splits(cfg)
     check_checkpoint_bases(find_checkpoints(args.folder), cfg.model.name_or_path)
-    _print_outcome(scan(args.folder, cfg))
+    with _writing(args, args.out):
+        _print_outcome(scan(args.folder, cfg))
     return 0
 
 
@@ -109,6 +125,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.overrides.append(f"data.test_size={args.max_examples}")
     cfg = _config(args, args.config)
     check_output_file(args.out, "result.json")
+    check_adapter_folder(args.adapter)
+    check_outputs_spare_inputs(args.out, [("--data", data_file(args.data)), ("--model", args.model),
+                                          ("--adapter", args.adapter), ("--config", args.config)])
     row = evaluate_model(cfg, args.data, args.out, adapter=args.adapter)
     if not is_main():  # several processes: rank 0 speaks for them
         return 0
@@ -126,6 +145,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
 
     cfg = _config(args, args.config)
     check_output_file(args.out, "grades.json")
+    check_outputs_spare_inputs(args.out, [("--generations", args.generations), ("--data", data_file(args.data)),
+                                          ("--config", args.config)])
     result = grade(cfg, args.data, args.generations, args.out, limits=Limits(timeout_s=args.timeout),
                    workers=args.workers)
     acc = f"{result['accuracy']:.4f} [{result['accuracy_ci_low']:.4f}, {result['accuracy_ci_high']:.4f}]"
@@ -155,7 +176,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         print(f"read {run.selection}")
         return 0
     sel = select_run_checkpoint(rows, cfg)
-    write_selection(sel, run.selection)
+    with _writing(args, run.root):
+        write_selection(sel, run.selection)
     print(format_selection(sel))
     print(f"wrote {run.selection}")
     return 0
@@ -170,14 +192,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     cfg = _run_config(run, args)
     rows = _dynamics(run)
     stored = stored_result(run.phases, PhaseReport)
-    if stored is not None and run.up_to_date(run.phases) and phases_are_current(stored, rows, cfg):
-        from .plotting import plot_dynamics
+    with _writing(args, run.root):
+        if stored is not None and run.up_to_date(run.phases) and phases_are_current(stored, rows, cfg):
+            from .plotting import plot_dynamics
 
-        figures = plot_dynamics(rows, run.root, phase_report=PhaseReport.model_validate(stored))
-    else:
-        from .pipeline import finalize
+            figures = plot_dynamics(rows, run.root, phase_report=PhaseReport.model_validate(stored))
+        else:
+            from .pipeline import finalize
 
-        figures = finalize(run, cfg)["figures"]
+            figures = finalize(run, cfg)["figures"]
     for f in figures:
         print(f"wrote {f}")
     return 0
@@ -186,10 +209,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_checkpoints, merge_name
 
-    out = merge_checkpoints(
-        args.base, args.checkpoints, args.weights, out=args.out, exact_adapter=args.exact_adapter,
-        initial_adapter=args.initial_adapter, overwrite=args.overwrite, force=args.force, progress=not args.quiet,
-    )
+    check_merge_out(args.out, [("--base", args.base), *(("--checkpoints", c) for c in args.checkpoints),
+                               ("--initial-adapter", args.initial_adapter)])
+    parent = Path(args.out).parent  # RUN/checkpoints/NAME: a checkpoint of that run
+    in_run = parent.parent if parent.name == CHECKPOINTS_DIR and RunDir(parent.parent).config.is_file() else None
+    with _writing(args, in_run):
+        out = merge_checkpoints(
+            args.base, args.checkpoints, args.weights, out=args.out, exact_adapter=args.exact_adapter,
+            initial_adapter=args.initial_adapter, overwrite=args.overwrite, force=args.force, progress=not args.quiet,
+        )
     print(f"wrote {merge_name(args.checkpoints, args.weights)} to {out}")
     return 0
 
@@ -209,7 +237,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     cfg = _run_config(run, args)
     suite = default_suite() if args.suite is None else [s.strip() for s in args.suite.split(",") if s.strip()]
     check_checkpoint_bases(resolve_checkpoints(run.root, args.checkpoints), cfg.model.name_or_path)
-    docs = analyze(run.root, args.checkpoints, suite, cfg)
+    with _writing(args, run.root):
+        docs = analyze(run.root, args.checkpoints, suite, cfg)
     names = [c.name for c in resolve_checkpoints(run.root, args.checkpoints)]
     for name, doc in docs.items():
         print(format_table(doc, names))
@@ -223,8 +252,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     # A bad --set fails now, not after the pretraining of the base (minutes, the first time).
     check_tracked_splits(demo_config(Path(args.out), args.out, epochs=args.epochs, overrides=list(args.overrides)))
-    run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs, quiet=args.quiet, overrides=args.overrides,
-             pretrain=demo_pretrain(args.pretrain_steps))
+    with _writing(args, args.out):
+        run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs, quiet=args.quiet, overrides=args.overrides,
+                 pretrain=demo_pretrain(args.pretrain_steps))
     return 0
 
 
@@ -233,7 +263,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_output_file(args.out, "report.html")
-    path = write_report(args.runs, args.out, example=args.example, n_examples=args.examples)
+        check_report_out(args.out, args.runs)
+    page = Path(args.out) if args.out is not None else RunDir(args.runs[0]).report
+    in_run = next((r for r in args.runs if Path(r).is_dir() and page.parent.resolve() == Path(r).resolve()), None)
+    with _writing(args, in_run):
+        path = write_report(args.runs, args.out, example=args.example, n_examples=args.examples)
     print(f"wrote {path}")
     return 0
 
@@ -462,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if hasattr(args, "overrides"):  # commands append to it: not to argparse's default list, shared by every call
         args.overrides = list(args.overrides)
+    args.command_line = shlex.join(["overmem", *map(str, sys.argv[1:] if argv is None else argv)])  # in locks
     if not args.sharded and not is_main():
         return 0  # launched on several processes: rank 0 alone runs a command that is not shared
     previous = _catch_sigterm()

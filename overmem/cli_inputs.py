@@ -1,6 +1,7 @@
 """What the command line checks before any work: numbers and paths on the command line, run
 settings that would otherwise fail (or silently do nothing) only after training, result files read
-back, and whether a folder's earlier results were made with the same data and model.
+back, whether a folder's earlier results were made with the same data and model, and that no
+output overwrites one of the command's own inputs.
 
 Each check raises `ConfigError` (exit 2) or argparse's own error, with one line naming the option,
 field or file and what to do.
@@ -11,15 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from .config import ConfigError, ModelConfig, RunConfig, load_config
-from .results import epoch_name, read_json, step_name
+from .results import ADAPTER_CONFIG, SAMPLES_DIR, RunDir, epoch_name, read_json, step_name
 
 
 def count(least: int) -> Callable[[str], int]:
@@ -133,3 +135,73 @@ def check_checkpoint_bases(checkpoints: list, base: str) -> None:
         if ckpt.path is not None and is_adapter(ckpt.path):
             check_adapter_base(ckpt.path, base, uncomparable_ok=True,
                                fix="set model.name_or_path to the base the checkpoints were trained on")
+
+
+# ---- inputs never overwritten by outputs -------------------------------------------------------
+
+
+def data_file(spec: str) -> Path | None:
+    """The local file a data spec reads (`d.jsonl[:50]` -> d.jsonl), None for a dataset name or a
+    spec that does not parse (loading it gives that error)."""
+    from .data.specs import parse_spec
+
+    try:
+        parsed = parse_spec(spec)
+    except ValueError:
+        return None
+    return Path(parsed.name_or_path) if parsed.is_file else None
+
+
+def check_outputs_spare_inputs(out: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Neither --out nor the per-example rows written beside it (`<stem>.samples.jsonl`) is one of
+    the command's input files, or an existing file in one of its input folders (a model, an adapter).
+    `inputs` are (option, path) pairs; a path that is None or not on this machine (a hub id) is skipped."""
+    out = Path(out)
+    samples = out.with_name(out.stem + ".samples.jsonl")
+    written = [("", out), (f"its per-example rows would go to {samples}, ", samples)]
+    for option, given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given)
+        for how, target in written:
+            if not target.is_file():
+                continue  # a new file overwrites nothing (an output that is a folder is refused elsewhere)
+            if source.is_dir() and target.resolve().is_relative_to(source.resolve()):
+                raise ConfigError(f"--out {out}: {how}{'a' if how else 'is a'} file of {option} {given}; "
+                                  "give another path")
+            if source.is_file() and os.path.samefile(target, source):
+                raise ConfigError(f"--out {out}: {how or 'is '}the {option} file; give another path")
+
+
+def check_adapter_folder(adapter: str | Path | None) -> None:
+    """`--adapter` is a PEFT adapter folder: a full model there would be evaluated instead of --model."""
+    from .models import is_adapter
+
+    if adapter is not None and Path(adapter).exists() and not is_adapter(adapter):
+        raise ConfigError(f"--adapter {adapter}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); a full model is "
+                          "evaluated as --model")
+
+
+def check_merge_out(out: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """`merge --out` (a folder replaced whole with --overwrite) neither is nor holds one of its inputs."""
+    target = Path(out).resolve()
+    for option, given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if source == target or source.is_relative_to(target):
+            raise ConfigError(f"--out {out}: {'is' if source == target else 'holds'} {option} {given}; "
+                              "write the merge elsewhere")
+
+
+def check_report_out(out: str | Path, runs: Iterable[str | Path]) -> None:
+    """`report --out` is none of the files of a run that the report reads (a new HTML page beside them is)."""
+    target = Path(out).resolve()
+    for root in runs:
+        run = RunDir(root)
+        files = [run.config, run.dynamics, run.phases, run.selection, run.keep, run.timings, run.environment,
+                 run.figure.with_suffix(".png"), run.figure.with_suffix(".svg")]
+        folders = [run.checkpoints, run.trainer_state, run.root / SAMPLES_DIR, run.analysis_dir]
+        if any(target == f.resolve() for f in files) or any(target.is_relative_to(f.resolve()) for f in folders):
+            raise ConfigError(f"--out {out}: is a result file of the run {root} that the report reads; give another "
+                              f"path, e.g. {run.report}")

@@ -13,6 +13,7 @@ RUN/
   timings.json                wall time of each stage (train, merge, ...); evaluations: `seconds` in dynamics
   environment.json            versions and hardware of the machine that ran it
   report.html                 everything above in one self-contained page (`overmem report`)
+  .overmem.lock               while a command writes the run: who it is (`runlock.py`)
 ```
 Every name above is a constant of this module; other modules reach the files through `RunDir`.
 Writes are atomic (temp file + rename) and `dynamics.jsonl` is append-only with one complete
@@ -49,6 +50,7 @@ ANALYSIS_DIR = "analysis"
 TIMINGS = "timings.json"
 ENVIRONMENT = "environment.json"
 REPORT = "report.html"
+LOCK = ".overmem.lock"  # one writer per run folder (runlock.py)
 
 # Files inside one checkpoint folder.
 CHECKPOINT_META = "overmem.json"  # {"epoch", "step"} written beside each saved checkpoint

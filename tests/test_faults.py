@@ -1004,3 +1004,199 @@ def test_code_without_a_working_sandbox_fails_before_any_work(world, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["overmem evaluate: error: no sandbox could run a program here: bwrap: not installed"]
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- one writer per run folder; inputs never overwritten -------------------------------------
+# A command that writes into a run folder holds RUN/.overmem.lock while it runs: a second one is
+# refused before any work, naming the holder; a lock left by a killed command is taken over. An
+# output path that would overwrite one of the command's own inputs is refused before any work.
+
+_PAUSED = """
+import os, sys, time
+from pathlib import Path
+import overmem.results as results
+
+marks = Path(sys.argv[1])
+real_append = results.append_jsonl
+
+def append_jsonl(path, row):
+    if path.name == "dynamics.jsonl" and not (marks / "paused").exists():
+        (marks / "paused").touch()
+        while not (marks / "go").exists():
+            time.sleep(0.01)
+    real_append(path, row)
+
+results.append_jsonl = append_jsonl
+from overmem.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _paused_scan(w, out):
+    """`overmem scan` in a subprocess that stops at its first dynamics row until `go` exists."""
+    marks = w.tmp / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(marks), *map(str, _scan_argv(w, out))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (marks / "paused").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"the scan ended early: {proc.stderr.read()}"
+        time.sleep(0.01)
+    return proc, marks
+
+
+def _one_row_each(out):
+    pairs = [(r["checkpoint"], r["split"]) for r in read_jsonl(out / "dynamics.jsonl")]
+    assert sorted(pairs) == sorted({(c, s) for c in ("epoch-0", "checkpoint-5", "checkpoint-10")
+                                    for s in ("train", "validation", "test")})
+
+
+@pytest.mark.slow
+def test_lock_a_second_scan_of_a_folder_is_refused_naming_the_first(world, tmp_path):
+    """Two `overmem scan`s into one folder: both exited 0 and left two rows per (checkpoint, split).
+    Now the second is refused (exit 2) while the first runs, naming its pid, and writes nothing."""
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    out = tmp_path / "out"
+    first, marks = _paused_scan(w, out)
+    before = _tree(out)
+    second = subprocess.run([sys.executable, "-m", "overmem.cli", *map(str, _scan_argv(w, out))],
+                            capture_output=True, text=True, timeout=600)
+    (marks / "go").touch()
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    err = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(err) == 1, second.stderr
+    assert err[0].startswith(f"overmem scan: error: {out}: in use by pid {first.pid} ") and "overmem scan" in err[0][30:]
+    assert _tree(out) != before and not (out / ".overmem.lock").exists()
+    _one_row_each(out)
+
+
+@pytest.mark.slow
+def test_lock_left_by_a_killed_scan_is_taken_over(world, tmp_path, capsys):
+    """A scan SIGKILLed while it holds the folder leaves its lock; the next command takes it over
+    with a note naming the dead holder, and finishes the results."""
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    out = tmp_path / "out"
+    first, _ = _paused_scan(w, out)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert main([str(a) for a in _scan_argv(w, out)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {out}/.overmem.lock: taking over the lock of pid {first.pid} (overmem scan " in err, err
+    assert not (out / ".overmem.lock").exists()
+    _one_row_each(out)
+
+
+def _merged(w, name, *weights):
+    """An earlier merge of the two adapters at `name` (a folder with merge.json)."""
+    argv = _merge(w, *(("--weights", *weights) if weights else ()))
+    argv[argv.index("--out") + 1] = w.tmp / name
+    assert _cli(argv) == 0
+
+
+def _merge_into_own_input(w):
+    _merged(w, "m1")
+    _merged(w, "m2", "0.25", "0.75")
+    return _merge(w, "--overwrite", base=w.model, checkpoints=[w.tmp / "m1", w.tmp / "m2"])
+
+
+def _merged_around_inputs(w):
+    """An earlier merge folder that holds the checkpoints merged now."""
+    _merged(w, "p")
+    for i, adapter in enumerate(w.adapters):
+        _copy(adapter, w.tmp / "p" / f"epoch-{i + 1}")
+
+
+def _out(argv, path):
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = path
+    return argv
+
+
+def _grade(w, generations, out):
+    return ["grade", "--data", w.files["test"], "--generations", generations, "--out", out]
+
+
+def _generations(path):
+    write_jsonl(path, [{"generation": "The answer is 1. #### 1"}] * 8)
+
+
+KEPT_INPUTS = [
+    pytest.param(lambda w: _generations(w.tmp / "g.jsonl"), lambda w: _grade(w, w.tmp / "g.jsonl", w.tmp / "g.jsonl"),
+                 "--out {tmp}/g.jsonl: is the --generations file; give another path", id="grade: --out is the generations"),
+    pytest.param(lambda w: _generations(w.tmp / "my.samples.jsonl"),
+                 lambda w: _grade(w, w.tmp / "my.samples.jsonl", w.tmp / "my.json"),
+                 "--out {tmp}/my.json: its per-example rows would go to {tmp}/my.samples.jsonl, the --generations file",
+                 id="grade: the rows beside --out are the generations"),
+    pytest.param(lambda w: (_generations(w.tmp / "g.jsonl"), _copy(w.files["test"], w.tmp / "d.jsonl")),
+                 lambda w: ["grade", "--data", w.tmp / "d.jsonl", "--generations", w.tmp / "g.jsonl",
+                            "--out", w.tmp / "d.jsonl"],
+                 "--out {tmp}/d.jsonl: is the --data file", id="grade: --out is the data"),
+    pytest.param(lambda w: _copy(w.files["test"], w.tmp / "d.jsonl"),
+                 lambda w: _evaluate(w, data=w.tmp / "d.jsonl", out=w.tmp / "d.jsonl"),
+                 "--out {tmp}/d.jsonl: is the --data file", id="evaluate: --out is the data"),
+    pytest.param(lambda w: _model(w, "config.json", lambda p: None),
+                 lambda w: _evaluate(w, model=w.tmp / "model", out=w.tmp / "model" / "config.json"),
+                 "--out {tmp}/model/config.json: is a file of --model {tmp}/model", id="evaluate: --out in the model"),
+    pytest.param(lambda w: _adapter(w, "adapter_config.json", lambda p: None),
+                 lambda w: _evaluate(w, "--adapter", w.tmp / "epoch-1", out=w.tmp / "epoch-1" / "adapter_config.json"),
+                 "--out {tmp}/epoch-1/adapter_config.json: is a file of --adapter {tmp}/epoch-1",
+                 id="evaluate: --out in the adapter"),
+    pytest.param(lambda w: _copy(w.run / "config.yaml", w.tmp / "c.yaml"),
+                 lambda w: _evaluate(w, "--config", w.tmp / "c.yaml", out=w.tmp / "c.yaml"),
+                 "--out {tmp}/c.yaml: is the --config file", id="evaluate: --out is the config"),
+    pytest.param(lambda w: _model(w, "config.json", lambda p: None),
+                 lambda w: _evaluate(w, "--adapter", w.tmp / "model"),
+                 "--adapter {tmp}/model: not a PEFT adapter folder (no adapter_config.json); a full model is "
+                 "evaluated as --model", id="evaluate: --adapter is a full checkpoint"),
+    pytest.param(_merge_into_own_input, lambda w: _out(_merge(w, "--overwrite", checkpoints=[w.tmp / "m1", w.tmp / "m2"]),
+                                                       w.tmp / "m1"),
+                 "--out {tmp}/m1: is --checkpoints {tmp}/m1; write the merge elsewhere", id="merge: --out is an input"),
+    pytest.param(_merged_around_inputs,
+                 lambda w: _out(_merge(w, "--overwrite", checkpoints=[w.tmp / "p" / "epoch-1", w.tmp / "p" / "epoch-2"]),
+                                w.tmp / "p"),
+                 "--out {tmp}/p: holds --checkpoints {tmp}/p/epoch-1; write the merge elsewhere",
+                 id="merge: --out holds the inputs"),
+    pytest.param(lambda w: (_merge_into_own_input(w), _merged(w, "m3", "0.75", "0.25")),
+                 lambda w: _out(_merge(w, "--overwrite", base=w.tmp / "m1", checkpoints=[w.tmp / "m2", w.tmp / "m3"]),
+                                w.tmp / "m1"),
+                 "--out {tmp}/m1: is --base {tmp}/m1; write the merge elsewhere", id="merge: --out is the base"),
+    pytest.param(_run, lambda w: ["report", w.tmp / "run", "--out", w.tmp / "run" / "dynamics.jsonl"],
+                 "--out {tmp}/run/dynamics.jsonl: is a result file of the run {tmp}/run that the report reads",
+                 id="report: --out is a result file"),
+    pytest.param(_run, lambda w: ["report", w.run, w.tmp / "run", "--out", w.tmp / "run" / "selection.json"],
+                 "--out {tmp}/run/selection.json: is a result file of the run {tmp}/run that the report reads",
+                 id="report: --out in the second run"),
+]
+
+
+@pytest.mark.parametrize("setup, argv, fragment", KEPT_INPUTS)
+def test_inputs_are_never_overwritten_by_outputs(world, tmp_path, capsys, setup, argv, fragment):
+    """Each was written over (or, for --adapter, the wrong model evaluated) with exit 0; now exit 2
+    with one line naming the option and the input, and nothing written."""
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    setup(w)
+    capsys.readouterr()
+    before = _tree(tmp_path, world.root)
+    assert _cli(argv(w)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment.replace("{tmp}", str(tmp_path)) in err[0], err
+    assert _tree(tmp_path, world.root) == before
+
+
+@pytest.mark.slow
+def test_lock_under_torchrun_rank_0_is_refused_and_no_rank_waits(world, tmp_path):
+    """Under torchrun rank 0 alone takes the lock; refused, it says so and the other rank stops too
+    (instead of waiting for rank 0 at the next collective)."""
+    from overmem.runlock import RunLock
+    from tests.test_distributed import _torchrun
+
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    out = tmp_path / "out"
+    lock = RunLock.acquire(out, "overmem scan (the test)")
+    try:
+        proc = _torchrun("-m", "overmem", *map(str, _scan_argv(w, out)))
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    assert f"overmem scan: error: {out}: in use by pid {os.getpid()} (overmem scan (the test))" in proc.stderr
+    assert not out.exists()
