@@ -1,7 +1,8 @@
 """`overmem demo`: over-memorization reproduced on a laptop CPU, offline, in minutes.
 
-A tiny Llama is pretrained (once; cached) on a stream of synthetic word problems written in a
-plain format, then finetuned with the paper's instruction template on a small fixed set of
+A tiny Llama pretrained on a stream of synthetic word problems written in a plain format (shipped
+in the package, `overmem/assets/demo_base/`; other pretraining settings are trained once and
+cached; `python -m overmem.demo --rebuild-base` rebuilds the shipped one) is finetuned with the paper's instruction template on a small fixed set of
 problems for many epochs at a constant learning rate, while every epoch is tracked on a
 training subset, a validation set and a test set. Because every synthetic problem has many
 valid solution paths and its reference shows one at random, the finetuned model grows
@@ -11,6 +12,9 @@ perplexity of the test references climbs.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,13 +23,14 @@ from typing import Any
 from .config import RunConfig, apply_overrides, config_from_dict
 from .phases import THRESHOLD_TOL
 from .results import RunDir
-from .tiny import PretrainConfig, TinyModelConfig, get_tiny_base
+from .tiny import SHIPPED_BASE, PretrainConfig, TinyModelConfig, build_base, get_tiny_base, shipped_base
 
 # Finetuning epochs: enough for the test perplexity to climb past twice its minimum while test
 # accuracy holds within 5 points of its best (measured per seed: README, docs/commands/demo.md).
 DEMO_EPOCHS = 50
 
-# The pretraining stage: its wall time is printed on the first run (cached afterwards).
+# The pretraining stage. Its base ships in the package (`rebuild_base` makes it); other settings
+# (`--pretrain-steps`) are trained on first use and cached.
 DEMO_PRETRAIN = PretrainConfig(
     steps=1500, batch_size=32, lr=3e-3, warmup_steps=50, cooldown_steps=200, drill_frac=0.4, drill_lines=5,
     model=TinyModelConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
@@ -125,6 +130,7 @@ def run_demo(
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
+    shipped = shipped_base(pretrain) is not None
     base = get_tiny_base(pretrain, progress=not quiet)
     t_base = time.perf_counter() - t0
     cfg = demo_config(base, out_dir, seed=seed, epochs=epochs, quiet=quiet, overrides=overrides)
@@ -132,7 +138,8 @@ def run_demo(
     check = check_demo(run_dir.root)
     wall = time.perf_counter() - t0
     print()
-    print(f"overmem demo finished in {wall:.0f} s (base model: {t_base:.0f} s, cached in {base})")
+    where = "shipped with overmem" if shipped else f"{t_base:.0f} s, cached"
+    print(f"overmem demo finished in {wall:.0f} s (base model: {where}, in {base})")
     print(f"test accuracy: best {check.best_accuracy:.3f}, last {check.last_accuracy:.3f}; "
           f"test perplexity: min {check.min_ppl:.3f}, last {check.last_ppl:.3f} ({check.ppl_ratio:.2f}x)")
     for what, ok in check.passed.items():
@@ -142,3 +149,49 @@ def run_demo(
         print(f"report: {run_dir.report}  (open it in a browser)")
     print(f"results: {run_dir.dynamics}, {run_dir.selection}, {run_dir.phases}")
     return {"run_dir": run_dir.root, "check": check, "seconds": wall}
+
+
+REBUILD_COMMAND = "python -m overmem.demo --rebuild-base"
+
+
+def rebuild_base(out_dir: str | Path = SHIPPED_BASE, pretrain: PretrainConfig = DEMO_PRETRAIN,
+                 progress: bool = True) -> Path:
+    """Pretrain the demo's base with `pretrain` into `out_dir` (default: the shipped base's folder,
+    replaced) and write its build.json, recording the command that makes it again."""
+    command = REBUILD_COMMAND
+    if Path(out_dir).resolve() != SHIPPED_BASE:
+        command += f" --out {out_dir}"
+    if pretrain.steps != DEMO_PRETRAIN.steps:
+        command += f" --pretrain-steps {pretrain.steps}"
+    return build_base(Path(out_dir), pretrain, command, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m overmem.demo --rebuild-base [--out DIR] [--pretrain-steps N]`."""
+    ap = argparse.ArgumentParser(prog="python -m overmem.demo", description="Rebuild the demo's shipped tiny base.")
+    ap.add_argument("--rebuild-base", action="store_true", required=True,
+                    help="pretrain the demo's base again (about 8 min on 2 cores) into --out")
+    ap.add_argument("--out", default=str(SHIPPED_BASE), help="folder to write (default: the shipped base's, replaced)")
+    ap.add_argument("--pretrain-steps", type=int, default=DEMO_PRETRAIN.steps, metavar="N",
+                    help=f"optimizer steps (default {DEMO_PRETRAIN.steps}: the shipped base's)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        pretrain = demo_pretrain(args.pretrain_steps)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out}: not a folder", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    folder = rebuild_base(out, pretrain, progress=not args.quiet)
+    record = json.loads((folder / "build.json").read_text())
+    print(f"wrote {folder} in {time.perf_counter() - t0:.0f} s: {record['parameters']} parameters, "
+          f"model.safetensors sha256 {record['sha256']['model.safetensors'][:16]}...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,9 @@ Base model: pretraining on an endless stream of generated problems (`synthetic.p
 disjoint from every split), each with a fresh random solution path. It learns the arithmetic and
 spreads its probability over all valid phrasings and orders, the state a real pretrained LLM is in
 before finetuning. Cached under `$OVERMEM_CACHE` (default `~/.cache/overmem`) in
-`tiny-base-<hash of the settings>/`.
+`tiny-base-<hash of the settings>/`, except the demo's own base: it ships inside the package
+(`overmem/assets/demo_base/`, with `build.json` recording the settings, seed, versions, machine,
+file hashes and the command that rebuilds it), so the demo starts without pretraining.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import random
 import re
 import shutil
@@ -264,8 +267,152 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OVERMEM_CACHE", Path.home() / ".cache" / "overmem"))
 
 
+# The demo's base, pretrained once and shipped in the package: the one model-weights file in the
+# repository, made by this code (its build.json says how; `python -m overmem.demo --rebuild-base`).
+SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "demo_base"
+BUILD_RECORD = "build.json"
+# The files whose sha256 build.json records (pretrain_info.json holds the build's wall time).
+HASHED_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json")
+# Versions that decide the weights, recorded with a build (overmem doctor compares them with the installed ones).
+BUILD_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_build_record(folder: Path) -> dict:
+    """`folder/build.json`; a ValueError naming the file when it is not a JSON object."""
+    path = Path(folder) / BUILD_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); rebuild it with `python -m overmem.demo --rebuild-base`")
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a JSON object; rebuild it with `python -m overmem.demo --rebuild-base`")
+    return record
+
+
+def shipped_base(cfg: PretrainConfig) -> Path | None:
+    """The base shipped in the package if it was built with the settings `cfg`, else None."""
+    if not (SHIPPED_BASE / BUILD_RECORD).is_file():
+        return None
+    if read_build_record(SHIPPED_BASE).get("digest") != cfg.digest():
+        return None
+    return SHIPPED_BASE
+
+
+def record_build(folder: Path, cfg: PretrainConfig, command: str) -> dict:
+    """Write `folder/build.json`: how the base in `folder` was made (settings, seed, versions,
+    machine, the command that rebuilds it) and what it is (parameter shapes, file hashes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        shapes = {name: list(f.get_slice(name).get_shape()) for name in sorted(f.keys())}
+    n_params = 0
+    for shape in shapes.values():
+        size = 1
+        for dim in shape:
+            size *= dim
+        n_params += size
+    versions = {"python": platform.python_version()}
+    for name in BUILD_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    info_path = folder / "pretrain_info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    record = {
+        "what": "the tiny base that `overmem demo` finetunes, pretrained by overmem.tiny.pretrain_base",
+        "command": command,
+        "config": asdict(cfg),
+        "digest": cfg.digest(),
+        "generator_version": _GENERATOR_VERSION,
+        "seed": cfg.seed,
+        "pretrain_seconds": info.get("seconds"),
+        "first_loss": info.get("first_loss"),
+        "last_loss": info.get("last_loss"),
+        "versions": versions,
+        "machine": {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+        "parameters": n_params,
+        "shapes": shapes,
+        "sha256": {name: _sha256(folder / name) for name in HASHED_FILES if (folder / name).is_file()},
+    }
+    (folder / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def verify_base(folder: Path) -> list[str]:
+    """What in `folder` disagrees with its build.json (empty: nothing): a file hash, the model
+    config against the recorded settings, or a parameter's shape."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    record = read_build_record(folder)
+    problems = []
+    for name in HASHED_FILES:
+        if name not in record.get("sha256", {}):
+            problems.append(f"{name}: no sha256 recorded")
+        elif not (folder / name).is_file():
+            problems.append(f"{name}: missing")
+        elif _sha256(folder / name) != record["sha256"][name]:
+            problems.append(f"{name}: sha256 differs from build.json")
+    model = record["config"]["model"]
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in model.items():
+        if config.get(key) != value:
+            problems.append(f"config.json: {key} is {config.get(key)!r}, build.json's settings say {value!r}")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        shapes = {name: list(f.get_slice(name).get_shape()) for name in sorted(f.keys())}
+    if shapes != record["shapes"]:
+        problems.append("model.safetensors: parameter names or shapes differ from build.json")
+    return problems
+
+
+# Threads of a recorded build: the float sums of a CPU kernel can depend on how the work is split
+# between threads, so one thread everywhere takes that out of what differs between machines
+# (docs/commands/demo.md); the tiny model gains little from more.
+BUILD_THREADS = 1
+
+
+def build_base(out_dir: Path, cfg: PretrainConfig, command: str, progress: bool = True,
+               threads: int = BUILD_THREADS) -> Path:
+    """Pretrain the base for `cfg` into `out_dir` (replacing what is there) on `threads` torch
+    threads, and record the build."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pretrain_base(tmp, cfg, progress=progress)
+        record_build(tmp, cfg, command)
+    finally:
+        torch.set_num_threads(before)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
 def get_tiny_base(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> Path:
-    """Folder of the pretrained tiny base for `cfg`, training it first if not cached."""
+    """Folder of the pretrained tiny base for `cfg`: the shipped one when it was built with `cfg`,
+    else the cached one, training it first if not cached."""
+    shipped = shipped_base(cfg)
+    if shipped is not None:
+        return shipped
     folder = cache_dir() / f"tiny-base-{cfg.digest()}"
     if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
         return folder
