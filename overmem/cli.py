@@ -46,6 +46,9 @@ from .sandbox import SandboxUnavailable
 from .train import TrainingDiverged
 from .vllm_backend import VllmError
 
+# `grade --timeout`: an hour a program is already far beyond any test suite; a huge value overflows
+# the sandbox's timers and turns every program into an error.
+MAX_PROGRAM_SECONDS = 3600
 _EPILOG = "Docs and examples: see the README. Configs are YAML; --set a.b=value overrides any field."
 
 
@@ -361,8 +364,8 @@ COMMANDS: tuple[Command, ...] = (
             [_arg("--data", required=True, help="dataset spec, e.g. humaneval or gsm8k:test[:200]"),
              _arg("--generations", required=True, help="JSONL file: one object per example with 'generation'"),
              _arg("--out", required=True, help="result JSON file (per-example rows go beside it)"),
-             _arg("--timeout", type=count(1), default=10, metavar="SECONDS",
-                  help="wall-clock limit of each program (default: 10)"),
+             _arg("--timeout", type=count(1, MAX_PROGRAM_SECONDS), default=10, metavar="SECONDS",
+                  help=f"wall-clock limit of each program, at most {MAX_PROGRAM_SECONDS} (default: 10)"),
              _arg("--workers", type=count(1), help="programs run at a time (default: the CPU count, at most 8)"),
              *_config_args()]),
     Command("select", cmd_select, "which checkpoint to keep, and why",
@@ -454,6 +457,8 @@ def _os_error(err: OSError, args: argparse.Namespace) -> str:
     what = err.strerror or str(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         advice = "free space there (or write elsewhere with --out) and re-run the same command"
+    elif err.errno in (errno.EACCES, errno.EPERM) and _unreadable(path):
+        advice = "it is unreadable: make it readable (chmod +r) or give another path"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = "make it writable or choose another output folder"
     elif err.errno in _USAGE_ERRNOS:
@@ -461,6 +466,12 @@ def _os_error(err: OSError, args: argparse.Namespace) -> str:
     else:
         advice = "re-run the same command; set OVERMEM_DEBUG=1 to see the traceback"
     return f"{path}: {what}; {advice}" if path else f"{what}; {advice}"
+
+
+def _unreadable(path: object) -> bool:
+    """Whether `path` is an existing file or folder that this process may not read (a refused read is
+    not fixed by making anything writable)."""
+    return bool(path) and os.path.exists(str(path)) and not os.access(str(path), os.R_OK)
 
 
 def _one_line(message: object) -> str:

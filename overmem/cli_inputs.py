@@ -24,8 +24,9 @@ from .config import ConfigError, ModelConfig, RunConfig, load_config
 from .results import ADAPTER_CONFIG, SAMPLES_DIR, RunDir, epoch_name, read_json, step_name
 
 
-def count(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `least` (argparse names the flag in its error)."""
+def count(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least` and at most `most` (argparse names the
+    flag in its error)."""
 
     def parse(text: str) -> int:
         try:
@@ -34,6 +35,8 @@ def count(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
         return value
 
     return parse

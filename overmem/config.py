@@ -27,6 +27,12 @@ from pydantic import (
 )
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+# Bounds of counts that size a loop or an allocation: beyond them a setting is a typo, and would run
+# (or allocate) without end before any result is written.
+MAX_SEED = 2**32 - 1  # NumPy and the Trainer take seeds in [0, 2**32 - 1]
+MAX_EPOCHS = 10_000
+MAX_BOOTSTRAP = 100_000
+MAX_TOKENS = 2**20  # a sequence or a generation; a static KV cache is allocated for this many positions
 
 
 class _Strict(BaseModel):
@@ -94,7 +100,7 @@ class TrainConfig(_Strict):
     )
     scheduler: str = "linear"
     warmup_steps: int = Field(100, ge=0)
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
     batch_size: int = Field(128, gt=0, description="effective batch size (per step), over all processes")
     micro_batch_size: int = Field(8, gt=0, description="examples per forward pass on each device (the per-device "
                                   "batch); accumulation = batch_size / (micro_batch_size x world_size)")
@@ -106,8 +112,8 @@ class TrainConfig(_Strict):
     fsdp_config: dict[str, Any] | None = Field(None, description="TrainingArguments.fsdp_config, e.g. "
                                                "{transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}")
     deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config (TrainingArguments.deepspeed)")
-    max_length: int = Field(512, gt=8)
-    seed: int = 42
+    max_length: int = Field(512, gt=8, le=MAX_TOKENS)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     save_every_steps: int | None = Field(None, gt=0, description="extra checkpoints every K steps")
     report_to: list[str] = Field(default_factory=list)
     trainable: list[str] | None = Field(
@@ -169,7 +175,7 @@ class DataConfig(_Strict):
     validation_size: int = Field(1319, gt=0)
     tests: dict[str, str] = Field(default_factory=lambda: {"gsm8k": "gsm8k:test"})
     test_size: int | None = Field(None, gt=0, description="seeded subsample of each test set")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("tests")
     @classmethod
@@ -184,7 +190,7 @@ class GenerationConfig(_Strict):
     """Decoding limits: the one place their defaults live (`overmem.generation.generate` and the
     analyses' `Decoding` take them from here)."""
 
-    max_new_tokens: int = Field(512, gt=0)
+    max_new_tokens: int = Field(512, gt=0, le=MAX_TOKENS)
     batch_size: int = Field(16, gt=0)
     stop_at_answer: bool = True
     cache: Literal["auto", "dynamic", "static"] = Field(
@@ -213,12 +219,14 @@ class VllmSettings(_Strict):
         "place (default: adapter on GPUs, merge on the CPU, where vLLM's LoRA kernels are 2x slower)")
     python: str | None = Field(None, description="interpreter of the engine process, e.g. a virtualenv with "
                                "vLLM (default: $OVERMEM_VLLM_PYTHON, else this one)")
+    start_timeout_s: float = Field(1200.0, gt=0, le=86400, description="seconds the engine may take to start (load "
+                                   "the model, and on GPUs capture CUDA graphs) before it counts as failed")
 
 
 class EvalConfig(_Strict):
     batch_size: int = Field(16, gt=0, description="examples per teacher-forced scoring pass")
     accuracy: bool = Field(True, description="generate and check answers (else perplexity only)")
-    bootstrap: int = Field(1000, ge=100)
+    bootstrap: int = Field(1000, ge=100, le=MAX_BOOTSTRAP)
     confidence: float = Field(0.95, gt=0, lt=1)
     backend: Literal["hf", "vllm", "auto"] = Field(
         "hf", description="checkpoint evaluation (scoring and generation): Hugging Face, vLLM, or vLLM when it is "
@@ -265,7 +273,7 @@ class AnalysisConfig(_Strict):
     """`overmem analyze` settings: `seed` seeds every sample and every sampled generation; then one
     section per registered analysis, typed by its own settings model (`analysis_config_model`)."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 def analysis_config_model() -> type[AnalysisConfig]:
@@ -368,14 +376,40 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw, "config" if path is None else str(path))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently,
+    so `lr: 1e-4` ... `lr: 1e-3` further down would quietly win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: construct_mapping says so
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML config file as a mapping (empty file: {}); a missing or unreadable one is a one-line error."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    """A YAML config file as a mapping (empty file: {}); a missing or unreadable one, or one with a
+    key given twice, is a one-line error."""
+    from .files import read_text
+
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = read_text(path, "config file")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except ValueError as err:  # a folder or FIFO, unreadable, not UTF-8
+        raise ConfigError(str(err)) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(err)}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw

@@ -29,25 +29,25 @@ from .sandbox import Limits
 def read_generations(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of each non-blank line; each has a string `generation` and, if any
     line has an `id`, every line has one."""
+    from .files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"generations file {path} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("generation"), str):
-                found = "missing" if "generation" not in row else f"a {type(row['generation']).__name__}"
-                raise ValueError(f"{path} line {lineno}: field 'generation' is {found}; each line needs the "
-                                 'generated text as a string: {"id": ..., "generation": "..."}')
-            rows.append((lineno, row))
+    # The lines of a UTF-8 file (a BOM dropped), or an error naming it (missing, a folder or FIFO, not UTF-8).
+    for lineno, line in enumerate(read_text(path, "generations file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+        if not isinstance(row.get("generation"), str):
+            found = "missing" if "generation" not in row else f"a {type(row['generation']).__name__}"
+            raise ValueError(f"{path} line {lineno}: field 'generation' is {found}; each line needs the "
+                             'generated text as a string: {"id": ..., "generation": "..."}')
+        rows.append((lineno, row))
     if not rows:
         raise ValueError(f"{path}: no generations")
     with_id = [lineno for lineno, row in rows if "id" in row]

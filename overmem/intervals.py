@@ -16,6 +16,10 @@ def bootstrap_ci(
     if x.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    # Resamples drawn in blocks of about 16 MiB of indices (the same draws as one block would be):
+    # memory stays bounded whatever n_boot and the number of values.
+    block = max(1, 2**21 // x.size)
+    means = np.concatenate([x[rng.integers(0, x.size, size=(min(block, n_boot - i), x.size))].mean(axis=1)
+                            for i in range(0, n_boot, block)])
     alpha = (1 - confidence) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

@@ -31,8 +31,8 @@ import errno
 import hashlib
 import json
 import math
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .merge_inputs import SafetensorsFolder, model_folder, open_input
@@ -43,6 +43,9 @@ from .results import MODEL_CONFIG, read_json
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ADAPTER_SUBDIR = "adapter"  # where the exact merged adapter goes inside the output folder
 MERGE_INFO = "merge.json"
+# Largest |weight|: merges interpolate or extrapolate a little (weights near 0..1); a larger one is a
+# typo, and past float32's range (3.4e38) the sum no longer fits the tensors at all.
+MAX_WEIGHT = 100.0
 
 # config.json fields that must agree between checkpoints of one base model.
 _ARCH_KEYS = (
@@ -103,7 +106,7 @@ def merge_checkpoints(
                                        "are the same model")
         if exact_adapter:
             _check_exact(inputs)
-        with atomic_folder(out, overwrite) as tmp:
+        with _naming_out(out), atomic_folder(out, overwrite) as tmp:
             write_dense(tmp, base_w, inputs, weights, max_shard_bytes, progress)
             copy_model_files(tmp, base_dir, [Path(c) for c in checkpoints])
             if exact_adapter:
@@ -118,6 +121,17 @@ def merge_checkpoints(
 
 
 # ---------------------------------------------------------------- checks
+
+
+@contextmanager
+def _naming_out(out: Path) -> Iterator[None]:
+    """A failed write in the temporary folder (a full disk) reported as a failure to write `out`."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise type(err)(err.errno, err.strerror, str(out)) from None
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -141,8 +155,9 @@ def _check_weights(checkpoints: Sequence[str | Path], weights: Sequence[float] |
         return [1.0 / len(checkpoints)] * len(checkpoints)
     if len(weights) != len(checkpoints):
         raise ValueError(f"{len(weights)} weights for {len(checkpoints)} checkpoints; give one weight per checkpoint")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {list(weights)}")
+    if not all(math.isfinite(w) and abs(w) <= MAX_WEIGHT for w in weights):
+        raise ValueError(f"weights must be finite numbers between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g} (e.g. 0.5 0.5), "
+                         f"got {' '.join(f'{w:g}' for w in weights)}")
     return [float(w) for w in weights]
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -84,6 +85,18 @@ def _running(pid: int) -> bool:
     return True
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """`save_file`, its failures to write (a full disk, an I/O error) raised as the `OSError` they are,
+    which the command line reports in one line (safetensors wraps them in its own error type)."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 class _ShardWriter:
     """Collects output tensors and saves a shard whenever the next one would pass `max_bytes`;
     `finish` names them like save_pretrained (model.safetensors, or shards + index)."""
@@ -104,7 +117,7 @@ class _ShardWriter:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        save_file(self.pending, self.folder / f".shard-{len(self.shards)}.safetensors", metadata={"format": "pt"})
+        save_tensors(self.pending, self.folder / f".shard-{len(self.shards)}.safetensors")
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -171,7 +184,7 @@ def write_exact_adapter(folder: Path, adapters: list[AdapterInput], weights: lis
         first = terms[0][0]
         tensors[first.a_key], tensors[first.b_key] = a_cat.to(a_list[0].dtype), b_cat.to(a_list[0].dtype)
         ranks[module] = a_cat.shape[0]
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_tensors(tensors, folder / "adapter_model.safetensors")
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: rm for m, rm in ranks.items() if rm != r}
     cfg = dict(adapters[0].config)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import tempfile
@@ -61,6 +62,20 @@ INIT_ADAPTER = "adapter-init"  # checkpoints/adapter-init: the initial PiSSA/MiL
 
 # The fields of a dynamics row that every reader of `dynamics.jsonl` uses.
 DYNAMICS_FIELDS = ("checkpoint", "epoch", "split", "ppl")
+
+# The numbers of a dynamics row: each a finite number >= 0 (accuracies also <= 1) or null. A NaN or a
+# negative value is an edit or a corruption, and would be plotted or compared as if measured.
+_DYNAMICS_NUMBERS = ("epoch", "step", "n", "ppl", "ppl_token", "nll_token", "n_tokens", "accuracy",
+                     "accuracy_ci_low", "accuracy_ci_high", "seconds")
+
+
+def _plausible(field: str, value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return False
+    return value <= 1 or not field.startswith("accuracy")
+
 
 BASE = "epoch-0"  # the base model, evaluated as epoch 0
 _CHECKPOINT_NAME = re.compile(r"(epoch|step|checkpoint)-\d+|merge\(.*\)")
@@ -134,10 +149,17 @@ def read_jsonl(path: Path, *, torn_ok: bool = False) -> list[dict[str, Any]]:
     """Read a JSONL file written by overmem. A torn last line (a killed appender) is an error, so
     that a reader does not silently lose the row; it is dropped when `torn_ok` (what a resuming
     writer wants: it rewrites that row)."""
+    return [row for _, row in _numbered_rows(path, torn_ok=torn_ok)]
+
+
+def _numbered_rows(path: Path, *, torn_ok: bool) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of each non-blank line of a JSONL file (`read_jsonl`)."""
+    from .files import read_text
+
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text().splitlines(keepends=True)
+    lines = read_text(path).splitlines(keepends=True)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -153,7 +175,7 @@ def read_jsonl(path: Path, *, torn_ok: bool = False) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise ValueError(f"{path} line {i + 1}: expected a JSON object, got {type(row).__name__}; "
                              "delete the line to continue")
-        rows.append(row)
+        rows.append((i + 1, row))
     return rows
 
 
@@ -177,9 +199,11 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
 
 def read_json(path: Path) -> Any:
     """A JSON file's content; a file that is not valid JSON (truncated, edited) is an error naming it."""
+    from .files import read_text
+
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
         where = f" line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
         raise ValueError(f"{path}{where}: not valid JSON (truncated or edited?); restore it, or delete it "
                          "if overmem made it") from None
@@ -225,13 +249,17 @@ class RunDir:
     def read_dynamics(self, *, strict: bool = False) -> list[dict[str, Any]]:
         """The rows of `dynamics.jsonl`. `strict` (a command reading a run it does not write): a
         torn last line or a row without the fields every reader uses is an error naming the line."""
-        rows = read_jsonl(self.dynamics, torn_ok=not strict)
-        for i, row in enumerate(rows if strict else []):
+        numbered = _numbered_rows(self.dynamics, torn_ok=not strict)
+        for i, (line, row) in enumerate(numbered if strict else []):
             missing = [k for k in DYNAMICS_FIELDS if k not in row]
             if missing:
                 raise ValueError(f"{self.dynamics}: row {i + 1} has no {', '.join(missing)}; "
                                  "not a dynamics row written by overmem: delete it")
-        return rows
+            bad = next(((k, row[k]) for k in _DYNAMICS_NUMBERS if not _plausible(k, row.get(k))), None)
+            if bad is not None:
+                raise ValueError(f"{self.dynamics} line {line}: {bad[0]} is {bad[1]!r}; overmem writes a finite "
+                                 "number >= 0 there (or null): restore the file, or delete the line")
+        return [row for _, row in numbered]
 
     @property
     def phases(self) -> Path:
@@ -351,8 +379,11 @@ def find_checkpoints(folder: str | Path) -> list[Checkpoint]:
         raise FileNotFoundError(f"{folder}: folder not found")
     found = []
     for p in root.iterdir():
-        if not p.is_dir() or not _CHECKPOINT_NAME.fullmatch(p.name) or not is_model_folder(p):
+        if not p.is_dir() or not _CHECKPOINT_NAME.fullmatch(p.name):
             continue
+        if not is_model_folder(p):  # emptied, or a copy cut short: left out, its results would go missing unsaid
+            raise ValueError(f"{p}: a checkpoint folder without a model ({MODEL_CONFIG} or {ADAPTER_CONFIG}); "
+                             "restore its files, or delete the folder")
         epoch, step = _checkpoint_meta(p)
         if epoch is None and p.name.startswith("epoch-"):
             epoch = float(p.name.split("-")[1])

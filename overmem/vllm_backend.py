@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import RunConfig, VllmSettings
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates adapters for
@@ -52,7 +53,7 @@ class VllmError(RuntimeError):
 class VllmEngine:
     """One vLLM engine in a worker process; `request` sends one JSON request and returns the reply."""
 
-    def __init__(self, settings: dict[str, Any], python: str | None = None):
+    def __init__(self, settings: dict[str, Any], python: str | None = None, start_timeout_s: float | None = None):
         self.settings = settings
         self.python = python or sys.executable
         self._lock = threading.Lock()
@@ -73,10 +74,39 @@ class VllmEngine:
             raise VllmError(f"eval.vllm.python: cannot run {self.python!r} ({err})") from None
         self.weights: str | None = None
         try:
-            self.pid = self.request("start", **settings)["pid"]
+            self.pid = self._start(settings, start_timeout_s or VllmSettings().start_timeout_s)["pid"]
         except BaseException:
             self.close()
             raise
+
+    def _start(self, settings: dict[str, Any], timeout_s: float) -> Any:
+        """The `start` request, answered within `timeout_s` (an interpreter that never answers is killed
+        instead of waited on forever); a missing vLLM is told with how to install it."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps({"op": "start", **settings}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the worker is gone: the request below says how it ended
+        else:
+            if not select.select([self.proc.stdout], [], [], timeout_s)[0]:
+                self.proc.kill()
+                self.proc.wait()
+                raise VllmError(f"the vLLM engine ({self.python}) did not start within {timeout_s:g} s; check that "
+                                "the interpreter runs overmem's vLLM worker (eval.vllm.python, $OVERMEM_VLLM_PYTHON), "
+                                "or raise eval.vllm.start_timeout_s for a model that loads slowly")
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=STOP_SECONDS)
+            raise VllmError(f"the vLLM engine process died during 'start' (exit {self.proc.returncode}; {self._tail()})")
+        reply = json.loads(line)
+        if "No module named 'vllm'" in reply.get("error", ""):
+            raise VllmError(f"vLLM is not installed for {self.python}: install it with `EXTRAS=vllm bash "
+                            "scripts/setup.sh` (a virtualenv of its own; then set OVERMEM_VLLM_PYTHON as it says), "
+                            "or set eval.vllm.python to an interpreter that has vLLM")
+        if "error" in reply:
+            raise VllmError(f"vLLM start: {reply['error']}")
+        return reply["ok"]
 
     def request(self, op: str, **args: Any) -> Any:
         with self._lock:
@@ -235,7 +265,7 @@ def engine_for(cfg: RunConfig) -> VllmEngine:
     if _engine is not None and (_key != key or not _engine.alive):
         close_engine()
     if _engine is None:
-        _engine, _key = VllmEngine(settings, engine_python(cfg)), key
+        _engine, _key = VllmEngine(settings, engine_python(cfg), cfg.eval.vllm.start_timeout_s), key
     return _engine
 
 
@@ -276,7 +306,7 @@ def choose_backend(cfg: RunConfig) -> str:
     if key not in _choice:
         why = ""
         if not vllm_importable(engine_python(cfg)):
-            why = "vllm is not installed (pip install 'overmem[vllm]')"
+            why = "vllm is not installed (EXTRAS=vllm bash scripts/setup.sh installs it)"
         else:
             try:
                 engine_for(cfg)

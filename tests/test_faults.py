@@ -456,6 +456,32 @@ def _scan_trainer_folder(w, how):
     how(ckpt)
 
 
+def _grade_cmd(w, *extra):
+    return ["grade", "--data", w.files["test"], "--generations", w.tmp / "g.jsonl", "--out", w.tmp / "g.json", *extra]
+
+
+def _row_value(index, field, value):
+    """Set `field` of dynamics row `index` (0-based) to `value` (NaN and infinity written as Python's json does)."""
+    def edit(lines):
+        row = json.loads(lines[index])
+        row[field] = value
+        return [*lines[:index], json.dumps(row) + "\n", *lines[index + 1:]]
+    return _lines(edit)
+
+
+def _run_config_edit(w, old, new):
+    cfg = w.tmp / "run" / "config.yaml"
+    assert old in cfg.read_text()
+    cfg.write_text(cfg.read_text().replace(old, new))
+
+
+def _sleeping_interpreter(w):
+    """An engine interpreter that never answers (it waits without reading its requests)."""
+    script = w.tmp / "python"
+    script.write_text("#!/bin/sh\nexec sleep 300\n")
+    script.chmod(0o755)
+
+
 def _bad_override(override, fragment, id):
     """A BAD_INPUT row: `overmem evaluate --set OVERRIDE` on the shared world, refused with exit 2."""
     return pytest.param(None, lambda w: _evaluate(w, "--set", override), 2, fragment, id=id)
@@ -638,6 +664,77 @@ BAD_INPUT = [
                  "run/timings.json line 1: not valid JSON", id="report: broken timings.json"),
     pytest.param(None, lambda w: ["report", w.run, "--examples", "-1"], 2,
                  "argument --examples: must be at least 0, got -1", id="report: negative --examples"),
+    # silently wrong before: a result that looked fine, or nothing said
+    pytest.param(None, lambda w: _grade_cmd(w, "--timeout", "9223372036854775807"), 2,
+                 "argument --timeout: must be at most 3600, got 9223372036854775807", id="grade: --timeout huge"),
+    pytest.param(lambda w: _run(w, _lines(lambda ls: [*ls[:-1], ls[-1][:40]])),
+                 lambda w: ["report", w.tmp / "run", "--out", w.tmp / "r.html"], 2,
+                 "run/dynamics.jsonl line 12: incomplete last line (an interrupted write)", id="report: torn last line"),
+    pytest.param(lambda w: _run(w, _row_value(5, "ppl", float("nan"))),
+                 lambda w: ["report", w.tmp / "run", "--out", w.tmp / "r.html"], 2,
+                 "run/dynamics.jsonl line 6: ppl is nan; overmem writes a finite number >= 0 there (or null)",
+                 id="report: NaN perplexity"),
+    pytest.param(lambda w: _run(w, _row_value(2, "accuracy", -0.5)),
+                 lambda w: ["report", w.tmp / "run", "--out", w.tmp / "r.html"], 2,
+                 "run/dynamics.jsonl line 3: accuracy is -0.5", id="report: negative accuracy"),
+    pytest.param(lambda w: _run(w, _row_value(5, "ppl", float("inf"))), lambda w: ["select", w.tmp / "run"], 2,
+                 "run/dynamics.jsonl line 6: ppl is inf", id="select: infinite test perplexity"),
+    pytest.param(lambda w: (_scan_trainer_folder(w, lambda c: None), (w.tmp / "hf" / "checkpoint-10").mkdir()),
+                 lambda w: ["scan", w.tmp / "hf", "--config", w.run / "config.yaml", "--out", w.tmp / "scan"], 2,
+                 "{tmp}/hf/checkpoint-10: a checkpoint folder without a model (config.json or adapter_config.json)",
+                 id="scan: an empty checkpoint folder"),
+    pytest.param(lambda w: (w.tmp / "c.yaml").write_text("train:\n  lr: 1.0e-4\n  epochs: 2\n  lr: 2.0e-4\n"),
+                 lambda w: ["run", w.tmp / "c.yaml", "--out", w.tmp / "new"], 2,
+                 "c.yaml: key 'lr' is given twice (lines 2 and 4); keep one", id="config: a key twice"),
+    pytest.param(lambda w: (_checkpoint_in_run(w, "epoch-4"), _run_config_edit(w, "backend: hf", "backend: vllm")),
+                 lambda w: ["scan", w.tmp / "run", "-q", "--set", "eval.backend=hf"], 2,
+                 "run/config.yaml: the results in {tmp}/run were evaluated with eval.backend='vllm', not 'hf'",
+                 id="scan: rows of another backend"),
+    # hangs before
+    pytest.param(_sleeping_interpreter,
+                 lambda w: _evaluate(w, "--set", "eval.backend=vllm", "--set", f"eval.vllm.python={w.tmp}/python",
+                                     "--set", "eval.vllm.start_timeout_s=2"), 1,
+                 "error: the vLLM engine ({tmp}/python) did not start within 2 s", id="vllm: an engine that never answers"),
+    _bad_override("analysis.judge.retries=1000000",
+                  "field 'analysis.judge.retries': Input should be less than or equal to 10", id="judge: huge retries"),
+    _bad_override("train.epochs=1000000000", "field 'train.epochs': Input should be less than or equal to 10000",
+                  id="train: a billion epochs"),
+    pytest.param(None, lambda w: ["select", w.run, "--set", "generation.max_new_tokens=1000000000"], 2,
+                 "field 'generation.max_new_tokens': Input should be less than or equal to 1048576",
+                 id="generation: a billion new tokens"),
+    # tracebacks or unclear messages before
+    pytest.param(None, lambda w: ["select", w.run, "--set", "eval.bootstrap=1000000000"], 2,
+                 "field 'eval.bootstrap': Input should be less than or equal to 100000", id="bootstrap: a billion"),
+    pytest.param(None, lambda w: _merge(w, "--weights", "1e308", "1e308"), 2,
+                 "weights must be finite numbers between -100 and 100 (e.g. 0.5 0.5), got 1e+308 1e+308",
+                 id="merge: weights 1e308"),
+    pytest.param(lambda w: (w.tmp / "c.yaml").write_bytes(b"train:\n  lr: \xff\n"),
+                 lambda w: ["run", w.tmp / "c.yaml", "--out", w.tmp / "new"], 2,
+                 "{tmp}/c.yaml: not UTF-8 text (byte 13: invalid start byte); save it as UTF-8",
+                 id="config: not UTF-8"),
+    pytest.param(lambda w: (w.tmp / "g.jsonl").write_bytes(b'{"generation": "\xff"}\n'), _grade_cmd, 2,
+                 "{tmp}/g.jsonl: not UTF-8 text (byte 16: invalid start byte)", id="grade: generations not UTF-8"),
+    pytest.param(lambda w: _run(w, lambda run: (run / "dynamics.jsonl").write_bytes(b'{"ppl": "\xff"}\n')),
+                 lambda w: ["select", w.tmp / "run"], 2, "run/dynamics.jsonl: not UTF-8 text (byte 9",
+                 id="select: dynamics.jsonl not UTF-8"),
+    pytest.param(lambda w: (w.tmp / "g.jsonl").mkdir(), _grade_cmd, 2,
+                 "generations file {tmp}/g.jsonl is a folder, not a file", id="grade: generations file a folder"),
+    pytest.param(lambda w: os.mkfifo(w.tmp / "g.jsonl"), _grade_cmd, 2,
+                 "generations file {tmp}/g.jsonl is a FIFO (named pipe), not a file", id="grade: generations a FIFO"),
+    pytest.param(lambda w: os.mkfifo(w.tmp / "d.jsonl"), lambda w: _evaluate(w, data=w.tmp / "d.jsonl"), 2,
+                 "data file {tmp}/d.jsonl is a FIFO (named pipe), not a file", id="data: a FIFO"),
+    pytest.param(lambda w: (w.tmp / "c.yaml").mkdir(), lambda w: ["run", w.tmp / "c.yaml", "--out", w.tmp / "new"], 2,
+                 "config file {tmp}/c.yaml is a folder, not a file", id="config: a folder"),
+    pytest.param(lambda w: (w.tmp / "notes").write_text("x"),
+                 lambda w: _evaluate(w, "--data-dir", w.tmp / "notes", data="gsm8k:test"), 2,
+                 "data folder {tmp}/notes (from data_dir) is not a folder", id="data: --data-dir is a file"),
+    pytest.param(None, lambda w: _evaluate(w, "--set", "eval.backend=vllm", "--set", f"eval.vllm.python={sys.executable}"),
+                 1, "install it with `EXTRAS=vllm bash scripts/setup.sh`", id="vllm: not installed",
+                 marks=pytest.mark.skipif(not _missing("vllm"), reason="vLLM is installed here")),
+    pytest.param(None, lambda w: _run_cmd(w, "train.seed=4294967296"), 2,
+                 "field 'train.seed': Input should be less than or equal to 4294967295", id="seed: over 2**32 - 1"),
+    _bad_override("data.seed=-1", "field 'data.seed': Input should be greater than or equal to 0",
+                  id="seed: negative"),
 ]
 
 
@@ -699,6 +796,123 @@ def _raise(code):
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
     return fail
+
+
+# ---- inputs a table row cannot set up: byte-order marks, refused reads, a full disk, the judge's waits,
+# a failed vLLM scan, a run that lost its last checkpoint -------------------------------------------
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def test_cli_a_byte_order_mark_is_read_as_utf8(world, tmp_path, capsys):
+    """dynamics.jsonl, config.yaml, a data file and a generations file saved with a UTF-8 byte-order mark
+    (as Windows editors do) are read as they would be without one (the mark was 'invalid JSON')."""
+    run = _copy(world.run, tmp_path / "run")
+    for name in ("dynamics.jsonl", "config.yaml"):
+        (run / name).write_bytes(_BOM + (world.run / name).read_bytes())
+    assert main(["select", str(run)]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    data = tmp_path / "test.jsonl"
+    data.write_bytes(_BOM + world.files["test"].read_bytes())
+    assert load_file(data) == load_file(world.files["test"])
+    from overmem.grading import read_generations
+
+    gens = tmp_path / "g.jsonl"
+    gens.write_bytes(_BOM + b'{"id": "a", "generation": "#### 5"}\n')
+    assert read_generations(gens) == [(1, {"id": "a", "generation": "#### 5"})]
+
+
+def test_cli_an_unreadable_input_is_not_called_unwritable(world, tmp_path, capsys, monkeypatch):
+    """A file the command may not read (mode 000, someone else's) was met with 'make it writable or
+    choose another output folder'; now it is named as unreadable. (A refused open is simulated: the
+    tests may run as root, whom permissions do not stop.)"""
+    run = _copy(world.run, tmp_path / "run")
+    open_ = Path.open
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "dynamics.jsonl":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return open_(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    assert _cli(["select", run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"overmem select: error: {run}/dynamics.jsonl: unreadable (Permission denied); make it readable "
+                   "(chmod +r) or give another file"], err
+
+
+def test_cli_merge_on_a_full_disk_is_one_line_and_leaves_nothing(world, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as its own error type: it was a traceback; now exit 1 with one line
+    naming --out, and the half-written folder is removed."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("overmem.merge_writing.save_file", full)
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    assert _cli(_merge(w)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"overmem merge: error: {tmp_path}/merged: No space left on device; free space there (or write "
+                   "elsewhere with --out) and re-run the same command"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_judge_waits_between_attempts_are_capped(monkeypatch):
+    """The waits doubled without end (retries=20: the last one 6 days); now each is at most 30 s and the
+    settings refuse more than 10 retries (BAD_INPUT), so a dead endpoint costs minutes at most."""
+    import socket
+
+    from overmem.analysis import judge
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: every attempt is refused at once
+    waits = []
+    monkeypatch.setattr(judge.time, "sleep", waits.append)
+    with pytest.raises(judge.JudgeError, match="after 11 attempt"):
+        judge.JudgeClient(f"http://127.0.0.1:{port}/v1", "m", retries=10, backoff_s=1.0).complete("x")
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0, 30.0]
+
+
+def test_scan_whose_vllm_engine_failed_is_rerun_with_its_new_settings(world, tmp_path, capsys):
+    """`scan --set eval.backend=vllm` fails (here: the engine's interpreter exits at once) after writing
+    config.yaml; the rerun with Hugging Face evaluated every checkpoint but left config.yaml saying vllm.
+    A config.yaml that no row was made with is now replaced by the rerun's."""
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    dead = tmp_path / "python"
+    dead.write_text("#!/bin/sh\nexit 3\n")
+    dead.chmod(0o755)
+    argv = [str(a) for a in _scan_argv(w, tmp_path / "out")]
+    assert main([*argv, "--set", "eval.backend=vllm", "--set", f"eval.vllm.python={dead}"]) == 1
+    assert "the vLLM engine process died during 'start' (exit 3" in capsys.readouterr().err
+    assert main(argv) == 0
+    saved = load_config(tmp_path / "out" / "config.yaml")
+    assert saved.eval.backend == "hf" and saved.eval.vllm.python is None
+    assert {r["checkpoint"] for r in read_jsonl(tmp_path / "out" / "dynamics.jsonl")} == {
+        "epoch-0", "checkpoint-5", "checkpoint-10"}
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_without_its_last_checkpoint_says_so(tiny_model_dir, toy_jsonl, tmp_path, capsys):
+    """A finished run loses its last checkpoint with its rows (deleted by hand, a failed copy): the rerun
+    resumed the Trainer at its end, trained nothing, and finished without that epoch, exit 0. Now it stops
+    before any work, naming the checkpoint and what to do."""
+    out = tmp_path / "run"
+    argv = _train_args(tiny_model_dir, toy_jsonl, out)
+    assert main(argv) == 0
+    shutil.rmtree(out / "checkpoints" / "epoch-2")
+    shutil.rmtree(out / "samples" / "epoch-2")
+    rows = [r for r in read_jsonl(out / "dynamics.jsonl") if r["checkpoint"] != "epoch-2"]
+    write_jsonl(out / "dynamics.jsonl", rows)
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"overmem run: error: {out}/checkpoints/epoch-2: missing, and not in {out}/dynamics.jsonl, but "
+                   f"the Trainer's state in {out}/trainer_state is at epoch 2, so resuming cannot make it again; "
+                   "restore the checkpoint, or start the run afresh in a new --out folder"], err
+    assert _tree(out) == before
 
 
 def test_cli_unreadable_result_file_is_computed_afresh(world, tmp_path, capsys):

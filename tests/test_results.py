@@ -59,7 +59,6 @@ def test_find_and_resolve_checkpoints(tmp_path):
     _model_folder(ckpts / "epoch-1", {"epoch": 1.0, "step": 4}, adapter=True)
     _model_folder(ckpts / "merge(epoch-1,epoch-2)")
     (ckpts / "notes").mkdir()
-    (ckpts / "epoch-3").mkdir()  # no model in it
     found = find_checkpoints(tmp_path / "run")
     assert [(c.name, c.epoch, c.step) for c in found] == [
         ("merge(epoch-1,epoch-2)", None, 0), ("epoch-1", 1.0, 4), ("epoch-2", 2.0, 8)]
@@ -73,3 +72,6 @@ def test_find_and_resolve_checkpoints(tmp_path):
         resolve_checkpoints(tmp_path / "run", ["epoch-1", str(_model_folder(tmp_path / "other" / "epoch-1"))])
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         find_checkpoints(tmp_path / "elsewhere" / "mine")
+    (ckpts / "epoch-3").mkdir()  # no model in it: an error, not a checkpoint less
+    with pytest.raises(ValueError, match="epoch-3: a checkpoint folder without a model"):
+        find_checkpoints(tmp_path / "run")

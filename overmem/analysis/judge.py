@@ -20,8 +20,8 @@ Off by default: not in the default suite (`Judge.default = False`); run it with
 --set analysis.judge.model=NAME`. The key, if the server wants one, is read from the environment
 variable named by `api_key_env`; only that name is recorded. The client is the standard library's
 urllib: POST `<endpoint>/chat/completions`, temperature 0, retried on connection errors, timeouts,
-HTTP 429 and 5xx (`retries` more times, backing off); any other failure stops the analysis with
-`JudgeError`, one line naming the endpoint.
+HTTP 429 and 5xx (`retries` more times, at most 10, backing off 1, 2, 4, ... s, at most 30 s a wait);
+any other failure stops the analysis with `JudgeError`, one line naming the endpoint.
 
 `analysis.judge.*`: endpoint, model, api_key_env, prompt, data, size, timeout_s, retries, max_tokens.
 """
@@ -64,6 +64,8 @@ DEFAULT_PROMPT = (
 )
 PROMPT_FIELDS = frozenset({"instruction", "response_a", "response_b"})
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_RETRIES = 10
+MAX_BACKOFF_S = 30.0  # the longest wait between attempts: with MAX_RETRIES, a bounded total wait
 
 
 class JudgeError(ConnectionError):
@@ -95,7 +97,7 @@ class JudgeClient:
     api_key: str | None = None
     timeout_s: float = 60.0
     retries: int = 2
-    backoff_s: float = 1.0  # waits backoff_s, 2 backoff_s, ... between attempts
+    backoff_s: float = 1.0  # waits backoff_s, 2 backoff_s, ... (at most MAX_BACKOFF_S) between attempts
     max_tokens: int = 16
 
     @property
@@ -117,7 +119,7 @@ class JudgeClient:
         failure = ""
         for attempt in range(1, self.retries + 2):
             if attempt > 1:
-                time.sleep(self.backoff_s * 2 ** (attempt - 2))
+                time.sleep(min(self.backoff_s * 2 ** (attempt - 2), MAX_BACKOFF_S))
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
@@ -242,8 +244,9 @@ class JudgeSettings(AnalysisSettings):
     prompt: str = Field(DEFAULT_PROMPT, description="judge prompt with {instruction}, {response_a}, {response_b}")
     data: str | None = Field(None, description="dataset spec with reference outputs (default: the first test set)")
     size: int | None = Field(100, gt=0, description="seeded sample of instructions (None: all)")
-    timeout_s: float = Field(60.0, gt=0, description="seconds to wait for one judge reply")
-    retries: int = Field(2, ge=0, description="further attempts after a connection error, timeout, 429 or 5xx")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="seconds to wait for one judge reply")
+    retries: int = Field(2, ge=0, le=MAX_RETRIES,
+                         description="further attempts after a connection error, timeout, 429 or 5xx")
     max_tokens: int = Field(16, gt=0, description="tokens the judge may reply with")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from overmem.data.answers import reference_answer
 from overmem.data.example import AnswerKind, Example
 from overmem.data.registry import DATA_DIR_ENV
+from overmem.files import kind_of, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ def _read_records(path: Path) -> Iterator[LocatedRow]:
         yield from readers[suffix](path)
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except PermissionError as err:
+        raise unreadable(path, err) from None
 
 
 def _read_jsonl(path: Path) -> Iterator[LocatedRow]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first row
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -69,7 +72,7 @@ def _read_jsonl(path: Path) -> Iterator[LocatedRow]:
 
 def _read_json(path: Path) -> Iterator[LocatedRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         hint = "; it looks like JSON Lines: rename it to .jsonl" if err.msg == "Extra data" else ""
         raise ValueError(f"{path} line {err.lineno}: invalid JSON ({err.msg}){hint}") from None
@@ -233,6 +236,8 @@ def load_file(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"data file {path} is a folder; give a .jsonl, .json or .csv file")
+    if kind_of(path) is not None:  # a FIFO would be waited on forever
+        raise ValueError(f"data file {path} is {kind_of(path)}, not a file; give a .jsonl, .json or .csv file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     rows = list(_read_records(path))

@@ -117,6 +117,9 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
     path = Path(raw).expanduser()
     if not path.is_dir():
         source = "data_dir" if data_dir is not None else DATA_DIR_ENV
+        if path.exists():
+            raise ValueError(f"data folder {path} (from {source}) is not a folder; give the folder that holds "
+                             "the datasets")
         raise FileNotFoundError(f"data folder {path} (from {source}) does not exist")
     return path
 
