@@ -1414,3 +1414,35 @@ def test_lock_under_torchrun_rank_0_is_refused_and_no_rank_waits(world, tmp_path
     assert proc.returncode != 0
     assert f"overmem scan: error: {out}: in use by pid {os.getpid()} (overmem scan (the test))" in proc.stderr
     assert not out.exists()
+
+
+LOCKED_OUT = [
+    pytest.param(lambda w: _run_cmd(w, out=w.tmp / "run"), id="run"),
+    pytest.param(lambda w: ["scan", w.tmp / "run", "-q"], id="scan"),
+    pytest.param(lambda w: ["analyze", w.tmp / "run", "--checkpoints", "epoch-0", "--suite", "calibration", "-q"],
+                 id="analyze"),
+    pytest.param(lambda w: ["select", w.tmp / "run", "--band", "0.5"], id="select (a new selection)"),
+    pytest.param(lambda w: ["plot", w.tmp / "run"], id="plot"),
+    pytest.param(lambda w: ["report", w.tmp / "run"], id="report"),
+    pytest.param(lambda w: ["demo", "--out", w.tmp / "run", "--epochs", "1", "--pretrain-steps", "1", "-q"], id="demo"),
+    pytest.param(lambda w: _out(_merge(w), w.tmp / "run" / "checkpoints" / "merged"), id="merge into RUN/checkpoints"),
+]
+
+
+@pytest.mark.parametrize("argv", LOCKED_OUT)
+def test_lock_every_command_that_writes_a_run_folder_is_refused_while_it_is_held(world, tmp_path, capsys, argv):
+    from overmem.runlock import RunLock
+
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    _checkpoint_in_run(w, "epoch-1")
+    lock = RunLock.acquire(tmp_path / "run", "overmem test")
+    try:
+        before = _tree(tmp_path, world.root)
+        assert _cli(argv(w)) == 2
+        assert _tree(tmp_path, world.root) == before
+    finally:
+        lock.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"overmem {argv(w)[0]}: error: {tmp_path}/run: in use by pid {os.getpid()} (overmem test), "
+                             "since ") and err[0].endswith("; wait for it to finish, or write to another folder"), err
