@@ -402,14 +402,14 @@ COMMANDS: tuple[Command, ...] = (
     # --epochs and --pretrain-steps defaults are kept equal to demo.DEMO_EPOCHS and demo.DEMO_PRETRAIN.steps
     # (the demo module, which imports torch, loads lazily; tests/test_demo.py checks).
     Command("demo", cmd_demo, "offline quickstart on the built-in synthetic task",
-            "Pretrain (cached) and finetune a tiny model on the synthetic task on the CPU, tracking every epoch; "
-            "shows over-memorization in minutes.",
+            "Finetune a tiny model (its pretrained base ships with overmem) on the synthetic task on the CPU, "
+            "tracking every epoch; shows over-memorization in minutes.",
             [_arg("--out", default="demo-run", help="run folder (default: ./demo-run)"),
              _arg("--seed", type=int, default=0),
              _arg("--epochs", type=count(1), default=50, help="finetuning epochs (default: 50)"),
              _arg("--pretrain-steps", type=count(1), default=1500, metavar="N",
-                  help="optimizer steps of the tiny base's pretraining, done once per N and cached (default: 1500; "
-                  "fewer give a weaker base)"),
+                  help="optimizer steps of the tiny base's pretraining (default: 1500, the base that ships; "
+                  "any other N pretrains once and is cached; fewer give a weaker base)"),
              _set("override a field of the demo's run config, e.g. --set train.lr=1e-3 (repeatable)"), _QUIET_BARE]),
     Command("report", cmd_report, "one self-contained HTML report of one or more runs",
             "Dynamics with phases, checkpoint selection, token-level losses of a healthy and an over-memorized "

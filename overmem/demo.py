@@ -2,12 +2,12 @@
 
 A tiny Llama pretrained on a stream of synthetic word problems written in a plain format (shipped
 in the package, `overmem/assets/demo_base/`; other pretraining settings are trained once and
-cached; `python -m overmem.demo --rebuild-base` rebuilds the shipped one) is finetuned with the paper's instruction template on a small fixed set of
-problems for many epochs at a constant learning rate, while every epoch is tracked on a
-training subset, a validation set and a test set. Because every synthetic problem has many
-valid solution paths and its reference shows one at random, the finetuned model grows
-over-confident in the paths of its training examples: test accuracy stays high while the
-perplexity of the test references climbs.
+cached; `python -m overmem.demo --rebuild-base` rebuilds the shipped one) is finetuned with the
+paper's instruction template on a small fixed set of problems for many epochs at a constant
+learning rate, while every epoch is tracked on a training subset, a validation set and a test
+set. Because every synthetic problem has many valid solution paths and its reference shows one at
+random, the finetuned model grows over-confident in the paths of its training examples: test
+accuracy stays high while the perplexity of the test references climbs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from .config import RunConfig, apply_overrides, config_from_dict
 from .phases import THRESHOLD_TOL
 from .results import RunDir
 from .tiny import SHIPPED_BASE, PretrainConfig, TinyModelConfig, build_base, get_tiny_base, shipped_base
+
+# Torch threads of the finetuning and tracking: the same on every machine, since float sums split
+# over another number of threads round otherwise and the runs drift apart (docs/commands/demo.md,
+# "The same figures on another machine"); the tiny model gains little from a second thread.
+DEMO_THREADS = 1
 
 # Finetuning epochs: enough for the test perplexity to climb past twice its minimum while test
 # accuracy holds within 5 points of its best (measured per seed: README, docs/commands/demo.md).
@@ -128,13 +133,17 @@ def run_demo(
 
     from .pipeline import run
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     shipped = shipped_base(pretrain) is not None
     base = get_tiny_base(pretrain, progress=not quiet)
     t_base = time.perf_counter() - t0
     cfg = demo_config(base, out_dir, seed=seed, epochs=epochs, quiet=quiet, overrides=overrides)
-    run_dir = run(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        run_dir = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
     check = check_demo(run_dir.root)
     wall = time.perf_counter() - t0
     print()
