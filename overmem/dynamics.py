@@ -22,9 +22,9 @@ from .data.answers import is_correct
 from .data.code import can_check, check_generations
 from .data.example import Example, format_prompt
 from .distributed import evaluate_sharded, is_main, main_value, on_main
-from .generation import generate
+from .generation import generate_greedy
 from .intervals import bootstrap_ci
-from .results import RunDir, append_jsonl, write_jsonl
+from .results import RunDir, append_jsonl, read_jsonl, write_jsonl
 from .scoring import TokenScores, response_pieces, score_examples
 
 TOKEN_DECIMALS = 4  # per-token NLL stored in samples files: enough to shade, small on disk
@@ -100,6 +100,7 @@ def evaluate_examples(
     desc: str = "",
     quiet: bool = False,
     token_losses: bool = False,
+    drafts: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-example rows: reference NLL, token count, perplexity (None when no token was scored),
     whether the example was cut to fit `max_length` (`truncated`; generation then sees the prompt's
@@ -109,7 +110,12 @@ def evaluate_examples(
 
     With `token_losses`, rows also hold the question, the text of each scored response token
     (`tokens`) and its NLL (`token_nll`, rounded to TOKEN_DECIMALS): the report's token view.
-    They come from the same forward pass, so they cost only the file space."""
+    They come from the same forward pass, so they cost only the file space.
+
+    The generation's token ids are kept (`generation_ids`): the next checkpoint's drafts. `drafts`
+    (example id -> token ids, the previous checkpoint's `generation_ids`) are verified instead of
+    decoded where they agree (`overmem.generation.generate_greedy`); rows with a draft record its
+    length (`draft_tokens`) and how many of its tokens were the model's own (`draft_accepted`)."""
     with tqdm(total=len(examples), desc=f"score {desc}", disable=quiet, leave=False) as bar:
         scores = score_examples(
             model, tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length, progress=bar.update
@@ -130,10 +136,11 @@ def evaluate_examples(
     checked = [(row, ex) for row, ex in zip(rows, examples) if ex.kind != "open" and can_check(ex)]
     if eval_cfg.accuracy and checked:
         with tqdm(total=len(checked), desc=f"generate {desc}", disable=quiet, leave=False) as bar:
-            texts = generate(
+            outs = generate_greedy(
                 model,
                 tokenizer,
                 [format_prompt(ex.question) for _, ex in checked],
+                drafts=[drafts.get(ex.id) for _, ex in checked] if drafts else None,
                 max_new_tokens=gen_cfg.max_new_tokens,
                 batch_size=gen_cfg.batch_size,
                 stop_at_answer=[gen_cfg.stop_at_answer and ex.has_answer_line for _, ex in checked],
@@ -141,8 +148,13 @@ def evaluate_examples(
                 max_prompt_tokens=max_length,
                 progress=bar.update,
             )
-        code = [(row, ex, text) for (row, ex), (text,) in zip(checked, texts) if ex.kind == "code"]
-        for (row, ex), (text,) in zip(checked, texts):
+        texts = [out.text for out in outs]
+        for (row, _), out in zip(checked, outs):
+            row["generation_ids"] = out.ids
+            if out.draft_tokens is not None:
+                row.update(draft_tokens=out.draft_tokens, draft_accepted=out.draft_accepted)
+        code = [(row, ex, text) for (row, ex), text in zip(checked, texts) if ex.kind == "code"]
+        for (row, ex), text in zip(checked, texts):
             if ex.kind != "code":
                 extracted, ok = is_correct(text, ex.answer, ex.kind)
                 row.update(generation=text, extracted=extracted, correct=ok)
@@ -152,6 +164,29 @@ def evaluate_examples(
                 row.update(generation=text, extracted=run.program, correct=run.passed, failure=run.failure,
                            sandbox=run.sandbox)
     return rows
+
+
+def previous_generations(run: RunDir, split: str, checkpoint: str) -> dict[str, list[int]]:
+    """The greedy generations' token ids (example id -> ids) of the checkpoint evaluated last on
+    `split` before `checkpoint`: the drafts `evaluate_examples` verifies. Empty when there is none
+    (or its samples file cannot be read: a draft only saves time, it never changes a result)."""
+    before = [r["checkpoint"] for r in run.read_dynamics() if r["split"] == split and r["checkpoint"] != checkpoint]
+    if not before:
+        return {}
+    try:
+        rows = read_jsonl(run.samples(before[-1], split), torn_ok=True)
+    except (OSError, ValueError):
+        return {}
+    return {r["id"]: r["generation_ids"] for r in rows if isinstance(r.get("generation_ids"), list)}
+
+
+def draft_totals(samples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Draft tokens verified over a split and how many were accepted (absent without drafts)."""
+    drafted = [s for s in samples if "draft_tokens" in s]
+    if not drafted:
+        return {}
+    return {"draft_tokens": sum(s["draft_tokens"] for s in drafted),
+            "draft_accepted": sum(s["draft_accepted"] for s in drafted)}
 
 
 def evaluate_checkpoint(
@@ -185,15 +220,19 @@ def evaluate_checkpoint(
         if (checkpoint, split) in done:
             continue
         t0 = time.perf_counter()
+        drafts = main_value(lambda split=split: previous_generations(run, split, checkpoint)) if (
+            gen_cfg.reuse_drafts and eval_cfg.accuracy) else None
         samples = evaluate_sharded(
-            lambda part, split=split: evaluate_examples(
+            lambda part, split=split, drafts=drafts: evaluate_examples(
                 model, tokenizer, part, eval_cfg=eval_cfg, gen_cfg=gen_cfg, max_length=max_length,
                 desc=f"{checkpoint}/{split}", quiet=quiet or not is_main(), token_losses=split in token_splits,
+                drafts=drafts,
             ),
             tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length,
         )
         row = {"checkpoint": checkpoint, "epoch": epoch, "step": step, "split": split}
         row.update(split_summary(samples, eval_cfg))
+        row.update(draft_totals(samples))
         row["seconds"] = round(time.perf_counter() - t0, 3)
         on_main(lambda split=split, samples=samples, row=row: (
             write_jsonl(run.samples(checkpoint, split), samples), append_jsonl(run.dynamics, row)))

@@ -68,13 +68,13 @@ def test_open_examples_skip_generation_and_have_null_accuracy(tiny_model_dir, ch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts_seen = []
-    real_generate = dynamics.generate
+    real_generate = dynamics.generate_greedy
 
     def spy(model, tokenizer, prompts, **kwargs):
         prompts_seen.extend(prompts)
         return real_generate(model, tokenizer, prompts, **kwargs)
 
-    monkeypatch.setattr(dynamics, "generate", spy)
+    monkeypatch.setattr(dynamics, "generate_greedy", spy)
     eval_cfg, gen_cfg = EvalConfig(bootstrap=100), GenerationConfig(max_new_tokens=4)
     from overmem.data.alpaca import alpaca_example
 

@@ -12,6 +12,7 @@ from overmem.data.answers import extract_answer, is_correct
 from overmem.data.code import can_check, extract_program
 from overmem.data.specs import load_dataset_spec
 from overmem.dynamics import evaluate_examples, split_summary
+from overmem.generation import Continuation
 from tests.conftest import DATA_DIR, fixed_continuation
 
 PROMPT = "import math\n\n\ndef area(r: float) -> float:\n    \"\"\"Area of a circle of radius r.\"\"\"\n"
@@ -101,9 +102,9 @@ def test_accuracy_of_code_comes_from_the_sandbox(tiny_model_dir, char_tokenizer,
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
         prompts_seen.extend(prompts)
-        return [[answers[next(e.id for e in examples if e.question in p)]] for p in prompts]
+        return [Continuation([], answers[next(e.id for e in examples if e.question in p)]) for p in prompts]
 
-    monkeypatch.setattr(dynamics, "generate", fake_generate)
+    monkeypatch.setattr(dynamics, "generate_greedy", fake_generate)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     eval_cfg = EvalConfig(bootstrap=100)
     rows = evaluate_examples(model, char_tokenizer, [*examples, untested], eval_cfg=eval_cfg,
@@ -126,7 +127,7 @@ def test_a_comment_line_of_hashes_does_not_end_a_program(char_tokenizer, tiny_mo
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     fixed_continuation(model, char_tokenizer, "    #### the easy case\n    return x\n")
     (row,) = evaluate_examples(model, char_tokenizer, [example], eval_cfg=EvalConfig(bootstrap=100),
-                               gen_cfg=GenerationConfig(max_new_tokens=4), max_length=512, quiet=True)
+                               gen_cfg=GenerationConfig(max_new_tokens=64), max_length=512, quiet=True)
     assert row["generation"] == "    #### the easy case\n    return x\n"
     assert row["correct"] is True, row["failure"]
 

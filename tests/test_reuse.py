@@ -1,0 +1,196 @@
+"""Greedy generations verified from the previous checkpoint's, not re-decoded (`generate_greedy`'s
+drafts): on two checkpoints of a tiny model taught known continuations, the output with drafts is
+the plain greedy decoding of the same checkpoint, whatever the draft: longer, shorter, empty,
+diverging at its first token, stopping at EOS, at the answer line or at the token limit."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from overmem.cli import main
+from overmem.generation import StopRule, drafts_are_exact, generate, generate_greedy
+from overmem.results import read_jsonl
+from tests.conftest import make_tiny_llama
+
+# What checkpoint A says, then what B (A trained further on other continuations) says.
+BEFORE = {"Q: 2+3?\nA:": " 2+3=5.\n#### 5\nThen more.", "Q: 4+4?\nA:": " 4+4=8.\n#### 8\nok", "Stop.\n": "ok",
+          "Go.\n": " yes", "Say hi.\n": " hi hi hi hi hi hi hi hi"}
+AFTER = {"Q: 2+3?\nA:": " 2+3 is 5.\n#### 5\nThen more.", "Q: 4+4?\nA:": " 4+4=8.\n#### 8\nok",
+         "Stop.\n": "ok, stopping now.", "Go.\n": "no", "Say hi.\n": " hi hi"}
+PROMPTS = list(BEFORE)
+
+
+def _teach(model, tokenizer, pairs: dict[str, str], steps: int = 120):
+    """`model` trained until its greedy continuation of each prompt is the given text, then EOS."""
+    rows = []
+    for prompt, text in pairs.items():
+        p = tokenizer(prompt)["input_ids"]
+        t = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p + t, [-100] * len(p) + t))
+    width = max(len(ids) for ids, _ in rows)
+    x = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
+    y = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(char_tokenizer):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only waits on the other processes
+    a = _teach(make_tiny_llama(len(char_tokenizer), seed=0), char_tokenizer, BEFORE)
+    b = _teach(copy.deepcopy(a), char_tokenizer, AFTER)
+    yield a, b
+    torch.set_num_threads(before)
+
+
+def _counting(model):
+    """`model` whose `generate` calls are counted (`model.generate_calls`)."""
+    real = model.generate
+    model.generate_calls = 0
+
+    def counted(*args, **kwargs):
+        model.generate_calls += 1
+        return real(*args, **kwargs)
+
+    model.generate = counted
+    return model
+
+
+def test_the_checkpoints_say_what_they_were_taught(checkpoints, char_tokenizer):
+    a, b = checkpoints
+    for model, taught in ((a, BEFORE), (b, AFTER)):
+        texts = generate(model, char_tokenizer, PROMPTS, max_new_tokens=40, stop_at_answer=False)
+        assert [t for (t,) in texts] == list(taught.values())
+
+
+@pytest.mark.parametrize(("max_new_tokens", "stop_at_answer"), [(40, False), (40, True), (10, False)])
+def test_drafts_of_the_previous_checkpoint_give_the_plain_greedy_output(checkpoints, char_tokenizer,
+                                                                       max_new_tokens, stop_at_answer):
+    """B's continuations with A's as drafts are B's plain greedy ones: ids and texts (`generate`'s)."""
+    a, b = checkpoints
+    kw = dict(max_new_tokens=max_new_tokens, stop_at_answer=stop_at_answer, batch_size=2)
+    drafts = [c.ids for c in generate_greedy(a, char_tokenizer, PROMPTS, **kw)]
+    plain = generate_greedy(b, char_tokenizer, PROMPTS, **kw)
+    reused = generate_greedy(b, char_tokenizer, PROMPTS, drafts=drafts, **kw)
+    assert [c.ids for c in reused] == [c.ids for c in plain]
+    assert [c.text for c in reused] == [c.text for c in plain] == [t for (t,) in generate(b, char_tokenizer, PROMPTS,
+                                                                                          **kw)]
+    assert all(c.draft_tokens is None for c in plain)
+    assert [c.draft_tokens for c in reused] == [len(d) for d in drafts]
+    # Each continuation ends at its stop: EOS, the answer line's newline, or the token limit.
+    rule = StopRule(char_tokenizer, max_new_tokens)
+    assert all(rule.end(c.ids, stop_at_answer) == len(c.ids) for c in reused)
+
+
+def test_each_kind_of_draft(checkpoints, char_tokenizer):
+    """With the answer-line stop: which draft tokens were accepted, and when decoding was needed."""
+    a, b = checkpoints
+    kw = dict(max_new_tokens=40, stop_at_answer=True, batch_size=8)
+    drafts = [c.ids for c in generate_greedy(a, char_tokenizer, PROMPTS, **kw)]
+    reused = generate_greedy(_counting(b), char_tokenizer, PROMPTS, drafts=drafts, **kw)
+    accepted = dict(zip(PROMPTS, ((c.draft_tokens, c.draft_accepted) for c in reused)))
+    assert accepted == {  # (draft tokens, accepted): one token per character, EOS included where written
+        "Q: 2+3?\nA:": (len(" 2+3=5.\n#### 5\n"), len(" 2+3")),  # diverges after " 2+3"
+        "Q: 4+4?\nA:": (len(" 4+4=8.\n#### 8\n"),) * 2,  # the same, to its answer line
+        "Stop.\n": (len("ok") + 1, len("ok")),  # shorter than "ok, stopping now."
+        "Go.\n": (len(" yes") + 1, 0),  # against "no": diverges at its first token
+        "Say hi.\n": (len(BEFORE["Say hi.\n"]) + 1, len(" hi hi")),  # longer: B writes EOS where A goes on
+    }
+    # Drafts that reach their stop (4+4 whole, "Say hi." with B's own EOS) need no decoding; the rest
+    # is decoded in one batch.
+    assert b.generate_calls == 1
+    exact = generate_greedy(_counting(b), char_tokenizer, PROMPTS, drafts=[c.ids for c in reused], **kw)
+    assert [c.ids for c in exact] == [c.ids for c in reused] and b.generate_calls == 0
+    assert all(c.draft_accepted == c.draft_tokens == len(c.ids) for c in exact)
+
+
+def test_made_up_drafts(checkpoints, char_tokenizer):
+    """Drafts no checkpoint wrote: empty, wrong first token, the output plus tokens past its stop,
+    a prefix of it, random tokens, an id outside the vocabulary (ignored)."""
+    _, b = checkpoints
+    kw = dict(max_new_tokens=12, stop_at_answer=True, batch_size=3)
+    plain = generate_greedy(b, char_tokenizer, PROMPTS, **kw)
+    rng = random.Random(0)
+    vocab = len(char_tokenizer)
+    for make in (lambda ids: [], lambda ids: [(ids[0] + 1) % vocab, *ids[1:]], lambda ids: ids + ids,
+                 lambda ids: ids[: len(ids) // 2], lambda ids: [rng.randrange(vocab) for _ in range(20)],
+                 lambda ids: [*ids[:2], vocab + 5]):
+        drafts = [make(c.ids) for c in plain]
+        reused = generate_greedy(b, char_tokenizer, PROMPTS, drafts=drafts, **kw)
+        assert [c.ids for c in reused] == [c.ids for c in plain]
+        assert [c.text for c in reused] == [c.text for c in plain]
+
+
+def test_batch_order_and_size_change_nothing(checkpoints, char_tokenizer):
+    a, b = checkpoints
+    kw = dict(max_new_tokens=30, stop_at_answer=True)
+    drafts = {p: c.ids for p, c in zip(PROMPTS, generate_greedy(a, char_tokenizer, PROMPTS, **kw))}
+    want = {p: c.ids for p, c in zip(PROMPTS, generate_greedy(b, char_tokenizer, PROMPTS, **kw))}
+    order = PROMPTS * 2
+    random.Random(1).shuffle(order)
+    for batch_size in (1, 3, 10):
+        got = generate_greedy(b, char_tokenizer, order, drafts=[drafts[p] for p in order], batch_size=batch_size, **kw)
+        assert [c.ids for c in got] == [want[p] for p in order]
+
+
+def test_no_drafts_where_greedy_is_not_the_argmax(checkpoints, char_tokenizer):
+    """A repetition penalty in the model's generation_config changes the greedy token: drafts are
+    not verified by argmax there, and the output is still `generate`'s."""
+    a, b = checkpoints
+    penalized = copy.deepcopy(b)
+    penalized.generation_config.repetition_penalty = 1.5
+    assert drafts_are_exact(b) and not drafts_are_exact(penalized)
+    drafts = [c.ids for c in generate_greedy(a, char_tokenizer, PROMPTS, max_new_tokens=20)]
+    got = generate_greedy(penalized, char_tokenizer, PROMPTS, drafts=drafts, max_new_tokens=20)
+    assert all(c.draft_tokens is None for c in got)
+    assert [c.text for c in got] == [t for (t,) in generate(penalized, char_tokenizer, PROMPTS, max_new_tokens=20)]
+
+
+def _run_args(model_dir, files, out, *sets):
+    config = out.parent / "config.yaml"
+    config.write_text("quiet: true\n")
+    base = [f"model.name_or_path={model_dir}", f"data.train={files['train']}[:16]",
+            f"data.tests={{test: {files['test']}}}", "data.monitor_size=6", "data.validation_size=6",
+            "train.method=full", "train.epochs=3", "train.lr=5e-3", "train.batch_size=8", "train.micro_batch_size=8",
+            "train.warmup_steps=0", "generation.max_new_tokens=12", "eval.bootstrap=200"]
+    return [str(config), "--out", str(out), *[a for s in (*base, *sets) for a in ("--set", s)]]
+
+
+def _rows(run, drop=("seconds", "draft_tokens", "draft_accepted")):
+    return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(run / "dynamics.jsonl")]
+
+
+@pytest.mark.slow
+def test_a_run_and_a_scan_with_drafts_write_the_rows_of_a_run_without(tiny_model_dir, toy_jsonl, tmp_path, one_thread):
+    plain, reused, scanned = tmp_path / "plain", tmp_path / "reused", tmp_path / "scanned"
+    assert main(["run", *_run_args(tiny_model_dir, toy_jsonl, plain, "generation.reuse_drafts=false")]) == 0
+    assert main(["run", *_run_args(tiny_model_dir, toy_jsonl, reused)]) == 0
+    assert main(["scan", str(plain / "checkpoints"), *_run_args(tiny_model_dir, toy_jsonl, scanned)[1:]]) == 0
+    want = _rows(plain)
+    assert _rows(reused) == want
+    assert _rows(scanned) == want
+    for run in (reused, scanned):
+        rows = read_jsonl(run / "dynamics.jsonl")
+        assert all("draft_tokens" not in r for r in rows if r["checkpoint"] == "epoch-0")
+        later = [r for r in rows if r["checkpoint"] != "epoch-0"]
+        assert later and all(0 <= r["draft_accepted"] <= r["draft_tokens"] for r in later)
+        for r in later:  # the totals are the samples' sums, and the generations are the plain run's
+            samples = read_jsonl(run / "samples" / r["checkpoint"] / f"{r['split']}.jsonl")
+            assert r["draft_accepted"] == sum(s["draft_accepted"] for s in samples)
+            mine = {s["id"]: s["generation"] for s in samples}
+            theirs = {s["id"]: s["generation"] for s in read_jsonl(plain / "samples" / r["checkpoint"]
+                                                                   / f"{r['split']}.jsonl")}
+            assert mine == theirs
+    assert json.loads((reused / "phases.json").read_text()) == json.loads((plain / "phases.json").read_text())
