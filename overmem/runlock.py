@@ -73,8 +73,10 @@ class RunLock:
         return cls(root, fd, made)
 
     def release(self) -> None:
-        """Remove the lock file (while still holding it), then the folders it made if still empty."""
-        self.path.unlink(missing_ok=True)
+        """Remove the lock file (while still holding it), then the folders it made if still empty.
+        A lock file deleted by hand meanwhile, and made afresh by another command, is that one's."""
+        if _same_file(self.path, self._fd):
+            self.path.unlink(missing_ok=True)
         os.close(self._fd)
         _remove_empty(self._made)
 
