@@ -248,13 +248,19 @@ class RunDir:
 
     def read_dynamics(self, *, strict: bool = False) -> list[dict[str, Any]]:
         """The rows of `dynamics.jsonl`. `strict` (a command reading a run it does not write): a
-        torn last line or a row without the fields every reader uses is an error naming the line."""
+        torn last line, a row without the fields every reader uses, or a second row for one
+        checkpoint and split is an error naming the line."""
         numbered = _numbered_rows(self.dynamics, torn_ok=not strict)
+        seen: dict[tuple[str, str], int] = {}
         for i, (line, row) in enumerate(numbered if strict else []):
             missing = [k for k in DYNAMICS_FIELDS if k not in row]
             if missing:
                 raise ValueError(f"{self.dynamics}: row {i + 1} has no {', '.join(missing)}; "
                                  "not a dynamics row written by overmem: delete it")
+            first = seen.setdefault((str(row["checkpoint"]), str(row["split"])), line)
+            if first != line:  # overmem writes one row per pair: two commands wrote the folder at once
+                raise ValueError(f"{self.dynamics} line {line}: a second row for {row['checkpoint']} on {row['split']} "
+                                 f"(the first is line {first}); delete the rows of one of the two evaluations")
             bad = next(((k, row[k]) for k in _DYNAMICS_NUMBERS if not _plausible(k, row.get(k))), None)
             if bad is not None:
                 raise ValueError(f"{self.dynamics} line {line}: {bad[0]} is {bad[1]!r}; overmem writes a finite "

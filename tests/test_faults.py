@@ -1446,3 +1446,18 @@ def test_lock_every_command_that_writes_a_run_folder_is_refused_while_it_is_held
     assert len(err) == 1, err
     assert err[0].startswith(f"overmem {argv(w)[0]}: error: {tmp_path}/run: in use by pid {os.getpid()} (overmem test), "
                              "since ") and err[0].endswith("; wait for it to finish, or write to another folder"), err
+
+
+def test_lock_a_folder_mixed_before_the_lock_is_refused_by_select_and_plot(world, tmp_path, capsys):
+    """Two scans at once left two rows per (checkpoint, split), and `select` chose among them; now
+    `select` and `plot` name the second row and write nothing."""
+    run = _copy(world.run, tmp_path / "run")
+    rows = (run / "dynamics.jsonl").read_text().splitlines(keepends=True)
+    (run / "dynamics.jsonl").write_text("".join(rows[:6] + rows[3:4] + rows[6:]))
+    before = _tree(tmp_path)
+    for command in ("select", "plot"):
+        assert _cli([command, run, "--band", "0.5"] if command == "select" else [command, run]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"overmem {command}: error: {run}/dynamics.jsonl line 7: a second row for epoch-1 on train "
+                       "(the first is line 4); delete the rows of one of the two evaluations"], err
+    assert _tree(tmp_path) == before
