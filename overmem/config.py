@@ -212,7 +212,7 @@ class VllmSettings(_Strict):
                                        "GPUs: what gpu_memory_utilization leaves)")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs one engine spans")
     max_model_len: int | None = Field(None, gt=1, description="longest sequence (default: train.max_length + "
-                                      "generation.max_new_tokens)")
+                                      "generation.max_new_tokens, at most the model's context length)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="weights' dtype in the engine (default: model.dtype, as the Hugging Face path)")
     enforce_eager: bool | None = Field(None, description="no CUDA graphs (default: on the CPU only)")

@@ -7,6 +7,10 @@ A prompt longer than `max_prompt_tokens` (the run's `train.max_length`) keeps it
 scoring cuts prompts (`overmem.data.encoding.fit_lengths`): a sequence is then never longer than
 `max_prompt_tokens + max_new_tokens`, however long the question. A prompt that long cannot be
 scored whole either, so scoring marks its example `truncated` (`overmem.scoring.score_examples`).
+Nor is a sequence longer than the model's context (`context_of`: its config's
+`max_position_embeddings`, or the vLLM engine's `max_model_len`): a prompt keeps at most its last
+context - 1 tokens, and a continuation ends where prompt + continuation fill the context. Both
+backends cut so (`_budgets`), so they see and write the same tokens.
 
 `generate_greedy` gives greedy continuations with their token ids, and takes drafts: the previous
 checkpoint's continuations of the same prompts. One teacher-forced pass over prompt + draft gives
@@ -29,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from .config import GenerationConfig, TrainConfig
 from .data.encoding import pad_right
+from .models import context_length
 from .vllm_backend import VLLM_REQUEST, VllmModel, is_vllm
 
 DEFAULTS = GenerationConfig()  # decoding limits: their defaults live in the config, nowhere else
@@ -98,12 +103,14 @@ class StopRule:
         self.eos = tokenizer.eos_token_id
         self.newlines = frozenset(newline_ids(tokenizer))
 
-    def end(self, ids: Sequence[int], answer_line: bool) -> int | None:
-        """The length of the continuation whose first tokens are `ids`; None if it goes on past them."""
-        for j, token in enumerate(ids[: self.max_new_tokens]):
+    def end(self, ids: Sequence[int], answer_line: bool, limit: int | None = None) -> int | None:
+        """The length of the continuation whose first tokens are `ids`; None if it goes on past them.
+        `limit`: this continuation's own token limit, if below `max_new_tokens` (the context's end)."""
+        limit = self.max_new_tokens if limit is None else min(limit, self.max_new_tokens)
+        for j, token in enumerate(ids[:limit]):
             if token == self.eos or (answer_line and token in self.newlines and self.answered(ids[: j + 1])):
                 return j + 1
-        return self.max_new_tokens if len(ids) >= self.max_new_tokens else None
+        return limit if len(ids) >= limit else None
 
     def answered(self, ids: Sequence[int]) -> bool:
         return bool(_ANSWER_LINE.search(self.tokenizer.decode(ids, skip_special_tokens=True)))
@@ -142,14 +149,14 @@ def generate(
     if cache not in ("dynamic", "static", "auto"):
         raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
     stops = _per_prompt(stop_at_answer, len(prompts))
-    encoded = _encode(tokenizer, prompts, max_prompt_tokens)
+    encoded, limits = _budgets(model, tokenizer, prompts, max_prompt_tokens, max_new_tokens)
     if is_vllm(model):
-        ids = _generate_vllm(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        ids = _generate_vllm(model, tokenizer, encoded, limits, batch_size=batch_size,
                              sampling=(temperature, top_p) if do_sample else None, num_samples=num_samples,
                              seed=seed, progress=progress)
     else:
         with _evaluating(model):
-            ids = _hf_decode(model, tokenizer, encoded, stops, limits=[max_new_tokens] * len(encoded),
+            ids = _hf_decode(model, tokenizer, encoded, stops, limits=limits,
                              batch_size=batch_size, cache=cache, num_samples=num_samples,
                              sampling=(temperature, top_p) if do_sample else None, seed=seed, progress=progress)
     texts = [[tokenizer.decode(x, skip_special_tokens=True) for x in rows] for rows in ids]
@@ -210,18 +217,17 @@ def generate_greedy(
     from there only if that has not reached the continuation's stop (`StopRule`). Drafts are
     ignored where verification would not be exact (`drafts_are_exact`)."""
     stops = _per_prompt(stop_at_answer, len(prompts))
-    encoded = _encode(tokenizer, prompts, max_prompt_tokens)
+    encoded, limits = _budgets(model, tokenizer, prompts, max_prompt_tokens, max_new_tokens)
     if drafts is not None and len(drafts) != len(prompts):
         raise ValueError(f"drafts: {len(drafts)} for {len(prompts)} prompts")
     rule = StopRule(tokenizer, max_new_tokens)
     if is_vllm(model):
-        raw = [rows[0] for rows in _generate_vllm(model, tokenizer, encoded, max_new_tokens=max_new_tokens,
-                                                  batch_size=batch_size, sampling=None, num_samples=1, seed=0,
-                                                  progress=progress)]
-        return [_continuation(rule, tokenizer, x, cut) for x, cut in zip(raw, stops)]
+        raw = [rows[0] for rows in _generate_vllm(model, tokenizer, encoded, limits, batch_size=batch_size,
+                                                  sampling=None, num_samples=1, seed=0, progress=progress)]
+        return [_continuation(rule, tokenizer, x, cut, limit) for x, cut, limit in zip(raw, stops, limits)]
     with _evaluating(model):
         vocab = model.get_output_embeddings().weight.shape[0]
-        given = {i: list(d)[:max_new_tokens] for i, d in enumerate(drafts or [])
+        given = {i: list(d)[: limits[i]] for i, d in enumerate(drafts or [])
                  if d and all(0 <= t < vocab for t in d)} if drafts_are_exact(model) else {}
         greedy = verify_drafts(model, {i: (encoded[i], d) for i, d in given.items()}, pad_id=_pad_id(tokenizer),
                                batch_size=batch_size)
@@ -233,26 +239,26 @@ def generate_greedy(
             heads[i], accepted[i] = d[:k] + [g[k]], k
         out: dict[int, list[int]] = {}
         for i, head in heads.items():
-            end = rule.end(head, stops[i])
+            end = rule.end(head, stops[i], limits[i])
             if end is not None:
                 out[i] = head[:end]
         if progress and out:
             progress(len(out))
         todo = [i for i in range(len(prompts)) if i not in out]
         new = _hf_decode(model, tokenizer, [encoded[i] + heads.get(i, []) for i in todo], [stops[i] for i in todo],
-                         limits=[max_new_tokens - len(heads.get(i, [])) for i in todo],
+                         limits=[limits[i] - len(heads.get(i, [])) for i in todo],
                          carried=[len(heads.get(i, [])) for i in todo], batch_size=batch_size, cache=cache,
                          progress=progress)
         for i, (tail,) in zip(todo, new):
             out[i] = heads.get(i, []) + tail
-    return [_continuation(rule, tokenizer, out[i], stops[i], len(given[i]) if i in given else None,
+    return [_continuation(rule, tokenizer, out[i], stops[i], limits[i], len(given[i]) if i in given else None,
                           accepted.get(i, 0)) for i in range(len(prompts))]
 
 
 def _continuation(rule: StopRule, tokenizer: PreTrainedTokenizerBase, ids: list[int], answer_line: bool,
-                  draft_tokens: int | None = None, draft_accepted: int = 0) -> Continuation:
+                  limit: int, draft_tokens: int | None = None, draft_accepted: int = 0) -> Continuation:
     """`ids` cut at the continuation's stop (decoding leaves padding after it), and its text."""
-    end = rule.end(ids, answer_line)
+    end = rule.end(ids, answer_line, limit)
     ids = ids[:end] if end is not None else ids
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return Continuation(ids, truncate_after_answer(text) if answer_line else text, draft_tokens, draft_accepted)
@@ -298,10 +304,25 @@ def _per_prompt(stop_at_answer: bool | Sequence[bool], n: int) -> list[bool]:
     return stops
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
+def context_of(model: PreTrainedModel | VllmModel) -> int | None:
+    """The longest sequence `model` takes: the vLLM engine's `max_model_len`, or the context length
+    of the Hugging Face model's config (`overmem.models.context_length`; None: it names none)."""
+    if is_vllm(model):
+        return model.engine.settings["max_model_len"]
+    return context_length(model.config)
+
+
+def _budgets(model: PreTrainedModel | VllmModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+             max_prompt_tokens: int, max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Each prompt's token ids, cut to its last `max_prompt_tokens` (and context - 1) tokens, and
+    its continuation's token limit: `max_new_tokens`, or fewer where the context ends first."""
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
-    return [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    context = context_of(model)
+    keep = max_prompt_tokens if context is None else max(1, min(max_prompt_tokens, context - 1))
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-keep:] for p in prompts]
+    limits = [max_new_tokens if context is None else max(1, min(max_new_tokens, context - len(e))) for e in encoded]
+    return encoded, limits
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -375,9 +396,9 @@ def _hf_decode(
     return out
 
 
-def _generate_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, encoded: Sequence[list[int]], *,
-                   max_new_tokens: int, batch_size: int, sampling: tuple[float, float] | None, num_samples: int,
-                   seed: int, progress: Callable[[int], None] | None) -> list[list[list[int]]]:
+def _generate_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, encoded: Sequence[list[int]],
+                   limits: Sequence[int], *, batch_size: int, sampling: tuple[float, float] | None,
+                   num_samples: int, seed: int, progress: Callable[[int], None] | None) -> list[list[list[int]]]:
     """The continuations' token ids from the vLLM engine: the same prompt token ids, EOS as the one
     stop token. A continuation runs on past its answer line (vLLM has no stop rule of ours); the
     caller cuts it as the Hugging Face path is cut. Sampling seeds prompt i with `seed + i`."""
@@ -387,7 +408,8 @@ def _generate_vllm(model: VllmModel, tokenizer: PreTrainedTokenizerBase, encoded
     step = max(batch_size, VLLM_REQUEST)  # the engine batches by itself; this only paces progress reports
     for start in range(0, len(encoded), step):
         part = encoded[start : start + step]
-        out.extend(model.generate_ids(part, max_tokens=max_new_tokens, n=num_samples, temperature=temperature,
+        out.extend(model.generate_ids(part, max_tokens=list(limits[start : start + step]), n=num_samples,
+                                      temperature=temperature,
                                       top_p=top_p, seed=seed + start, stop_token_ids=stop))
         if progress:
             progress(len(part))

@@ -85,6 +85,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def context_length(config) -> int | None:  # config: a transformers PretrainedConfig
+    """The longest sequence a model takes, from its config (`max_position_embeddings`, or the
+    older names); None when the config names none. Both evaluation backends cut by it
+    (`overmem.generation.context_of`)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

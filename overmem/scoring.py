@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data.encoding import IGNORE, length_sorted_batches, pad_id_of, pad_right
 from .data.example import Example
+from .generation import context_of
 from .vllm_backend import VLLM_REQUEST, VllmModel, is_vllm
 
 # float32 log-probs below this are exp() == 0 exactly; clamping there keeps 0 * (-inf) out of mu/sigma.
@@ -198,12 +199,16 @@ def score_examples(
     """Teacher-forced scores of each example's reference response, in input order; `TokenStats`
     (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`).
 
-    An example longer than `max_length` tokens is scored with its prompt cut from the left (the
-    response whole when it fits) and is marked `truncated`; an empty response scores no token.
+    An example longer than `max_length` tokens, or than the model's context (`context_of`) less
+    one (the vLLM engine computes one token past the scored ones; both backends cut alike), is
+    scored with its prompt cut from the left (the response whole when it fits) and is marked
+    `truncated`; an empty response scores no token.
 
     `model` may be a vLLM handle (`overmem.vllm_backend.VllmModel`): the same token ids are then
     scored by the engine's prompt log-probs. vLLM has no vocabulary statistics: with `vocab_stats`
     the checkpoint is loaded with Hugging Face for this pass (and a note says so)."""
+    context = context_of(model)
+    max_length = max_length if context is None else min(max_length, context - 1)
     if is_vllm(model):
         if not vocab_stats:
             return _score_vllm(model, tokenizer, examples, batch_size=batch_size, max_length=max_length,

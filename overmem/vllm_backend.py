@@ -184,12 +184,15 @@ class VllmModel:
         self.engine.load(self.weights)
         return self.engine.request("score", ids=[list(x) for x in ids], start=list(start), lora=self.lora)
 
-    def generate_ids(self, prompts: Sequence[list[int]], *, max_tokens: int, n: int = 1, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, stop_token_ids: Sequence[int] = ()) -> list[list[list[int]]]:
-        """`n` continuations (token ids) of each prompt; greedy at temperature 0, else prompt i is
-        sampled with seed `seed + i`, so the same call gives the same tokens."""
+    def generate_ids(self, prompts: Sequence[list[int]], *, max_tokens: int | Sequence[int], n: int = 1,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     stop_token_ids: Sequence[int] = ()) -> list[list[list[int]]]:
+        """`n` continuations (token ids) of each prompt, of at most `max_tokens` tokens (one limit,
+        or one per prompt); greedy at temperature 0, else prompt i is sampled with seed `seed + i`,
+        so the same call gives the same tokens."""
         self.engine.load(self.weights)
-        return self.engine.request("generate", prompts=[list(p) for p in prompts], max_tokens=max_tokens, n=n,
+        limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+        return self.engine.request("generate", prompts=[list(p) for p in prompts], max_tokens=limits, n=n,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    stop_token_ids=list(stop_token_ids), lora=self.lora)
 
@@ -222,7 +225,9 @@ def engine_settings(cfg: RunConfig) -> dict[str, Any]:
     """The engine's settings for `cfg` (`eval.vllm`, the defaults filled in for this machine)."""
     import torch
 
-    from .models import engine_model_folder, resolve_dtype
+    from transformers import AutoConfig
+
+    from .models import context_length, engine_model_folder, resolve_dtype
 
     v, cuda = cfg.eval.vllm, torch.cuda.is_available()
     dtype = v.dtype or cfg.model.dtype
@@ -234,11 +239,20 @@ def engine_settings(cfg: RunConfig) -> dict[str, Any]:
         rank = next((r for r in LORA_RANKS if r >= rank), None)
     if (v.lora or ("adapter" if cuda else "merge")) == "merge":
         rank = None  # an engine without LoRA: adapters are merged and loaded in place
+    folder = engine_model_folder(cfg.model)
+    # The longest sequence evaluated, within the model's own context (vLLM refuses a longer
+    # max_model_len); `overmem.generation` cuts prompts and continuations to fit it.
+    longest = cfg.train.max_length + cfg.generation.max_new_tokens
+    try:  # a folder, or a hub model already downloaded: its config is read here without the network
+        context = context_length(AutoConfig.from_pretrained(folder, revision=cfg.model.revision, local_files_only=True,
+                                                            trust_remote_code=cfg.model.trust_remote_code))
+    except (OSError, ValueError):  # not here yet: the engine downloads it, and derives its own length
+        context = None
     return {
-        "model": engine_model_folder(cfg.model),
+        "model": folder,
         "revision": cfg.model.revision,
         "dtype": str(resolve_dtype(dtype)).removeprefix("torch."),
-        "max_model_len": v.max_model_len or cfg.train.max_length + cfg.generation.max_new_tokens,
+        "max_model_len": v.max_model_len or (longest if context is None else min(longest, context)),
         "gpu_memory_utilization": v.gpu_memory_utilization or (0.85 if cuda else 0.1),
         # On the CPU the share above must also hold the weights (0.92 of RAM fails; 0.1 is too little
         # for SmolLM2-135M beside a busy machine's other processes): a fixed KV cache size is robust.

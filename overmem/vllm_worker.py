@@ -17,7 +17,8 @@ pickle). Requests:
 - `score`: teacher-forced log-probabilities (`prompt_logprobs`) of `ids[i][start[i]:]` given the
   tokens before each, optionally under the LoRA adapter `lora` (a folder).
 - `generate`: continuations of token-id prompts (greedy at `temperature` 0), `n` per prompt, each
-  request seeded with `seed + i`; returns token ids, the caller decodes them.
+  request seeded with `seed + i`, at most `max_tokens[i]` tokens each; returns token ids, the caller
+  decodes them.
 - `stop`: reply, then exit.
 
 Token ids, not text, go both ways: the caller's tokenizer alone decides which tokens are scored.
@@ -113,11 +114,11 @@ class Engine:
             result.append([lps[t][x[t]].logprob for t in range(max(s, 1), len(x))])
         return result
 
-    def generate(self, prompts: list[list[int]], *, max_tokens: int, n: int, temperature: float, top_p: float,
+    def generate(self, prompts: list[list[int]], *, max_tokens: list[int], n: int, temperature: float, top_p: float,
                  seed: int, stop_token_ids: list[int], lora: str | None) -> list[list[list[int]]]:
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed + i,
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens[i], seed=seed + i,
                                  stop_token_ids=stop_token_ids, detokenize=False) for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
                                  lora_request=self._lora(lora))

@@ -72,3 +72,15 @@ def test_an_engine_that_cannot_start_is_one_line_and_leaves_nothing():
     assert not children  # the worker was stopped
     with pytest.raises(VllmError, match="eval.vllm.python: cannot run '/nonexistent/python'"):
         VllmEngine({"model": "x"}, "/nonexistent/python")
+
+
+def test_the_engine_length_is_within_the_models_context(tmp_path):
+    """A model of 256 positions: the engine's max_model_len is 256, not train.max_length +
+    generation.max_new_tokens (350), which vLLM would refuse; a longer context leaves 350."""
+    from transformers import LlamaConfig
+
+    for positions, want in ((256, 256), (4096, 350)):
+        folder = tmp_path / str(positions)
+        LlamaConfig(max_position_embeddings=positions).save_pretrained(folder)
+        cfg = _cfg().model_copy(update={"model": _cfg().model.model_copy(update={"name_or_path": str(folder)})})
+        assert engine_settings(cfg)["max_model_len"] == want

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from overmem.generation import DEFAULTS, AnswerLineStop, generate, truncate_after_answer
+from overmem.generation import DEFAULTS, AnswerLineStop, generate, generate_greedy, truncate_after_answer
 from tests.conftest import fixed_continuation, make_tiny_llama
 
 
@@ -104,3 +104,39 @@ def test_an_overlong_prompt_keeps_its_last_tokens(char_tokenizer):
     assert max(widths) == 64
     with pytest.raises(ValueError, match="max_prompt_tokens must be at least 1"):
         generate(model, char_tokenizer, ["a"], max_prompt_tokens=0)
+
+
+def test_nothing_runs_past_the_models_context(char_tokenizer):
+    """A model of 48 positions under limits meant for longer ones (prompts of 512, 30 new tokens):
+    a prompt keeps its last 47 tokens and a continuation ends where the context does; scoring cuts
+    the example's prompt to fit. No forward pass sees more than 48 positions."""
+    from overmem.data.example import Example
+    from overmem.scoring import score_examples
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(char_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=48, bos_token_id=1, eos_token_id=99,
+                                         pad_token_id=0)).eval()
+    positions = []
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        ids, cache = kwargs.get("input_ids"), kwargs.get("cache_position")
+        positions.append(int(cache[-1]) + 1 if cache is not None else ids.shape[1])
+        return out
+
+    model.forward = forward
+    long, short = "x" * 100, "y" * 20  # 101 and 21 tokens with BOS
+    got = generate_greedy(model, char_tokenizer, [long, short], max_new_tokens=30, max_prompt_tokens=512,
+                          stop_at_answer=False, cache="dynamic")
+    assert [len(c.ids) for c in got] == [1, 27]  # 47 + 1 and 21 + 27 = 48 positions
+    assert max(positions) <= 48
+    alone = generate_greedy(model, char_tokenizer, [short], max_new_tokens=27, stop_at_answer=False)
+    assert got[1].ids == alone[0].ids  # the same continuation, ended by the context instead of the limit
+    positions.clear()
+    (scored,) = score_examples(model, char_tokenizer, [Example(id="a", question=long, response="z" * 10, answer="")],
+                               max_length=512)
+    assert scored.truncated and scored.n_tokens == 10 and max(positions) <= 47  # as the vLLM engine: context - 1

@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from overmem.config import RunConfig
 from overmem.data.example import Example, format_prompt
-from overmem.generation import generate
+from overmem.generation import generate, generate_greedy
 from overmem.models import load_checkpoint, load_for_eval, load_model, load_tokenizer
 from overmem.scoring import score_examples
 from overmem.vllm_backend import choose_backend, close_engine, engine_for, lora_as_adapter, vllm_importable
@@ -290,3 +290,34 @@ def test_smollm2_on_gsm8k_matches_hugging_face(tmp_path):
     finally:
         close_engine()
     print(f"SmolLM2-135M: {agree}/4 greedy generations identical; perplexities within {worst:.1e} relative")
+
+
+def test_a_short_context_is_cut_alike_on_both_backends(tmp_path, char_tokenizer):
+    """A model of 64 positions under the default limits (prompts of train.max_length = 512 tokens,
+    512 new): the engine used to refuse to start ("max_model_len (1024) is greater than the derived
+    max_model_len"). Both backends now take the context from the model and cut alike: prompts of 100+
+    tokens keep their last 63, continuations end at the context; the same scores and generations."""
+    model = _tiny_llama(len(char_tokenizer), seed=3)
+    model.config.max_position_embeddings = 64
+    folder = tmp_path / "short"
+    model.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    cfg = RunConfig.model_validate({"model": {"name_or_path": str(folder), "dtype": "float32"},
+                                    "eval": {"backend": "vllm", "vllm": {"python": VLLM_PYTHON}}})
+    examples = toy_examples(4)
+    prompts = [format_prompt(ex.question) for ex in examples]
+    assert min(len(char_tokenizer(p)["input_ids"]) for p in prompts) > 64
+    try:
+        handle = load_for_eval(None, cfg)
+        assert handle.engine.settings["max_model_len"] == 64
+        v, h = (score_examples(m, char_tokenizer, examples, max_length=cfg.train.max_length) for m in (handle, model))
+        assert [s.truncated for s in v] == [s.truncated for s in h] == [True] * 4
+        assert [s.n_tokens for s in v] == [s.n_tokens for s in h]
+        assert max(abs(a.ppl - b.ppl) / b.ppl for a, b in zip(v, h)) < REL
+        kw = dict(max_new_tokens=cfg.generation.max_new_tokens, max_prompt_tokens=cfg.train.max_length,
+                  stop_at_answer=False)
+        gv, gh = generate_greedy(handle, char_tokenizer, prompts, **kw), generate_greedy(model, char_tokenizer,
+                                                                                         prompts, **kw)
+        assert [c.ids for c in gv] == [c.ids for c in gh] and all(len(c.ids) == 1 for c in gh)  # 63 + 1 positions
+    finally:
+        close_engine()
