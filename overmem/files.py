@@ -39,6 +39,15 @@ def check_file(path: Path, what: str = "file") -> None:
         raise FileNotFoundError(f"{what} {path} does not exist")
 
 
+def missing_folder(path: str | Path, what: str) -> Exception:
+    """The error for a folder that is not there: "PATH: WHAT not found", or, when something else is at
+    PATH, what it is ("PATH: WHAT expected, but it is a file")."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return ValueError(f"{path}: {what} expected, but it is {kind_of(p) or 'a file'}; give a folder")
+    return FileNotFoundError(f"{path}: {what} not found")
+
+
 def unreadable(path: Path, err: OSError) -> ValueError:
     """The error for a file that exists but cannot be read (permissions): not a place to write to."""
     return ValueError(f"{path}: unreadable ({err.strerror or err}); make it readable (chmod +r) or give another file")

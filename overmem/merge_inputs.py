@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .files import missing_folder
 from .models import open_safetensors
 from .results import ADAPTER_CONFIG, MODEL_CONFIG, read_json
 
@@ -41,7 +42,7 @@ def model_folder(name: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists() or str(name).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name}: model folder not found")
+        raise missing_folder(name, "model folder")
     from huggingface_hub import snapshot_download
 
     try:
@@ -254,7 +255,7 @@ def open_input(
     """Checkpoint folder `path` as a full checkpoint or a LoRA adapter, its weights open while
     the context lasts; `init` is the initial adapter of a base-changing init, or None."""
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: checkpoint folder not found")
+        raise missing_folder(path, "checkpoint folder")
     if (path / ADAPTER_CONFIG).is_file():
         with SafetensorsFolder(path, "adapter_model.safetensors") as store:
             yield _adapter_input(path, store, base.layout, init)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .files import missing_folder
 
 # Files and folders of a run.
 CONFIG = "config.yaml"
@@ -382,7 +383,7 @@ def find_checkpoints(folder: str | Path) -> list[Checkpoint]:
     folder = Path(folder)
     root = folder / CHECKPOINTS_DIR if (folder / CHECKPOINTS_DIR).is_dir() else folder
     if not root.is_dir():
-        raise FileNotFoundError(f"{folder}: folder not found")
+        raise missing_folder(folder, "folder")
     found = []
     for p in root.iterdir():
         if not p.is_dir() or not _CHECKPOINT_NAME.fullmatch(p.name):

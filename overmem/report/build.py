@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig, config_from_dict, read_yaml
-from ..files import read_text
+from ..files import missing_folder, read_text
 from ..phases import PHASES, PhaseReport, detect_run_phases
 from ..plotting import has_signals, plot_dynamics, plot_runs, plot_signals
 from ..results import RunDir, atomic_write_text, read_json
@@ -49,7 +49,7 @@ class RunResults:
     def load(cls, root: str | Path, label: str | None = None) -> RunResults:
         run = RunDir(root)
         if not run.root.is_dir():
-            raise FileNotFoundError(f"{run.root}: run folder not found")
+            raise missing_folder(run.root, "run folder")
         rows = run.read_dynamics(strict=True)  # a torn line, a NaN or a negative value is an error, not left out
         if not rows:
             raise FileNotFoundError(f"{run.dynamics}: no dynamics rows; run `overmem run` or `overmem scan` first")
