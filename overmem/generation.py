@@ -19,13 +19,15 @@ own token follows it, and decoding resumes only where that has not yet reached t
 stop (`StopRule`: EOS, the answer line, or `max_new_tokens`). A draft reproduced to its stop costs
 one forward pass instead of one decoding step per token. The result is the model's own greedy
 continuation whatever the draft; only where two top logits are equal to rounding can the batched
-pass and the step-by-step decoding pick different tokens (as two batch sizes can).
+pass and the step-by-step decoding pick different tokens (as two batch sizes can). The vLLM
+engine verifies with its prompt log-probs' top tokens and resumes decoding itself.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -186,11 +188,11 @@ _PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None,
 
 
 def drafts_are_exact(model: PreTrainedModel | VllmModel) -> bool:
-    """Whether `generate_greedy` can verify drafts on `model`: a Hugging Face model whose greedy token
-    is the argmax of its logits (no repetition penalty, minimum length, forced or forbidden tokens
-    in its generation_config). The vLLM backend decodes without drafts."""
+    """Whether `generate_greedy` can verify drafts on `model` by the argmax of its logits: a vLLM
+    handle (the engine decodes without the model's generation_config), or a Hugging Face model
+    with no repetition penalty, minimum length, forced or forbidden tokens in its generation_config."""
     if is_vllm(model):
-        return False
+        return True
     config = getattr(model, "generation_config", None)
     return config is None or all(getattr(config, k, None) in neutral for k, neutral in _PROCESSORS.items())
 
@@ -221,16 +223,17 @@ def generate_greedy(
     if drafts is not None and len(drafts) != len(prompts):
         raise ValueError(f"drafts: {len(drafts)} for {len(prompts)} prompts")
     rule = StopRule(tokenizer, max_new_tokens)
-    if is_vllm(model):
-        raw = [rows[0] for rows in _generate_vllm(model, tokenizer, encoded, limits, batch_size=batch_size,
-                                                  sampling=None, num_samples=1, seed=0, progress=progress)]
-        return [_continuation(rule, tokenizer, x, cut, limit) for x, cut, limit in zip(raw, stops, limits)]
-    with _evaluating(model):
-        vocab = model.get_output_embeddings().weight.shape[0]
-        given = {i: list(d)[: limits[i]] for i, d in enumerate(drafts or [])
-                 if d and all(0 <= t < vocab for t in d)} if drafts_are_exact(model) else {}
-        greedy = verify_drafts(model, {i: (encoded[i], d) for i, d in given.items()}, pad_id=_pad_id(tokenizer),
-                               batch_size=batch_size)
+    vllm = is_vllm(model)
+    with nullcontext() if vllm else _evaluating(model):
+        vocab = model.vocab_size() if vllm else model.get_output_embeddings().weight.shape[0]
+        # The engine computes one token past prompt + draft: a draft that fills the context loses its last token.
+        context = context_of(model)
+        room = [limits[i] - (vllm and len(encoded[i]) + limits[i] >= context) for i in range(len(encoded))]
+        given = {i: list(d)[: room[i]] for i, d in enumerate(drafts or [])
+                 if d and room[i] > 0 and all(0 <= t < (vocab or 0) for t in d)} if drafts_are_exact(model) else {}
+        seqs = {i: (encoded[i], d) for i, d in given.items()}
+        greedy = model.verify_drafts(seqs) if vllm else verify_drafts(model, seqs, pad_id=_pad_id(tokenizer),
+                                                                      batch_size=batch_size)
         heads: dict[int, list[int]] = {}  # each continuation's tokens known before decoding
         accepted: dict[int, int] = {}
         for i, d in given.items():
@@ -245,10 +248,15 @@ def generate_greedy(
         if progress and out:
             progress(len(out))
         todo = [i for i in range(len(prompts)) if i not in out]
-        new = _hf_decode(model, tokenizer, [encoded[i] + heads.get(i, []) for i in todo], [stops[i] for i in todo],
-                         limits=[limits[i] - len(heads.get(i, [])) for i in todo],
-                         carried=[len(heads.get(i, [])) for i in todo], batch_size=batch_size, cache=cache,
-                         progress=progress)
+        inputs = [encoded[i] + heads.get(i, []) for i in todo]
+        budgets = [limits[i] - len(heads.get(i, [])) for i in todo]
+        if vllm:  # the engine decodes past the answer line; `_continuation` cuts there
+            new = _generate_vllm(model, tokenizer, inputs, budgets, batch_size=batch_size, sampling=None,
+                                 num_samples=1, seed=0, progress=progress)
+        else:
+            new = _hf_decode(model, tokenizer, inputs, [stops[i] for i in todo], limits=budgets,
+                             carried=[len(heads.get(i, [])) for i in todo], batch_size=batch_size, cache=cache,
+                             progress=progress)
         for i, (tail,) in zip(todo, new):
             out[i] = heads.get(i, []) + tail
     return [_continuation(rule, tokenizer, out[i], stops[i], limits[i], len(given[i]) if i in given else None,

@@ -74,7 +74,8 @@ class VllmEngine:
             raise VllmError(f"eval.vllm.python: cannot run {self.python!r} ({err})") from None
         self.weights: str | None = None
         try:
-            self.pid = self._start(settings, start_timeout_s or VllmSettings().start_timeout_s)["pid"]
+            started = self._start(settings, start_timeout_s or VllmSettings().start_timeout_s)
+            self.pid, self.vocab_size = started["pid"], started.get("vocab_size")
         except BaseException:
             self.close()
             raise
@@ -195,6 +196,20 @@ class VllmModel:
         return self.engine.request("generate", prompts=[list(p) for p in prompts], max_tokens=limits, n=n,
                                    temperature=temperature, top_p=top_p, seed=seed,
                                    stop_token_ids=list(stop_token_ids), lora=self.lora)
+
+    def verify_drafts(self, seqs: dict[int, tuple[list[int], list[int]]]) -> dict[int, list[int]]:
+        """For each key's (prompt, draft): the greedy token after prompt + draft[:j], j = 0 ..
+        len(draft), from one prefill of prompt + draft (its prompt log-probs' top tokens)."""
+        if not seqs:
+            return {}
+        self.engine.load(self.weights)
+        keys = list(seqs)
+        tops = self.engine.request("greedy", ids=[seqs[k][0] + seqs[k][1] for k in keys],
+                                   start=[len(seqs[k][0]) for k in keys], lora=self.lora)
+        return dict(zip(keys, tops))
+
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
 
     def hf_model(self):  # -> PreTrainedModel
         """The same checkpoint loaded with Hugging Face (for what vLLM does not compute)."""

@@ -16,6 +16,8 @@ pickle). Requests:
   into the running engine (vLLM's `reload_weights`, as RL trainers do between steps).
 - `score`: teacher-forced log-probabilities (`prompt_logprobs`) of `ids[i][start[i]:]` given the
   tokens before each, optionally under the LoRA adapter `lora` (a folder).
+- `greedy`: the greedy next token after every position of `ids[i]` from `start[i] - 1` on (the
+  prompt log-probs' top token; the last from one decoding step): drafts verified in one pass.
 - `generate`: continuations of token-id prompts (greedy at `temperature` 0), `n` per prompt, each
   request seeded with `seed + i`, at most `max_tokens[i]` tokens each; returns token ids, the caller
   decodes them.
@@ -114,6 +116,23 @@ class Engine:
             result.append([lps[t][x[t]].logprob for t in range(max(s, 1), len(x))])
         return result
 
+    def greedy(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[int]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
+        prompts, request = [TokensPrompt(prompt_token_ids=x) for x in ids], self._lora(lora)
+        if self.score_one_by_one:
+            outs = [self.llm.generate([p], params, use_tqdm=False, lora_request=request)[0] for p in prompts]
+        else:
+            outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=request)
+        result = []
+        for x, s, out in zip(ids, start, outs):
+            lps = out.prompt_logprobs  # position t: {token: Logprob} of token t and the top token given tokens < t
+            top = [x[t] if lps[t][x[t]].rank == 1 else next(k for k, v in lps[t].items() if v.rank == 1)
+                   for t in range(s, len(x))]
+            result.append(top + [out.outputs[0].token_ids[0]])
+        return result
+
     def generate(self, prompts: list[list[int]], *, max_tokens: list[int], n: int, temperature: float, top_p: float,
                  seed: int, stop_token_ids: list[int], lora: str | None) -> list[list[list[int]]]:
         from vllm import SamplingParams, TokensPrompt
@@ -143,11 +162,13 @@ def serve(requests, reply) -> None:
                 return
             if op == "start":
                 engine = Engine(req)
-                result = {"pid": os.getpid()}
+                result = {"pid": os.getpid(), "vocab_size": engine.llm.llm_engine.model_config.get_vocab_size()}
             elif engine is None:
                 raise RuntimeError(f"{op!r} before 'start'")
             elif op == "load":
                 result = engine.load(req.get("weights"))
+            elif op == "greedy":
+                result = engine.greedy(req["ids"], req["start"], req.get("lora"))
             elif op == "score":
                 result = engine.score(req["ids"], req["start"], req.get("lora"))
             elif op == "generate":

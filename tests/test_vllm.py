@@ -292,6 +292,26 @@ def test_smollm2_on_gsm8k_matches_hugging_face(tmp_path):
     print(f"SmolLM2-135M: {agree}/4 greedy generations identical; perplexities within {worst:.1e} relative")
 
 
+def test_drafts_verified_by_the_engine_give_its_own_greedy_output(cfg, engine, char_tokenizer, folders):
+    """Greedy generations of the full checkpoint with drafts (the base's generations, its own, a
+    prefix of them, them twice over, empty, a wrong first token), verified by the engine's prompt
+    log-probs and resumed in the engine: always its plain greedy output."""
+    full = load_for_eval(folders["full"], cfg)
+    prompts = [format_prompt(ex.question) for ex in toy_examples(6)]
+    kw = dict(max_new_tokens=40, stop_at_answer=False)
+    plain = generate_greedy(full, char_tokenizer, prompts, **kw)
+    other = generate_greedy(load_for_eval(None, cfg), char_tokenizer, prompts, **kw)
+    vocab = len(char_tokenizer)
+    for drafts in ([c.ids for c in other], [c.ids for c in plain], [c.ids[: len(c.ids) // 2] for c in plain],
+                   [c.ids + c.ids for c in plain], [[] for _ in plain],
+                   [[(c.ids[0] + 1) % vocab, *c.ids[1:]] for c in plain]):
+        got = generate_greedy(full, char_tokenizer, prompts, drafts=drafts, **kw)
+        assert [c.ids for c in got] == [c.ids for c in plain]
+        assert [c.text for c in got] == [c.text for c in plain]
+    own = generate_greedy(full, char_tokenizer, prompts, drafts=[c.ids for c in plain], **kw)
+    assert all(c.draft_accepted == c.draft_tokens == len(c.ids) for c in own)
+
+
 def test_a_short_context_is_cut_alike_on_both_backends(tmp_path, char_tokenizer):
     """A model of 64 positions under the default limits (prompts of train.max_length = 512 tokens,
     512 new): the engine used to refuse to start ("max_model_len (1024) is greater than the derived
