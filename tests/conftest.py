@@ -153,3 +153,17 @@ def hand_made_run(run: Path, model_dir: Path, tokenizer, *, train: str, tests: d
         json.dumps({"checkpoint": c, "split": "test", "accuracy": a}) + "\n" for c, a in accuracies.items()))
     return run
 
+
+def processes_named(token: str) -> list[int]:
+    """Live processes called `token`; zombies (killed, waiting for init to reap them) do not count."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if fields.get("Name", "").strip() == token and not fields.get("State", "").strip().startswith("Z"):
+                found.append(int(entry.name))
+    return found

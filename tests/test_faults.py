@@ -25,7 +25,8 @@ from overmem.data.readers import load_file
 from overmem.data.example import Example
 from overmem.dynamics import evaluate_checkpoint
 from overmem.results import RunDir, read_jsonl, write_jsonl
-from tests.conftest import DATA_DIR, make_tiny_llama, random_lora_adapter, toy_examples, write_toy_jsonl
+from tests.conftest import (DATA_DIR, make_tiny_llama, processes_named, random_lora_adapter, toy_examples,
+                            write_toy_jsonl)
 
 # ---- code grading: a forged pass, programs outliving their grader ------------------------------
 
@@ -50,20 +51,6 @@ def _humaneval_generations(path, template, n=2, **fields):
     write_jsonl(path, [{"id": p["task_id"], "generation": template.format(entry=p["entry_point"], **fields)}
                        for p in problems])
     return path
-
-
-def _named(token):
-    """Live (not zombie) processes called `token`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields.get("Name", "").strip() == token and not fields.get("State", "").strip().startswith("Z"):
-            found.append(int(entry.name))
-    return found
 
 
 def _wait_for(condition, seconds=60.0):
@@ -105,7 +92,7 @@ def _grade_sleepers(tmp_path, token):
             "--generations", str(gens), "--out", str(tmp_path / "grades.json"), "--timeout", "100"]
     grader = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Both programs and their daemons are up (4 processes), or the test cannot tell anything.
-    assert _wait_for(lambda: len(_named(token)) >= 4), (_named(token), grader.poll())
+    assert _wait_for(lambda: len(processes_named(token)) >= 4), (processes_named(token), grader.poll())
     return grader
 
 
@@ -116,7 +103,7 @@ def test_grade_sigterm_kills_its_programs_and_leaves_nothing(tmp_path):
     grader.send_signal(signal.SIGTERM)
     _, err = grader.communicate(timeout=60)
     assert grader.returncode == 143 and "terminated; re-run the same command" in err, err
-    assert _named(token) == [] and _leftovers(grader.pid) == []
+    assert processes_named(token) == [] and _leftovers(grader.pid) == []
     assert not (tmp_path / "grades.json").exists()
 
 
@@ -127,8 +114,8 @@ def test_grade_sigkill_its_supervisors_kill_its_programs(tmp_path):
     grader.kill()
     grader.communicate(timeout=60)
     # The kernel tells each program's supervisor that the grader died; it takes the program down.
-    assert _wait_for(lambda: _named(token) == [] and _leftovers(grader.pid) == [], 30), (_named(token),
-                                                                                          _leftovers(grader.pid))
+    gone = _wait_for(lambda: processes_named(token) == [] and _leftovers(grader.pid) == [], 30)
+    assert gone, (processes_named(token), _leftovers(grader.pid))
 
 
 @needs_humaneval
@@ -144,12 +131,12 @@ def test_grade_killed_with_its_supervisors_is_cleaned_by_the_next_grade(tmp_path
     assert left, "the test needs leftovers to clean"
     from overmem.sandbox import SANDBOX_UID, clean_leftovers
 
-    programs = _named(token)
+    programs = processes_named(token)
     sandbox_uids = all(SANDBOX_UID <= Path(f"/proc/{pid}").stat().st_uid for pid in programs)
     clean_leftovers()  # what the next grade on this machine does first
     assert [p for p in left if p.exists()] == []
     if os.geteuid() == 0 and sandbox_uids:  # programs of an unprivileged uid of their own: found by it
-        assert _wait_for(lambda: _named(token) == [], 10), _named(token)
+        assert _wait_for(lambda: processes_named(token) == [], 10), processes_named(token)
 
 
 # ---- training: settings the Trainer checks, divergence, kills ---------------------------------

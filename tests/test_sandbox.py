@@ -19,6 +19,7 @@ import pytest
 
 from overmem import sandbox
 from overmem.sandbox import Limits, run_programs, run_tests, select_isolation
+from tests.conftest import processes_named
 
 LIMITS = Limits(timeout_s=4, memory_mb=512)
 
@@ -53,21 +54,6 @@ for _ in range(500):
 print("forked", n, flush=True)
 time.sleep(60)
 """
-
-
-def _processes_named(token: str) -> list[int]:
-    """Live processes called `token`; zombies (killed, waiting for init to reap them) do not count."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            if fields.get("Name", "").strip() == token and not fields.get("State", "").strip().startswith("Z"):
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize(("tool", "cgroup"), [(tool, True) for tool in sandbox.TOOLS] + [("none", False)])
@@ -115,7 +101,7 @@ def test_hostile_programs_are_contained(tool, cgroup, tmp_path, monkeypatch):
     # The bomb sleeps after forking: it times out, and not one of its children is left.
     bomb = outcomes["fork_bomb"]
     assert bomb.status == "timeout"
-    assert _processes_named(token) == []
+    assert processes_named(token) == []
     if iso.pids_cgroup or iso.drop_user:  # a process limit applies: the bomb stopped early
         forked = int(bomb.stdout.split()[1])
         assert forked < LIMITS.max_processes <= 500
