@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -148,7 +149,8 @@ def run_demo(
     wall = time.perf_counter() - t0
     print()
     where = "shipped with overmem" if shipped else f"{t_base:.0f} s, cached"
-    print(f"overmem demo finished in {wall:.0f} s (base model: {where}, in {base})")
+    shown = os.path.relpath(base) if not os.path.relpath(base).startswith("..") else str(base)
+    print(f"overmem demo finished in {wall:.0f} s (base model: {where}, in {shown})")
     print(f"test accuracy: best {check.best_accuracy:.3f}, last {check.last_accuracy:.3f}; "
           f"test perplexity: min {check.min_ppl:.3f}, last {check.last_ppl:.3f} ({check.ppl_ratio:.2f}x)")
     for what, ok in check.passed.items():

@@ -74,3 +74,22 @@ def test_demo_checks_count_values_on_the_threshold_as_passing():
     below = DemoCheck(best_accuracy=1.0, last_accuracy=0.945, min_ppl=1.1, last_ppl=2.19,
                       late_labels=["over_memorized", "overfitting"]).passed
     assert list(below.values()) == [True, False, False, False]
+
+
+def test_bench_demo_reads_the_readmes_table_and_prints_the_difference():
+    """benchmarks/bench_demo.py compares with the README's demo table, which it reads (seed 0 at least)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_demo", root / "benchmarks" / "bench_demo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    readme = bench.readme_figures((root / "README.md").read_text())
+    row = readme[0]
+    assert row["checks"] == 4 and row["ratio"] == round(row["last_ppl"] / row["min_ppl"], 2)
+    same = bench.difference(dict(row), row)
+    assert "the README's figures exactly" in same and "last ppl +0.000" in same
+    moved = bench.difference({**row, "last": row["last"] + 0.01, "wall": row["wall"] - 30}, row)
+    assert "differs from the README" in moved and "last acc +0.010" in moved and "wall -30 s" in moved
+    assert "no README row" in bench.difference(dict(row), None)
