@@ -90,7 +90,7 @@ def test_hostile_programs_are_contained(tool, cgroup, tmp_path, monkeypatch):
         "read_env": "import os\nprint(os.environ['OVERMEM_TEST_TOKEN'])",
         "good_last": "def f(x):\n    return x * 2\nassert f(3) == 6",
     }
-    before = set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*"))
+    before = _our_folders()
     outcomes = dict(zip(programs, run_programs(list(programs.values()), limits=LIMITS, isolation=iso, workers=4)))
     server_got = _accepted(server)
     server.close()
@@ -115,9 +115,14 @@ def test_hostile_programs_are_contained(tool, cgroup, tmp_path, monkeypatch):
     if iso.tool in ("bwrap", "unshare"):  # a network namespace of its own: our loopback is not reachable
         assert outcomes["socket"].status == "error" and not server_got
     # Nothing is left behind: no folder, no cgroup.
-    assert set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*")) == before
+    assert _our_folders() == before
     cgroups = Path("/sys/fs/cgroup/pids")
     assert not list(cgroups.glob(f"overmem-{os.getpid()}-*")) if cgroups.is_dir() else True
+
+
+def _our_folders() -> set[Path]:
+    """This process's program folders (other processes on the machine may be grading too)."""
+    return set(Path(tempfile.gettempdir()).glob(f"{sandbox.FOLDER_PREFIX}{os.getpid()}-*"))
 
 
 def _accepted(server: socket.socket) -> bool:
@@ -157,7 +162,7 @@ def test_isolation_is_described():
 
 def test_a_program_that_cannot_start_leaves_nothing(monkeypatch):
     iso = select_isolation()
-    before = set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*"))
+    before = _our_folders()
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -165,7 +170,7 @@ def test_a_program_that_cannot_start_leaves_nothing(monkeypatch):
     monkeypatch.setattr(sandbox.subprocess, "Popen", refuse)
     with pytest.raises(PermissionError):
         run_programs(["print(1)"], isolation=iso)
-    assert set(Path(tempfile.gettempdir()).glob("overmem-sandbox-*")) == before
+    assert _our_folders() == before
     cgroups = Path("/sys/fs/cgroup/pids")
     assert not list(cgroups.glob(f"overmem-{os.getpid()}-*")) if cgroups.is_dir() else True
 
