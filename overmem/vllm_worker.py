@@ -101,32 +101,27 @@ class Engine:
         self.weights = weights
         return {"reloaded": True}
 
-    def score(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[float]]:
+    def _prompt_pass(self, ids: list[list[int]], lora: str | None, top: int) -> list:
+        """One teacher-forced pass over each of `ids` (and one decoded token): the engine's outputs,
+        with the prompt log-prob of every token and of the `top` most likely ones at each position."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top, detokenize=False)
         prompts, request = [TokensPrompt(prompt_token_ids=x) for x in ids], self._lora(lora)
         if self.score_one_by_one:
-            outs = [self.llm.generate([p], params, use_tqdm=False, lora_request=request)[0] for p in prompts]
-        else:
-            outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=request)
+            return [self.llm.generate([p], params, use_tqdm=False, lora_request=request)[0] for p in prompts]
+        return self.llm.generate(prompts, params, use_tqdm=False, lora_request=request)
+
+    def score(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[float]]:
         result = []
-        for x, s, out in zip(ids, start, outs):
+        for x, s, out in zip(ids, start, self._prompt_pass(ids, lora, 0)):
             lps = out.prompt_logprobs  # position t: {token: Logprob} of token t given tokens < t
             result.append([lps[t][x[t]].logprob for t in range(max(s, 1), len(x))])
         return result
 
     def greedy(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[int]]:
-        from vllm import SamplingParams, TokensPrompt
-
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
-        prompts, request = [TokensPrompt(prompt_token_ids=x) for x in ids], self._lora(lora)
-        if self.score_one_by_one:
-            outs = [self.llm.generate([p], params, use_tqdm=False, lora_request=request)[0] for p in prompts]
-        else:
-            outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=request)
         result = []
-        for x, s, out in zip(ids, start, outs):
+        for x, s, out in zip(ids, start, self._prompt_pass(ids, lora, 1)):
             lps = out.prompt_logprobs  # position t: {token: Logprob} of token t and the top token given tokens < t
             top = [x[t] if lps[t][x[t]].rank == 1 else next(k for k, v in lps[t].items() if v.rank == 1)
                    for t in range(s, len(x))]
