@@ -40,6 +40,7 @@ from .cli_inputs import (
 )
 from .config import ConfigError, RunConfig, load_config
 from .distributed import RankFailed, is_main
+from .overlap import TrackerFailed
 from .results import CHECKPOINTS_DIR, RunDir, find_checkpoints, resolve_checkpoints
 from .runlock import run_lock
 from .sandbox import SandboxUnavailable
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, SandboxUnavailable, VllmError, _judge_error()) as err:  # failures, not bad input
+    except (TrainingDiverged, TrackerFailed, SandboxUnavailable, VllmError, _judge_error()) as err:  # failures
         if os.environ.get("OVERMEM_DEBUG"):
             raise
         print(f"overmem {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -236,6 +236,10 @@ class EvalConfig(_Strict):
         "hf", description="checkpoint evaluation (scoring and generation): Hugging Face, vLLM, or vLLM when it is "
         "installed and runs the model (`auto`)")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
+    overlap: bool = Field(
+        False, description="during `run`, evaluate each checkpoint in a second process while training goes on (the "
+        "same results; for CPUs whose training leaves cores idle; one process, Hugging Face backend; "
+        "`overmem.overlap`)")
 
 
 class PhaseRule(_Strict):

@@ -238,8 +238,13 @@ def evaluate_checkpoint(
             write_jsonl(run.samples(checkpoint, split), samples), append_jsonl(run.dynamics, row)))
         new_rows.append(row)
         if not quiet and is_main():
-            acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-            ppl = "-" if row["ppl"] is None else f"{row['ppl']:.3f}"
-            cut = "".join(f", {row[k]} {k[2:]}" for k in ("n_truncated", "n_skipped") if k in row)
-            tqdm.write(f"{checkpoint:>12} {split:>12}  ppl {ppl}  acc {acc}  (n={row['n']}{cut})")
+            tqdm.write(summary_line(row))
     return new_rows
+
+
+def summary_line(row: Mapping[str, Any]) -> str:
+    """The line printed for a split's dynamics row."""
+    acc = "-" if row.get("accuracy") is None else f"{row['accuracy']:.3f}"
+    ppl = "-" if row.get("ppl") is None else f"{row['ppl']:.3f}"
+    cut = "".join(f", {row[k]} {k[2:]}" for k in ("n_truncated", "n_skipped") if k in row)
+    return f"{row['checkpoint']:>12} {row['split']:>12}  ppl {ppl}  acc {acc}  (n={row['n']}{cut})"

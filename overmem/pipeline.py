@@ -105,6 +105,10 @@ def _eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
 def _check_backend(cfg: RunConfig) -> None:
     """Several processes share evaluation out with the Hugging Face backend; a vLLM engine (one per
     process, `eval.vllm.tensor_parallel_size` GPUs) is for a command run in one process."""
+    if cfg.eval.overlap and (world_size() > 1 or cfg.eval.backend != "hf"):
+        raise ConfigError(f"eval.overlap: tracking in a second process is for a run in one process with "
+                          f"eval.backend=hf (here {world_size()} process(es), eval.backend={cfg.eval.backend!r}); "
+                          "set eval.overlap=false, or eval.backend=hf and launch one process")
     if world_size() > 1 and cfg.eval.backend != "hf":
         raise ConfigError(f"eval.backend: {cfg.eval.backend!r} with {world_size()} processes; launched on several "
                           "processes, overmem shares evaluation out with the Hugging Face backend: set "
@@ -154,12 +158,11 @@ def run(cfg: RunConfig) -> RunDir:
         run_dir.record_timing("load data and model", time.perf_counter() - t0)
 
     on_main(create)
-    ev = _eval_kwargs(cfg, splits.tracked)
-    evaluate_checkpoint(_for_eval(model, None, cfg), tokenizer, splits.tracked, run_dir, checkpoint=BASE, epoch=0,
-                        step=0, **ev)
-
     trained = main_value(lambda: all(run_dir.checkpoint(epoch_name(e)).exists()
                                      for e in range(1, cfg.train.epochs + 1)))
+    if trained or not cfg.eval.overlap:  # else the second process evaluates the base while epoch 1 trains
+        evaluate_checkpoint(_for_eval(model, None, cfg), tokenizer, splits.tracked, run_dir, checkpoint=BASE,
+                            epoch=0, step=0, **_eval_kwargs(cfg, splits.tracked))
     if not trained:
         _train_and_track(cfg, model, tokenizer, splits.train, splits.tracked, run_dir)
     del model
@@ -184,7 +187,8 @@ def _train_and_track(
     cfg: RunConfig, model: Any, tokenizer: Any, train: Sequence[Example], tracked: Mapping[str, Sequence[Example]],
     run_dir: RunDir,
 ) -> None:
-    """Finetune, evaluating each checkpoint while the trained model is still in memory.
+    """Finetune, evaluating each checkpoint while the trained model is still in memory, or with
+    `eval.overlap` in a second process while training goes on (`overmem.overlap`).
 
     A diverged training (a non-finite training loss, or a checkpoint whose losses are not finite)
     raises `TrainingDiverged` after writing the phases, selection and report of the checkpoints
@@ -193,28 +197,72 @@ def _train_and_track(
 
     ev = _eval_kwargs(cfg, tracked)
     eval_seconds = 0.0
+    tracker = _start_tracker(cfg, tracked, run_dir) if cfg.eval.overlap else None
 
     def track(name: str, m: Any, state: Any) -> None:
         nonlocal eval_seconds
+        if tracker is not None:
+            tracker.submit(name, run_dir.checkpoint(name), round(state.epoch, 4), state.global_step)
+            _stop_if_diverged(tracker.poll(), cfg)
+            return
         t = time.perf_counter()
         rows = evaluate_checkpoint(_for_eval(m, run_dir.checkpoint(name), cfg), tokenizer, tracked, run_dir,
                                    checkpoint=name, epoch=round(state.epoch, 4),
                                    step=state.global_step, **ev)
         eval_seconds += time.perf_counter() - t
-        bad = [f"{r['non_finite']} of {r['n']} on {r['split']}" for r in rows if r.get("non_finite")]
-        if bad:  # every later checkpoint would be as broken
-            raise TrainingDiverged(f"by step {state.global_step}: {name} has non-finite losses ({', '.join(bad)})",
-                                   cfg.train.lr)
+        _stop_if_diverged(rows, cfg)
 
     t0 = time.perf_counter()
     try:
         finetune(cfg, model, tokenizer, train, run_dir, on_checkpoint=track)
+        seconds = time.perf_counter() - t0 - eval_seconds
+        on_main(lambda: run_dir.record_timing("train", seconds,
+                                              "training and checkpoint saving, without the evaluations during it"))
+        if tracker is not None:
+            t = time.perf_counter()
+            _stop_if_diverged(tracker.close(progress=not cfg.quiet), cfg)
+            waited = time.perf_counter() - t
+            on_main(lambda: run_dir.record_timing(
+                "track (second process)", tracker.seconds,
+                f"evaluating the base and every checkpoint while training went on; {waited:.1f} s of it after"))
     except TrainingDiverged:  # every rank stops at the same step (see OvermemTrainer.training_step)
+        if tracker is not None:
+            tracker.stop()
         on_main(lambda: _finish_diverged(run_dir, cfg))
         raise
-    seconds = time.perf_counter() - t0 - eval_seconds
-    on_main(lambda: run_dir.record_timing("train", seconds,
-                                          "training and checkpoint saving, without the evaluations during it"))
+    finally:
+        if tracker is not None:
+            tracker.stop()
+
+
+def _start_tracker(cfg: RunConfig, tracked: Mapping[str, Sequence[Example]], run_dir: RunDir) -> Any:
+    """The second process of `eval.overlap`, given first the base model and the checkpoints an
+    interrupted run saved but did not evaluate (in order: each one's drafts are the previous one's)."""
+    import torch
+
+    from .overlap import OverlapTracker
+
+    done = run_dir.done()
+    tracker = OverlapTracker(cfg, tracked, threads=torch.get_num_threads(), quiet=cfg.quiet)
+    if any((BASE, split) not in done for split in tracked):
+        tracker.submit(BASE, None, 0, 0)
+    try:
+        saved = find_checkpoints(run_dir.root) if run_dir.checkpoints.is_dir() else []
+    except FileNotFoundError:  # none saved yet
+        saved = []
+    for ckpt in saved:
+        if any((ckpt.name, split) not in done for split in tracked):
+            tracker.submit(ckpt.name, ckpt.path, ckpt.epoch, ckpt.step)
+    return tracker
+
+
+def _stop_if_diverged(rows: Sequence[Mapping[str, Any]], cfg: RunConfig) -> None:
+    """Every checkpoint after one with non-finite losses would be as broken: stop training."""
+    bad = [r for r in rows if r.get("non_finite")]
+    if bad:
+        where = ", ".join(f"{r['non_finite']} of {r['n']} on {r['split']}" for r in bad)
+        raise TrainingDiverged(f"by step {bad[0]['step']}: {bad[0]['checkpoint']} has non-finite losses ({where})",
+                               cfg.train.lr)
 
 
 def _finish_diverged(run_dir: RunDir, cfg: RunConfig) -> None:

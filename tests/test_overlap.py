@@ -1,0 +1,118 @@
+"""`eval.overlap`: checkpoints tracked in a second process while training goes on (overmem.overlap)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from overmem.cli import main
+from overmem.config import config_from_dict
+from overmem.data.example import Example
+from overmem.overlap import OverlapTracker, TrackerFailed
+from overmem.results import read_jsonl
+from tests.test_reuse import _run_args
+
+
+def _rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(run / "dynamics.jsonl")]
+
+
+@pytest.mark.slow
+def test_a_run_with_overlap_writes_the_rows_of_a_run_without(tiny_model_dir, toy_jsonl, tmp_path, one_thread):
+    plain, overlapped = tmp_path / "plain", tmp_path / "overlapped"
+    assert main(["run", *_run_args(tiny_model_dir, toy_jsonl, plain)]) == 0
+    assert main(["run", *_run_args(tiny_model_dir, toy_jsonl, overlapped, "eval.overlap=true")]) == 0
+    want = _rows(plain)
+    assert [r["checkpoint"] for r in want] == [c for c in ("epoch-0", "epoch-1", "epoch-2", "epoch-3")
+                                               for _ in range(3)]
+    assert _rows(overlapped) == want  # every figure, draft counts included, bit for bit
+    for name in ("phases.json", "selection.json"):
+        assert json.loads((overlapped / name).read_text()) == json.loads((plain / name).read_text())
+    for ckpt in ("epoch-0", "epoch-3"):  # the generations themselves
+        for split in ("train", "validation", "test"):
+            mine, theirs = (read_jsonl(run / "samples" / ckpt / f"{split}.jsonl") for run in (overlapped, plain))
+            assert [s["generation_ids"] for s in mine] == [s["generation_ids"] for s in theirs]
+    stages = {t["stage"]: t for t in json.loads((overlapped / "timings.json").read_text())}
+    assert stages["track (second process)"]["seconds"] == pytest.approx(
+        sum(r["seconds"] for r in read_jsonl(overlapped / "dynamics.jsonl")), abs=0.01)
+    assert "track (second process)" not in {t["stage"] for t in json.loads((plain / "timings.json").read_text())}
+
+
+@pytest.mark.parametrize("backend", ["vllm", "auto"])
+def test_overlap_needs_the_hugging_face_backend(tiny_model_dir, toy_jsonl, tmp_path, capsys, backend):
+    out = tmp_path / "run"
+    code = main(["run", *_run_args(tiny_model_dir, toy_jsonl, out, "eval.overlap=true", f"eval.backend={backend}")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval.overlap" in err and "eval.backend=hf" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_failing_worker_is_a_one_line_error_and_ends(tmp_path, one_thread):
+    cfg = config_from_dict({"model": {"name_or_path": str(tmp_path / "no-such-model")}, "out_dir": str(tmp_path / "r"),
+                            "quiet": True})
+    tracker = OverlapTracker(cfg, {"test": [Example(id="a", question="1+1?", response="2\n#### 2", answer="2")]},
+                             threads=1)
+    try:
+        tracker.submit("epoch-0", None, 0, 0)
+        with pytest.raises(TrackerFailed, match="no-such-model") as err:
+            for _ in range(120):
+                tracker.poll(timeout=1.0)
+        assert "\n" not in str(err.value)
+        tracker.process.join(30)
+        assert not tracker.process.is_alive()
+    finally:
+        tracker.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_the_worker_ends_with_the_run_and_a_rerun_finishes(tiny_model_dir, toy_jsonl, tmp_path, how):
+    # No one_thread fixture: the reference trains here and the run in a subprocess, on as many threads.
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main(["run", *_run_args(tiny_model_dir, toy_jsonl, ref)]) == 0
+    cmd = [sys.executable, "-m", "overmem.cli", "run", *_run_args(tiny_model_dir, toy_jsonl, out, "eval.overlap=true")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    workers: list[int] = []
+    while not workers or not (out / "dynamics.jsonl").exists():  # the worker has started evaluating
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was stopped"
+        workers = workers or _children(proc.pid)
+        time.sleep(0.01)
+    proc.send_signal(how)
+    assert proc.wait(60) == (-signal.SIGKILL if how == signal.SIGKILL else 143)
+    deadline = time.monotonic() + 30
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, workers)), "the tracking process outlived the run"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _rows(out) == _rows(ref)
