@@ -17,10 +17,11 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import EvalConfig, GenerationConfig
+from .config import EvalConfig, GenerationConfig, RunConfig
 from .data.answers import is_correct
 from .data.code import can_check, check_generations
 from .data.example import Example, format_prompt
+from .data.splits import TRAIN, VALIDATION
 from .distributed import evaluate_sharded, is_main, main_value, on_main
 from .generation import generate_greedy
 from .intervals import bootstrap_ci
@@ -187,6 +188,14 @@ def draft_totals(samples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
         return {}
     return {"draft_tokens": sum(s["draft_tokens"] for s in drafted),
             "draft_accepted": sum(s["draft_accepted"] for s in drafted)}
+
+
+def eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
+    """`evaluate_checkpoint`'s settings from a run config; test splits keep per-token losses for the
+    report's token view."""
+    tests = [s for s in tracked if s not in (TRAIN, VALIDATION)]
+    return dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet,
+                token_splits=tests)
 
 
 def evaluate_checkpoint(

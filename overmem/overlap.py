@@ -64,9 +64,8 @@ def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], threads: int,
         import torch
 
         from .config import RunConfig
-        from .dynamics import evaluate_checkpoint
+        from .dynamics import eval_kwargs, evaluate_checkpoint
         from .models import load_for_eval, load_tokenizer, quiet_libraries, release_memory
-        from .pipeline import _eval_kwargs
         from .results import RunDir
 
         torch.set_num_threads(threads)
@@ -74,7 +73,7 @@ def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], threads: int,
         quiet_libraries(True)
         run = RunDir(cfg.out_dir)
         tokenizer = load_tokenizer(cfg.model)
-        ev = {**_eval_kwargs(cfg, tracked), "quiet": True}
+        ev = {**eval_kwargs(cfg, tracked), "quiet": True}
         while (job := jobs.get()) is not None:
             name, path, epoch, step = job
             model = load_for_eval(path, cfg)

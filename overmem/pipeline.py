@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from .config import ConfigError, RunConfig, dump_config, read_yaml
 from .data.code import ensure_sandbox
 from .data.example import Example
-from .data.splits import TRAIN, VALIDATION, derive_splits, load_spec
+from .data.splits import derive_splits, load_spec
 from .distributed import evaluate_sharded, is_main, main_value, on_main, setup, world_size
-from .dynamics import evaluate_checkpoint, evaluate_examples, split_summary
+from .dynamics import eval_kwargs, evaluate_checkpoint, evaluate_examples, split_summary
 from .models import (
     adapter_base,
     is_adapter,
@@ -95,13 +95,6 @@ def _check_lost_checkpoints(run: RunDir, cfg: RunConfig) -> None:
                           "again; restore the checkpoint, or start the run afresh in a new --out folder")
 
 
-def _eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
-    """Evaluation settings; test splits keep per-token losses for the report's token view."""
-    tests = [s for s in tracked if s not in (TRAIN, VALIDATION)]
-    return dict(eval_cfg=cfg.eval, gen_cfg=cfg.generation, max_length=cfg.train.max_length, quiet=cfg.quiet,
-                token_splits=tests)
-
-
 def _check_backend(cfg: RunConfig) -> None:
     """Several processes share evaluation out with the Hugging Face backend; a vLLM engine (one per
     process, `eval.vllm.tensor_parallel_size` GPUs) is for a command run in one process."""
@@ -162,7 +155,7 @@ def run(cfg: RunConfig) -> RunDir:
                                      for e in range(1, cfg.train.epochs + 1)))
     if trained or not cfg.eval.overlap:  # else the second process evaluates the base while epoch 1 trains
         evaluate_checkpoint(_for_eval(model, None, cfg), tokenizer, splits.tracked, run_dir, checkpoint=BASE,
-                            epoch=0, step=0, **_eval_kwargs(cfg, splits.tracked))
+                            epoch=0, step=0, **eval_kwargs(cfg, splits.tracked))
     if not trained:
         _train_and_track(cfg, model, tokenizer, splits.train, splits.tracked, run_dir)
     del model
@@ -195,7 +188,7 @@ def _train_and_track(
     finished before it."""
     from .train.trainer import finetune
 
-    ev = _eval_kwargs(cfg, tracked)
+    ev = eval_kwargs(cfg, tracked)
     eval_seconds = 0.0
     tracker = _start_tracker(cfg, tracked, run_dir) if cfg.eval.overlap else None
 
@@ -311,7 +304,7 @@ def scan_checkpoints(
     folder: str | Path | None = None,
 ) -> None:
     """Evaluate every checkpoint (and the base as epoch 0) not yet in the dynamics."""
-    ev = _eval_kwargs(cfg, tracked)
+    ev = eval_kwargs(cfg, tracked)
     done = main_value(run_dir.done)
     todo = main_value(lambda: [c for c in find_checkpoints(folder or run_dir.root)
                                if any((c.name, s) not in done for s in tracked)]
