@@ -18,13 +18,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import EvalConfig, GenerationConfig, RunConfig
-from .data.answers import is_correct
-from .data.code import can_check, check_generations
+from .data.code import can_check, check_answers
 from .data.example import Example, format_prompt
 from .data.splits import TRAIN, VALIDATION
 from .distributed import evaluate_sharded, is_main, main_value, on_main
 from .generation import generate_greedy
-from .intervals import bootstrap_ci
+from .intervals import accuracy_interval
 from .results import RunDir, append_jsonl, read_jsonl, write_jsonl
 from .scoring import TokenScores, response_pieces, score_examples
 
@@ -57,8 +56,8 @@ def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) ->
     }
     correct = [float(s["correct"]) for s in samples if "correct" in s]  # open-ended examples have none
     if correct:
-        low, high = bootstrap_ci(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
-        row.update(accuracy=float(np.mean(correct)), accuracy_ci_low=low, accuracy_ci_high=high)
+        accuracy, low, high = accuracy_interval(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
+        row.update(accuracy=accuracy, accuracy_ci_low=low, accuracy_ci_high=high)
     counts = {"non_finite": sum(not math.isfinite(p) for p in ppls),
               "n_truncated": sum(s["truncated"] for s in samples), "n_skipped": len(samples) - len(ppls),
               "n_unchecked": len(samples) - len(correct) if correct else 0}
@@ -154,16 +153,11 @@ def evaluate_examples(
             row["generation_ids"] = out.ids
             if out.draft_tokens is not None:
                 row.update(draft_tokens=out.draft_tokens, draft_accepted=out.draft_accepted)
-        code = [(row, ex, text) for (row, ex), text in zip(checked, texts) if ex.kind == "code"]
-        for (row, ex), text in zip(checked, texts):
-            if ex.kind != "code":
-                extracted, ok = is_correct(text, ex.answer, ex.kind)
-                row.update(generation=text, extracted=extracted, correct=ok)
-        if code:  # code is correct when its tests pass, run in parallel sandboxes
-            runs = check_generations([ex for _, ex, _ in code], [text for _, _, text in code])
-            for (row, _, text), run in zip(code, runs):
-                row.update(generation=text, extracted=run.program, correct=run.passed, failure=run.failure,
-                           sandbox=run.sandbox)
+        # Code is correct when its tests pass, run in parallel sandboxes.
+        for (row, _), text, check in zip(checked, texts, check_answers([ex for _, ex in checked], texts)):
+            row.update(generation=text, extracted=check.extracted, correct=check.correct)
+            if check.code is not None:
+                row.update(failure=check.code.failure, sandbox=check.code.sandbox)
     return rows
 
 

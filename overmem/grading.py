@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvalConfig, RunConfig
-from .data.answers import is_correct
-from .data.code import check_generations
+from .data.code import check_answers
 from .data.example import Example
 from .data.splits import load_spec
-from .intervals import bootstrap_ci
+from .intervals import accuracy_interval
 from .results import write_json, write_jsonl
 from .sandbox import Limits
 
@@ -94,28 +93,24 @@ def grade_examples(examples: Sequence[Example], generations: Sequence[str], *, l
     if open_ended:
         raise ValueError(f"{len(open_ended)} examples are open-ended ({open_ended[0]}, ...): they have no automatic "
                          "check; grade them with a judge")
-    rows: list[dict[str, Any]] = [{"id": ex.id, "answer": ex.answer, "generation": text}
-                                  for ex, text in zip(examples, generations)]
-    code = [i for i, ex in enumerate(examples) if ex.kind == "code"]
-    for i, (ex, text) in enumerate(zip(examples, generations)):
-        if ex.kind != "code":
-            extracted, ok = is_correct(text, ex.answer, ex.kind)
-            rows[i].update(extracted=extracted, correct=ok)
+    rows: list[dict[str, Any]] = []
     sandbox = None
-    if code:
-        checks = check_generations([examples[i] for i in code], [generations[i] for i in code], limits=limits,
-                                   workers=workers)
-        for i, check in zip(code, checks):
-            rows[i].update(extracted=check.program, correct=check.passed, status=check.status, failure=check.failure)
-        sandbox = checks[0].sandbox
+    for ex, text, check in zip(examples, generations,
+                               check_answers(examples, generations, limits=limits, workers=workers)):
+        row = {"id": ex.id, "answer": ex.answer, "generation": text, "extracted": check.extracted,
+               "correct": check.correct}
+        if check.code is not None:
+            row.update(status=check.code.status, failure=check.code.failure)
+            sandbox = check.code.sandbox
+        rows.append(row)
     return rows, sandbox
 
 
 def summary(rows: Sequence[dict[str, Any]], eval_cfg: EvalConfig) -> dict[str, Any]:
     """n, accuracy and its percentile-bootstrap interval, the interval `evaluate` reports."""
     correct = [float(r["correct"]) for r in rows]
-    low, high = bootstrap_ci(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
-    return {"n": len(rows), "n_correct": int(sum(correct)), "accuracy": sum(correct) / len(correct),
+    accuracy, low, high = accuracy_interval(correct, n_boot=eval_cfg.bootstrap, confidence=eval_cfg.confidence)
+    return {"n": len(rows), "n_correct": int(sum(correct)), "accuracy": accuracy,
             "accuracy_ci_low": low, "accuracy_ci_high": high}
 
 

@@ -1,4 +1,4 @@
-"""Confidence intervals: the one place accuracy intervals are computed (without torch, so that
+"""Confidence intervals: the one place accuracies and their intervals are computed (without torch, so that
 commands that only grade, such as `overmem grade`, start fast)."""
 
 from __future__ import annotations
@@ -23,3 +23,13 @@ def bootstrap_ci(
                             for i in range(0, n_boot, block)])
     alpha = (1 - confidence) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def accuracy_interval(
+    correct: Sequence[float], *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(accuracy, low, high): the mean of `correct` (1 / 0 per checked generation) and its
+    percentile-bootstrap interval (`bootstrap_ci`); all three NaN when nothing was checked."""
+    x = np.asarray(correct, dtype=np.float64)
+    low, high = bootstrap_ci(x, n_boot=n_boot, confidence=confidence, seed=seed)
+    return (float(x.mean()) if x.size else float("nan")), low, high

@@ -2,10 +2,10 @@
 
 `sample_answers` decodes `n_samples` responses per query (greedy when `temperature` is None,
 else seeded sampling through `overmem.generation.generate`), checks each with
-`overmem.data.answers.is_correct` (code: runs it against its tests in the sandbox,
-`overmem.data.code`), and scores each response teacher-forced under the same model
-with `overmem.scoring.score_examples` (prompt = the paper's template, response = the decoded
-text). That pass gives the token log-probs behind calibration confidence (`sequence_confidence`,
+`overmem.data.code.check_answers` (the final answer by `overmem.data.answers.is_correct`; code:
+runs it against its tests in the sandbox), and scores each response teacher-forced under the
+same model with `overmem.scoring.score_examples` (prompt = the paper's template, response = the
+decoded text). That pass gives the token log-probs behind calibration confidence (`sequence_confidence`,
 the mean token probability)
 and the offline Best-of-N score (mean token log-prob). The probabilities are the model's own
 (temperature 1), whatever temperature the samples were drawn at. Re-scoring the decoded text
@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import GenerationConfig, TrainConfig
-from ..data.answers import is_correct
-from ..data.code import check_generations
+from ..data.code import check_answers
 from ..data.example import Example, format_prompt
+from ..intervals import accuracy_interval
 
 if TYPE_CHECKING:
     import torch
@@ -82,18 +82,18 @@ def decode(
 def check(examples: Sequence[Example], texts: Sequence[Sequence[str]]) -> list[list[dict[str, Any]]]:
     """Per query, per response: {"text", "extracted", "correct"}; code responses are run against
     their example's tests in the sandbox (all of them in parallel) and add the `failure` reason."""
-    out: list[list[dict[str, Any]]] = [[] for _ in examples]
-    code = [(i, j) for i, ex in enumerate(examples) if ex.kind == "code" for j in range(len(texts[i]))]
-    for rows, ex, responses in zip(out, examples, texts):
-        if ex.kind == "code":
-            continue
+    flat = [(ex, text) for ex, responses in zip(examples, texts) for text in responses]
+    checks = iter(check_answers([ex for ex, _ in flat], [text for _, text in flat]))
+    out: list[list[dict[str, Any]]] = []
+    for responses in texts:
+        rows = []
         for text in responses:
-            extracted, ok = is_correct(text, ex.answer, ex.kind)
-            rows.append({"text": text, "extracted": extracted, "correct": bool(ok)})
-    if code:
-        runs = check_generations([examples[i] for i, _ in code], [texts[i][j] for i, j in code])
-        for (i, j), run in zip(code, runs):
-            out[i].append({"text": texts[i][j], "extracted": run.program, "correct": run.passed, "failure": run.failure})
+            check = next(checks)
+            row = {"text": text, "extracted": check.extracted, "correct": bool(check.correct)}
+            if check.code is not None:
+                row["failure"] = check.code.failure
+            rows.append(row)
+        out.append(rows)
     return out
 
 
@@ -150,10 +150,8 @@ def sample_answers(
 
 
 def accuracy_ci(correct: Sequence[bool], *, n_boot: int, confidence: float, seed: int) -> dict[str, float]:
-    """{"accuracy", "ci_low", "ci_high", "n"}: mean and percentile-bootstrap interval."""
-    from ..intervals import bootstrap_ci
-
+    """{"accuracy", "ci_low", "ci_high", "n"}: mean and percentile-bootstrap interval
+    (`overmem.intervals.accuracy_interval`)."""
     values = [float(c) for c in correct]
-    low, high = bootstrap_ci(values, n_boot=n_boot, confidence=confidence, seed=seed)
-    return {"accuracy": float(np.mean(values)) if values else float("nan"), "ci_low": low, "ci_high": high,
-            "n": len(values)}
+    accuracy, low, high = accuracy_interval(values, n_boot=n_boot, confidence=confidence, seed=seed)
+    return {"accuracy": accuracy, "ci_low": low, "ci_high": high, "n": len(values)}

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from overmem.data.answers import is_correct
 from overmem.data.example import Example
 from overmem.data.readers import Row, local_or_hub_rows, required_field, rows_to_examples
 from overmem.data.registry import register_dataset
@@ -151,6 +152,36 @@ def check_generations(
             checks.append(CodeCheck(None, False, "no_code", "no code in the generation", described))
         else:
             checks.append(CodeCheck(program, outcome.passed, outcome.status, outcome.reason, described))
+    return checks
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """One generation checked against its example: the answer extracted from it (code: the
+    program), whether it is correct, and for code the sandbox run (`CodeCheck`, else None)."""
+
+    extracted: str | None
+    correct: bool
+    code: CodeCheck | None = None
+
+
+def check_answers(
+    examples: Sequence[Example], generations: Sequence[str], *, limits=None, workers: int | None = None,
+) -> list[AnswerCheck]:
+    """Check each generation against its example, in order: the final answer by the rules of the
+    example's kind (`overmem.data.answers.is_correct`), code by running its tests in parallel
+    sandboxes (`check_generations`, with `limits` and `workers`). Every example must be checkable
+    (`can_check`) and not open-ended."""
+    checks: list[AnswerCheck | None] = [None] * len(examples)
+    code = [i for i, ex in enumerate(examples) if ex.kind == "code"]
+    for i, (ex, text) in enumerate(zip(examples, generations)):
+        if ex.kind != "code":
+            checks[i] = AnswerCheck(*is_correct(text, ex.answer, ex.kind))
+    if code:
+        runs = check_generations([examples[i] for i in code], [generations[i] for i in code], limits=limits,
+                                 workers=workers)
+        for i, run in zip(code, runs):
+            checks[i] = AnswerCheck(run.program, run.passed, run)
     return checks
 
 
