@@ -126,12 +126,10 @@ class Context:
 
     def decoding(self, sampled: SampledSettings | None = None) -> Decoding:
         """Greedy decoding with the run's generation settings, or sampling as `sampled` says."""
-        g = self.cfg.generation
-        common = dict(max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=self.seed,
-                      stop_at_answer=g.stop_at_answer, cache=g.cache, max_prompt_tokens=self.cfg.train.max_length)
-        if sampled is None:
-            return Decoding(**common)
-        return Decoding(temperature=sampled.temperature, top_p=sampled.top_p, n_samples=sampled.n_samples, **common)
+        sampling = {} if sampled is None else dict(
+            temperature=sampled.temperature, top_p=sampled.top_p, n_samples=sampled.n_samples)
+        return Decoding.from_config(self.cfg.generation, max_prompt_tokens=self.cfg.train.max_length,
+                                    seed=self.seed, **sampling)
 
     def common(self) -> dict[str, Any]:
         """Settings every analysis records: decoding and scoring limits, seed."""

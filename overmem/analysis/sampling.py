@@ -38,7 +38,7 @@ _MAX_LENGTH = TrainConfig().max_length  # and its longest sequence
 class Decoding:
     """How to decode: greedy when `temperature` is None; `batch_size` prompts per generate call;
     a prompt keeps at most its last `max_prompt_tokens` tokens (the run's `train.max_length`).
-    The limits default to the run config's `generation` and `train` sections."""
+    The limits are a run config's `generation` section (`from_config`), by default its defaults."""
 
     max_new_tokens: int = _DEFAULTS.max_new_tokens
     batch_size: int = _DEFAULTS.batch_size
@@ -53,6 +53,16 @@ class Decoding:
     def __post_init__(self) -> None:
         if self.temperature is None and self.n_samples != 1:
             raise ValueError("greedy decoding gives one response per query; set a temperature to sample more")
+
+    @classmethod
+    def from_config(cls, generation: GenerationConfig, *, max_prompt_tokens: int, seed: int,
+                    temperature: float | None = None, top_p: float = 1.0, n_samples: int = 1) -> Decoding:
+        """The decoding of a run: its `generation` section's limits, prompts cut to
+        `max_prompt_tokens` (its `train.max_length`), greedy unless a `temperature` is given."""
+        return cls(max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                   temperature=temperature, top_p=top_p, n_samples=n_samples, seed=seed,
+                   stop_at_answer=generation.stop_at_answer, cache=generation.cache,
+                   max_prompt_tokens=max_prompt_tokens)
 
 
 def decode(
