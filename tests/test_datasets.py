@@ -15,7 +15,7 @@ import pytest
 
 from overmem.data import builtin, registry
 from overmem.data.example import Example
-from overmem.data.readers import load_file
+from overmem.data.file_examples import load_file
 from overmem.data.registry import register_dataset
 from overmem.data.specs import DataSpec, load_dataset_spec, parse_spec, sample_examples
 

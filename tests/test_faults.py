@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from overmem.cli import main
 from overmem.config import EvalConfig, GenerationConfig, dump_config, load_config
-from overmem.data.readers import load_file
 from overmem.data.example import Example
+from overmem.data.file_examples import load_file
 from overmem.dynamics import evaluate_checkpoint
 from overmem.results import RunDir, read_jsonl, write_jsonl
 from tests.conftest import (DATA_DIR, make_tiny_llama, processes_named, random_lora_adapter, toy_examples,

@@ -4,7 +4,7 @@
     alpaca_cleaned  train  alpaca_cleaned/alpaca_data_cleaned.json       yahma/alpaca-cleaned
 
 Any local .json/.jsonl/.csv file whose rows have `instruction` and `output` is read the same way
-(`overmem.data.readers.load_file` recognises the layout), so `data.train: my_data.jsonl` works.
+(`overmem.data.file_examples.load_file` recognises the layout), so `data.train: my_data.jsonl` works.
 
 One row -> one `Example` of answer kind "open": the question is the instruction, followed by a
 blank line and the `input` when there is one (the paper's template has a single instruction slot);

@@ -9,7 +9,7 @@ their column names: `Question`, `Correct Answer`, `Incorrect Answer 1..3`, `Expl
     gpqa_diamond  test        gpqa/gpqa_diamond.csv          Idavidrein/gpqa (gpqa_diamond)
 
 A CSV in this layout given by path (`--data path/to/gpqa_extended.csv`) is read the same way,
-every row, with ids `<file stem>/<index>` (`overmem.data.readers.load_file` recognises it).
+every row, with ids `<file stem>/<index>` (`overmem.data.file_examples.load_file` recognises it).
 
 One row -> one `Example` of kind "choice":
 

@@ -16,7 +16,8 @@ Spec syntax
 
 A spec is a file path when it contains "/" or "\\" or ends in .jsonl, .json or .csv.
 Sampling uses `random.Random(seed)` and keeps the source order of the sampled examples.
-Names are looked up in `overmem.data.registry`; files are read by `overmem.data.readers.load_file`.
+Names are looked up in `overmem.data.registry`; files are read by
+`overmem.data.file_examples.load_file`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from overmem.data.example import AnswerKind, Example
-from overmem.data.readers import FILE_SUFFIXES, load_file
+from overmem.data.file_examples import load_file
+from overmem.data.readers import FILE_SUFFIXES
 from overmem.data.registry import load_registered
 
 
