@@ -12,8 +12,13 @@ examples with the same number of torch threads, in checkpoint order (so the draf
 `overmem.generation.generate_greedy` sees the same previous generations). The base model is
 evaluated there too, while the first epoch trains.
 
-The worker is the run folder's one writer of `dynamics.jsonl` and `samples/` while it lives; the
-Trainer writes checkpoints and its own state. The training process learns of each finished
+Once training is over, the training process helps with the checkpoints left: it takes over the
+largest splits (about half of the examples) and the worker keeps the others, each split's
+checkpoints still evaluated in order by one process (`OverlapTracker.close`); the rows are then
+put back in the order one process writes them.
+
+While training goes on, the worker is the run folder's one writer of `dynamics.jsonl` and
+`samples/`; the Trainer writes checkpoints and its own state. The training process learns of each finished
 checkpoint through a queue, prints its rows, and stops training (`TrainingDiverged`) when one has
 non-finite losses; with the overlap that stop comes a checkpoint or two later than without.
 The worker dies with the run: it exits when the training process does, however it ends
@@ -28,6 +33,7 @@ import os
 import queue
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +45,7 @@ from .data.example import Example
 
 # How long `close` waits for the worker to stop after being told to, before killing it.
 STOP_GRACE_S = 30.0
+NEVER = 2**62  # no job index reaches it
 
 
 class TrackerFailed(RuntimeError):
@@ -55,57 +62,115 @@ def _die_with_parent() -> None:
             pass
 
 
-def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], threads: int, jobs: Any, results: Any) -> None:
-    """The worker: evaluate each job (name, checkpoint folder or None for the base, epoch, step) in
-    order until None; report ("rows", name, rows) per job, or ("error", message, traceback) once and stop."""
+class _Evaluator:
+    """What evaluating a job takes, in either process: the run, its tokenizer and settings."""
+
+    def __init__(self, cfg: Any, tracked: Mapping[str, Sequence[Example]], *, quiet: bool):
+        from .dynamics import eval_kwargs
+        from .models import load_tokenizer
+        from .results import RunDir
+
+        self.cfg, self.tracked = cfg, tracked
+        self.run = RunDir(cfg.out_dir)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.kwargs = {**eval_kwargs(cfg, tracked), "quiet": quiet}
+        self.model: Any = None
+        self.loaded: str | None = None
+
+    def __call__(self, job: tuple[int, str, str | None, float, int], split: str) -> list[dict[str, Any]]:
+        """The rows of `split` on the job's checkpoint (none when already in the dynamics)."""
+        from .dynamics import evaluate_checkpoint
+        from .models import load_for_eval, release_memory
+
+        _, name, path, epoch, step = job
+        if (name, split) in self.run.done():
+            return []
+        if self.loaded != name:
+            self.model = None
+            release_memory()
+            self.model, self.loaded = load_for_eval(path, self.cfg), name
+        return evaluate_checkpoint(self.model, self.tokenizer, {split: self.tracked[split]}, self.run,
+                                   checkpoint=name, epoch=epoch, step=step, **self.kwargs)
+
+
+def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], handed: Sequence[str], threads: int, jobs: Any,
+          results: Any, shared: tuple[Any, Any, Any]) -> None:
+    """The worker: evaluate each job (index, name, checkpoint folder or None for the base, epoch,
+    step) in order until None; report ("rows", name, rows) per job, or ("error", message,
+    traceback) once and stop. The `handed` splits of jobs from `shared`'s first value on are the
+    training process's (see `OverlapTracker.close`); its second is the last job whose handed
+    splits this process started."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    lock, handed_from, started = shared
     try:
         import torch
 
         from .config import RunConfig
-        from .dynamics import eval_kwargs, evaluate_checkpoint
-        from .models import load_for_eval, load_tokenizer, quiet_libraries, release_memory
-        from .results import RunDir
+        from .models import quiet_libraries
 
         torch.set_num_threads(threads)
         cfg = RunConfig.model_validate_json(cfg_json)
         quiet_libraries(True)
-        run = RunDir(cfg.out_dir)
-        tokenizer = load_tokenizer(cfg.model)
-        ev = {**eval_kwargs(cfg, tracked), "quiet": True}
+        evaluate = _Evaluator(cfg, tracked, quiet=True)
         while (job := jobs.get()) is not None:
-            name, path, epoch, step = job
-            model = load_for_eval(path, cfg)
-            rows = evaluate_checkpoint(model, tokenizer, tracked, run, checkpoint=name, epoch=epoch, step=step, **ev)
-            del model
-            release_memory()
-            results.put(("rows", name, rows))
+            rows = []
+            for split in tracked:
+                if split in handed:
+                    with lock:
+                        if job[0] >= handed_from.value:
+                            continue
+                        started.value = job[0]
+                rows.extend(evaluate(job, split))
+            results.put(("rows", job[1], rows))
     except BaseException as err:  # noqa: BLE001 - reported to the training process, which raises it
         results.put(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+
+
+def handed_splits(tracked: Mapping[str, Sequence[Example]]) -> list[str]:
+    """The splits the training process takes over once training ends: the largest ones, up to about
+    half of the examples, leaving the worker at least one (none when there is only one split)."""
+    if len(tracked) < 2:
+        return []
+    total = sum(map(len, tracked.values()))
+    chosen: list[str] = []
+    for split in sorted(tracked, key=lambda s: -len(tracked[s])):
+        if len(chosen) == len(tracked) - 1 or sum(len(tracked[s]) for s in chosen) >= total / 2:
+            break
+        chosen.append(split)
+    return chosen
 
 
 class OverlapTracker:
     """Evaluate checkpoints in a worker process while the caller trains.
 
-    `submit` queues a checkpoint, `poll` returns the rows of the checkpoints finished since the last
-    call (raising `TrackerFailed` if the worker failed), `close` waits for the queue to drain, and
+    `submit` queues a checkpoint, `poll` returns the rows the worker finished since the last call
+    (raising `TrackerFailed` if it failed), `close` finishes the queue with the caller's help, and
     `stop` ends the worker at once (a finished checkpoint's files are complete: the samples file is
     written before its dynamics row, see `overmem.dynamics.evaluate_checkpoint`)."""
 
     def __init__(self, cfg: Any, tracked: Mapping[str, Sequence[Example]], *, threads: int, quiet: bool = True):
         ctx = mp.get_context("spawn")  # a fork of a process holding torch threads is unsafe
+        self.cfg, self.tracked, self.quiet = cfg, dict(tracked), quiet
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
-        self.quiet = quiet
-        self.pending: list[str] = []
+        self.submitted: list[tuple[int, str, str | None, float, int]] = []
+        self.pending: list[str] = []  # jobs the worker has not reported
         self.seconds = 0.0  # time the worker spent evaluating
+        self.helped = 0.0  # time the training process spent evaluating, in `close`
         self.stopped = False
-        self.process = ctx.Process(target=_work, args=(cfg.model_dump_json(), dict(tracked), threads, self.jobs,
-                                                       self.results), daemon=True, name="overmem-tracker")
+        self.handed = handed_splits(self.tracked)
+        self.shared = (ctx.Lock(), ctx.Value("q", NEVER, lock=False), ctx.Value("q", -1, lock=False))
+        self.process = ctx.Process(target=_work, args=(cfg.model_dump_json(), self.tracked, self.handed, threads,
+                                                       self.jobs, self.results, self.shared),
+                                   daemon=True, name="overmem-tracker")
         self.process.start()
 
     def submit(self, name: str, path: str | Path | None, epoch: float, step: int) -> None:
-        self.jobs.put((name, None if path is None else str(path), epoch, step))
+        if any(job[1] == name for job in self.submitted):  # saved again by a resumed Trainer
+            return
+        job = (len(self.submitted), name, None if path is None else str(path), epoch, step)
+        self.submitted.append(job)
+        self.jobs.put(job)
         self.pending.append(name)
 
     def poll(self, timeout: float | None = 0.0) -> list[dict[str, Any]]:
@@ -139,17 +204,69 @@ class OverlapTracker:
         return rows
 
     def close(self, progress: bool = False) -> list[dict[str, Any]]:
-        """Wait until every submitted checkpoint is evaluated; returns their rows; ends the worker."""
+        """Finish every submitted checkpoint, end the worker, and return the rows written since the
+        last `poll`.
+
+        Training is over, so this process helps: it takes over the `handed` splits (the largest,
+        about half of the examples) of the jobs whose handed splits the worker has not started, and
+        evaluates them in order while the worker goes on with the other splits. Each split's
+        checkpoints are still evaluated in order by one process, so its drafts are the previous
+        checkpoint's generations as without the help (the same rows, draft counts included). The
+        rows are then put back in the order one process writes them (`_reorder`)."""
         rows: list[dict[str, Any]] = []
-        with tqdm(total=len(self.pending), desc="tracking (second process)", disable=not progress) as bar:
+        with self.shared[0]:
+            self.shared[1].value = first = self.shared[2].value + 1
+        mine = self.submitted[first:] if self.handed else []
+        with tqdm(total=len(self.pending) + len(mine), desc="tracking", disable=not progress) as bar:
+            def drain(timeout: float) -> None:
+                before = len(self.pending)
+                rows.extend(self.poll(timeout))
+                bar.update(before - len(self.pending))
+
+            evaluate = _Evaluator(self.cfg, self.tracked, quiet=self.quiet) if mine else None
+            previous = self.submitted[first - 1] if first else None
+            for job in mine:
+                # Its drafts are the previous job's generations, which the worker may still be writing.
+                while previous is not None and not all((previous[1], s) in evaluate.run.done() for s in self.handed):
+                    drain(0.1)
+                t = time.perf_counter()
+                for split in self.handed:
+                    rows.extend(evaluate(job, split))
+                self.helped += time.perf_counter() - t
+                bar.update(1)
+                drain(0.0)
+                previous = job
             while self.pending:
-                new = self.poll(timeout=1.0)
-                bar.update(len({r["checkpoint"] for r in new}))
-                rows.extend(new)
+                drain(1.0)
         self.jobs.put(None)
         self.process.join(STOP_GRACE_S)
         self.stop()
+        self._reorder()
         return rows
+
+    def _reorder(self) -> None:
+        """`dynamics.jsonl` in the order of evaluating the checkpoints one after the other, each one's
+        splits in the tracked order: the checkpoints evaluated before this tracker first (in the
+        order they appear), then its jobs. Rows written by two processes, or by a run stopped and
+        resumed, come out as one process writes them."""
+        from .results import RunDir, write_jsonl
+
+        run = RunDir(self.cfg.out_dir)
+        rows = run.read_dynamics()
+        index = {job[1]: job[0] for job in self.submitted}
+        seen: dict[str, int] = {}
+        for row in rows:
+            seen.setdefault(row["checkpoint"], len(seen))
+        splits = list(self.tracked)
+
+        def key(row: Mapping[str, Any]) -> tuple[int, int, int]:
+            ckpt = row["checkpoint"]
+            return (index.get(ckpt, -1), seen[ckpt] if ckpt not in index else 0,
+                    splits.index(row["split"]) if row["split"] in splits else len(splits))
+
+        ordered = sorted(rows, key=key)
+        if ordered != rows:
+            write_jsonl(run.dynamics, ordered)
 
     def stop(self) -> None:
         """End the worker now (a no-op once it has ended)."""

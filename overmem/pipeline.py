@@ -216,8 +216,10 @@ def _train_and_track(
             _stop_if_diverged(tracker.close(progress=not cfg.quiet), cfg)
             waited = time.perf_counter() - t
             on_main(lambda: run_dir.record_timing(
-                "track (second process)", tracker.seconds,
-                f"evaluating the base and every checkpoint while training went on; {waited:.1f} s of it after"))
+                "track (second process)", tracker.seconds + tracker.helped,
+                f"the base and every checkpoint evaluated while training went on: {tracker.seconds:.1f} s in the "
+                f"second process, {tracker.helped:.1f} s in the training process once training was over; "
+                f"{waited:.1f} s of wall time after training"))
     except TrainingDiverged:  # every rank stops at the same step (see OvermemTrainer.training_step)
         if tracker is not None:
             tracker.stop()

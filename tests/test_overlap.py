@@ -14,7 +14,7 @@ import pytest
 from overmem.cli import main
 from overmem.config import config_from_dict
 from overmem.data.example import Example
-from overmem.overlap import OverlapTracker, TrackerFailed
+from overmem.overlap import OverlapTracker, TrackerFailed, handed_splits
 from overmem.results import read_jsonl
 from tests.test_reuse import _run_args
 
@@ -39,8 +39,10 @@ def test_a_run_with_overlap_writes_the_rows_of_a_run_without(tiny_model_dir, toy
             mine, theirs = (read_jsonl(run / "samples" / ckpt / f"{split}.jsonl") for run in (overlapped, plain))
             assert [s["generation_ids"] for s in mine] == [s["generation_ids"] for s in theirs]
     stages = {t["stage"]: t for t in json.loads((overlapped / "timings.json").read_text())}
-    assert stages["track (second process)"]["seconds"] == pytest.approx(
-        sum(r["seconds"] for r in read_jsonl(overlapped / "dynamics.jsonl")), abs=0.01)
+    # both processes' evaluation time: the rows' own seconds, and loading each checkpoint
+    assert stages["track (second process)"]["seconds"] >= sum(r["seconds"] for r in read_jsonl(
+        overlapped / "dynamics.jsonl")) - 0.01
+    assert "in the second process" in stages["track (second process)"]["note"]
     assert "track (second process)" not in {t["stage"] for t in json.loads((plain / "timings.json").read_text())}
 
 
@@ -115,4 +117,18 @@ def test_the_worker_ends_with_the_run_and_a_rerun_finishes(tiny_model_dir, toy_j
     assert not any(map(_alive, workers)), "the tracking process outlived the run"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert _rows(out) == _rows(ref)
+    # The same rows; their order in the file may not be one process's after a kill (the rerun finds
+    # every checkpoint saved and evaluates what is missing in the training process).
+    by_pair = lambda rows: sorted(rows, key=lambda r: (r["step"], r["split"]))  # noqa: E731
+    assert by_pair(_rows(out)) == by_pair(_rows(ref))
+
+
+def test_the_training_process_takes_the_largest_splits_up_to_half():
+    def sizes(**n):
+        return {name: [None] * k for name, k in n.items()}
+
+    assert handed_splits(sizes(train=50, validation=100, test=200)) == ["test"]  # the demo: 200 of 350
+    assert handed_splits(sizes(train=50, validation=100, test=100, ood=100)) == ["validation", "test"]
+    assert handed_splits(sizes(a=10, b=10, c=10, d=10)) == ["a", "b"]
+    assert handed_splits(sizes(train=50, test=500)) == ["test"]  # the worker keeps one split at least
+    assert handed_splits(sizes(test=200)) == []  # one split: nothing to share
