@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import ModelConfig, RunConfig
+from .config import ModelConfig
 from .results import ADAPTER_CONFIG, read_json
 
 
@@ -204,17 +204,6 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path}: neither a model folder nor a PEFT adapter")
     cfg = base_cfg.model_copy(update={"name_or_path": str(path)})
     return load_model(cfg, device)
-
-
-def load_for_eval(path: str | Path | None, cfg: RunConfig):  # -> PreTrainedModel | VllmModel
-    """The checkpoint at `path` (None: the base model) as `cfg.eval.backend` evaluates it: a Hugging
-    Face model, or a handle on the process's one vLLM engine with these weights loaded in place
-    (`overmem.vllm_backend`). `scoring` and `generation` take either."""
-    from .vllm_backend import choose_backend, open_checkpoint
-
-    if choose_backend(cfg) == "vllm":
-        return open_checkpoint(path, cfg)
-    return load_model(cfg.model) if path is None else load_checkpoint(path, cfg.model)
 
 
 def engine_model_folder(cfg: ModelConfig) -> str:

@@ -79,8 +79,9 @@ class _Evaluator:
 
     def __call__(self, job: tuple[int, str, str | None, float, int], split: str) -> list[dict[str, Any]]:
         """The rows of `split` on the job's checkpoint (none when already in the dynamics)."""
+        from .backends import load_for_eval
         from .dynamics import evaluate_checkpoint
-        from .models import load_for_eval, release_memory
+        from .models import release_memory
 
         _, name, path, epoch, step = job
         if (name, split) in self.run.done():

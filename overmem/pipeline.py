@@ -21,21 +21,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .backends import choose_backend, load_for_eval
 from .config import ConfigError, RunConfig, dump_config, read_yaml
 from .data.code import ensure_sandbox
 from .data.example import Example
 from .data.splits import derive_splits, load_spec
 from .distributed import evaluate_sharded, is_main, main_value, on_main, setup, world_size
 from .dynamics import eval_kwargs, evaluate_checkpoint, evaluate_examples, split_summary
-from .models import (
-    adapter_base,
-    is_adapter,
-    load_for_eval,
-    load_model,
-    load_tokenizer,
-    quiet_libraries,
-    release_memory,
-)
+from .models import adapter_base, is_adapter, load_model, load_tokenizer, quiet_libraries, release_memory
 from .results import BASE, RunDir, atomic_write_text, epoch_name, find_checkpoints, read_json, write_json, write_jsonl
 from .train import TrainingDiverged
 
@@ -110,9 +103,7 @@ def _check_backend(cfg: RunConfig) -> None:
 
 def _for_eval(model: Any, saved: Path | None, cfg: RunConfig) -> Any:
     """What a run evaluates: the model in memory (Hugging Face backend), or with vLLM its saved
-    checkpoint (None: the base) loaded into the engine (`overmem.models.load_for_eval`)."""
-    from .vllm_backend import choose_backend
-
+    checkpoint (None: the base) loaded into the engine (`overmem.backends.load_for_eval`)."""
     return model if choose_backend(cfg) == "hf" else load_for_eval(saved, cfg)
 
 

@@ -323,30 +323,6 @@ def vllm_importable(python: str | None) -> bool:
     return done.stdout.strip() == "True"
 
 
-_choice: dict[str, str] = {}
-
-
-def choose_backend(cfg: RunConfig) -> str:
-    """'hf' or 'vllm' for `cfg.eval.backend`; `auto` takes vLLM when it is installed and starts on
-    the model (else Hugging Face), says which once per process, and remembers it."""
-    if cfg.eval.backend != "auto":
-        return cfg.eval.backend
-    key = json.dumps([engine_settings(cfg), engine_python(cfg)], sort_keys=True)
-    if key not in _choice:
-        why = ""
-        if not vllm_importable(engine_python(cfg)):
-            why = "vllm is not installed (EXTRAS=vllm bash scripts/setup.sh installs it)"
-        else:
-            try:
-                engine_for(cfg)
-            except VllmError as err:
-                why = str(err)
-        _choice[key] = "hf" if why else "vllm"
-        if not cfg.quiet:
-            print(f"eval.backend auto: {'Hugging Face, ' + why if why else 'vLLM'}", file=sys.stderr)
-    return _choice[key]
-
-
 # --- checkpoints as handles ------------------------------------------------------------------------
 
 def lora_as_adapter(adapter_config: dict[str, Any], max_rank: int | None) -> str | None:

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from overmem.backends import choose_backend
 from overmem.config import RunConfig
-from overmem.vllm_backend import VllmEngine, VllmError, choose_backend, engine_settings, lora_as_adapter
+from overmem.vllm_backend import VllmEngine, VllmError, engine_settings, lora_as_adapter
 
 PLAIN = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
 

@@ -22,12 +22,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from overmem.backends import choose_backend, load_for_eval
 from overmem.config import RunConfig
 from overmem.data.example import Example, format_prompt
 from overmem.generation import generate, generate_greedy
-from overmem.models import load_checkpoint, load_for_eval, load_model, load_tokenizer
+from overmem.models import load_checkpoint, load_model, load_tokenizer
 from overmem.scoring import score_examples
-from overmem.vllm_backend import choose_backend, close_engine, engine_for, lora_as_adapter, vllm_importable
+from overmem.vllm_backend import close_engine, engine_for, lora_as_adapter, vllm_importable
 from tests.conftest import DATA_DIR, toy_examples
 
 VLLM_PYTHON = os.environ.get("OVERMEM_VLLM_PYTHON") or None  # also read by the backend itself

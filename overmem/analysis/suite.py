@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..config import ConfigError, RunConfig
-from ..models import load_for_eval, load_tokenizer, quiet_libraries, release_memory
+from ..backends import load_for_eval
+from ..models import load_tokenizer, quiet_libraries, release_memory
 from ..results import ANALYSIS_DIR, Checkpoint, RunDir, resolve_checkpoints, write_json, write_jsonl
 from .base import ANALYSES, Analysis, AnalysisResult, Context
 from .figures import figure_exists
