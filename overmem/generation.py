@@ -34,7 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .config import GenerationConfig, TrainConfig
-from .data.encoding import pad_right
+from .data.encoding import pad_right, token_ids
 from .models import context_length
 from .vllm_backend import VLLM_REQUEST, VllmModel, is_vllm
 
@@ -328,7 +328,7 @@ def _budgets(model: PreTrainedModel | VllmModel, tokenizer: PreTrainedTokenizerB
         raise ValueError(f"max_prompt_tokens must be at least 1, got {max_prompt_tokens}")
     context = context_of(model)
     keep = max_prompt_tokens if context is None else max(1, min(max_prompt_tokens, context - 1))
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-keep:] for p in prompts]
+    encoded = [token_ids(tokenizer, p, add_special_tokens=True)[-keep:] for p in prompts]
     limits = [max_new_tokens if context is None else max(1, min(max_new_tokens, context - len(e))) for e in encoded]
     return encoded, limits
 

@@ -182,3 +182,20 @@ def test_example_vocab_stats_agree_with_plain_scores(char_tokenizer):
         assert got.n_tokens == len(char_tokenizer(ex.response, add_special_tokens=False)["input_ids"])
         assert got.mu.shape == got.sigma.shape == got.logprobs.shape
         torch.testing.assert_close(got.logprobs, ref.logprobs)
+
+
+def test_token_ids_are_the_tokenizers_and_follow_added_tokens():
+    from overmem.data import encoding
+    from tests.conftest import make_char_tokenizer
+
+    tok = make_char_tokenizer()
+    text = "Tom has 12 apples.\n#### 12"
+    first = encoding.token_ids(tok, text, add_special_tokens=True)
+    assert first == tok(text, add_special_tokens=True)["input_ids"]
+    assert encoding.token_ids(tok, text, add_special_tokens=False) == tok(text, add_special_tokens=False)["input_ids"]
+    first.append(-1)  # the caller's list is its own
+    assert encoding.token_ids(tok, text, add_special_tokens=True) == tok(text, add_special_tokens=True)["input_ids"]
+    tok.add_tokens(["apples"])  # a new token changes the ids: the cache must not answer with the old ones
+    fresh = tok(text, add_special_tokens=True)["input_ids"]
+    assert len(fresh) < len(first) - 1
+    assert encoding.token_ids(tok, text, add_special_tokens=True) == fresh

@@ -8,6 +8,7 @@ positions carry the label `IGNORE`. An example longer than `max_length` tokens i
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -17,6 +18,27 @@ from transformers import PreTrainedTokenizerBase
 from .example import Example, format_prompt
 
 IGNORE = -100
+CACHED_TEXTS = 2**17  # texts whose token ids `token_ids` keeps per tokenizer (a run's tracked splits, many times over)
+
+# tokenizer -> (vocabulary size, {(text, add_special_tokens): ids}); see `token_ids`.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, *, add_special_tokens: bool) -> list[int]:
+    """`tokenizer(text)["input_ids"]`, remembered: tracking encodes the same prompts and references
+    at every checkpoint, and a tokenizer is a pure function of its text (its vocabulary size is part
+    of the key, so tokens added later start the cache afresh). Returns a new list each call."""
+    try:
+        size, known = _CACHE.get(tokenizer, (None, None))
+    except TypeError:  # not weak-referenceable: no cache
+        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if size != len(tokenizer) or len(known) >= CACHED_TEXTS:
+        known = {}
+        _CACHE[tokenizer] = (len(tokenizer), known)
+    key = (text, add_special_tokens)
+    if key not in known:
+        known[key] = tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return list(known[key])
 
 
 class Encoded(NamedTuple):
@@ -42,8 +64,8 @@ def encode_example(
     is that of the reference text alone.
     """
     prompt = format_prompt(example.question) if template is None else format_prompt(example.question, template)
-    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    r_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    p_ids = token_ids(tokenizer, prompt, add_special_tokens=True)
+    r_ids = token_ids(tokenizer, example.response, add_special_tokens=False)
     if add_eos and tokenizer.eos_token_id is not None:
         r_ids = r_ids + [tokenizer.eos_token_id]
     n_prompt, n_response = fit_lengths(len(p_ids), len(r_ids), max_length)
