@@ -18,8 +18,10 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from overmem.analysis.suite import analyze, format_table
-from overmem.demo import DEMO_PRETRAIN, demo_config
+from overmem.demo import DEMO_PRETRAIN, DEMO_THREADS, demo_config
 from overmem.merge import merge_name
 from overmem.phases import detect_phases
 from overmem.pipeline import run
@@ -40,6 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     base = get_tiny_base(DEMO_PRETRAIN)
+    torch.set_num_threads(DEMO_THREADS)  # as the demo: the same figures on every machine (docs/commands/demo.md)
     out = Path(args.out)
     summary = []
     for loss in ("ce", "mar"):
