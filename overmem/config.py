@@ -349,10 +349,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = yaml.load(value, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
                               "lists are [a, b], mappings {k: v}; quote text with special characters") from None
+        except ConfigError as err:  # a mapping with a key given twice
+            raise ConfigError(f"override {item!r}: {err}") from None
     return raw
 
 
@@ -394,7 +396,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             try:
                 if key in seen:
-                    raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+                    lines = f" (lines {seen[key]} and {line})" if seen[key] != line else ""
+                    raise ConfigError(f"key {key!r} is given twice{lines}; keep one")
                 seen[key] = line
             except TypeError:  # an unhashable key: construct_mapping says so
                 break

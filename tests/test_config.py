@@ -74,3 +74,9 @@ def test_settings_load_without_torch():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_an_override_mapping_with_a_key_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"^override 'data.tests=\{a: x, a: y\}': key 'a' is given twice; keep one$"):
+        load_config(None, ["data.tests={a: x, a: y}"])
+    assert load_config(None, ["data.tests={a: gsm8k:test, b: svamp}"]).data.tests == {"a": "gsm8k:test", "b": "svamp"}
