@@ -30,6 +30,7 @@ from .distributed import evaluate_sharded, is_main, main_value, on_main, setup, 
 from .dynamics import eval_kwargs, evaluate_checkpoint, evaluate_examples, split_summary
 from .models import adapter_base, is_adapter, load_model, load_tokenizer, quiet_libraries, release_memory
 from .results import BASE, RunDir, atomic_write_text, epoch_name, find_checkpoints, read_json, write_json, write_jsonl
+from .runlock import python_command, run_lock
 from .train import TrainingDiverged
 
 # Settings that change what a run computes; a resumed run must agree on all of them.
@@ -114,14 +115,21 @@ def _record_environment(run_dir: RunDir) -> None:
 
 
 def run(cfg: RunConfig) -> RunDir:
-    """Finetune and track every checkpoint; resumes an existing run folder."""
+    """Finetune and track every checkpoint; resumes an existing run folder. The folder's lock
+    (`overmem.runlock`) is held throughout, as by the command line: two runs, or a run and a scan,
+    never write one folder at once."""
+    if not cfg.out_dir:
+        raise ConfigError("out_dir: no output folder given (use --out or set out_dir)")
+    with run_lock(cfg.out_dir, python_command()):
+        return _run(cfg)
+
+
+def _run(cfg: RunConfig) -> RunDir:
     from .train.trainer import check_training_settings, with_world_size
 
     quiet_libraries(cfg.quiet)
     setup()  # several processes: join their group first (on GPUs: this rank's device becomes the default)
     _check_backend(cfg)
-    if not cfg.out_dir:
-        raise ConfigError("out_dir: no output folder given (use --out or set out_dir)")
     run_dir = RunDir(cfg.out_dir)
     cfg = with_world_size(cfg)  # the resolved config records the processes launched
     main_value(lambda: _check_resumable(run_dir, cfg))
@@ -318,7 +326,13 @@ def scan_checkpoints(
 
 
 def scan(folder: str | Path, cfg: RunConfig) -> RunDir:
-    """Track checkpoints that already exist (an overmem run or a Trainer output folder)."""
+    """Track checkpoints that already exist (an overmem run or a Trainer output folder), holding the
+    lock of the folder written (`cfg.out_dir`, else `folder`) throughout."""
+    with run_lock(cfg.out_dir or folder, python_command()):
+        return _scan(folder, cfg)
+
+
+def _scan(folder: str | Path, cfg: RunConfig) -> RunDir:
     quiet_libraries(cfg.quiet)
     setup()
     _check_backend(cfg)

@@ -1,4 +1,6 @@
-"""One writer per run folder: `RUN/.overmem.lock`, held by every command that writes into RUN.
+"""One writer per run folder: `RUN/.overmem.lock`, held by every command that writes into RUN, and
+by `pipeline.run` and `pipeline.scan` when a script calls them (within one process, the library
+call inside a command that holds the lock holds it too).
 
 The lock is an advisory `flock` on that file, which names the holder (pid, host, command, start
 time) for the message a second command gets. The kernel drops a `flock` when its holder dies, so
@@ -81,16 +83,33 @@ class RunLock:
         _remove_empty(self._made)
 
 
+# Run folders whose lock this process holds (resolved path -> blocks holding it): a command that
+# holds the lock calls the library entry points, which take it too.
+_HELD: dict[Path, int] = {}
+
+
 @contextmanager
 def run_lock(root: str | Path, command: str) -> Iterator[None]:
-    """Hold the lock of run folder `root` for the block (rank 0 alone under several processes)."""
+    """Hold the lock of run folder `root` for the block (rank 0 alone under several processes);
+    a block inside another that holds it already holds it too."""
+    key = Path(root).resolve()
     held: list[RunLock] = []
-    on_main(lambda: held.append(RunLock.acquire(root, command)))
+    if key not in _HELD:
+        on_main(lambda: held.append(RunLock.acquire(root, command)))
+    _HELD[key] = _HELD.get(key, 0) + 1
     try:
         yield
     finally:
+        _HELD[key] -= 1
+        if not _HELD[key]:
+            del _HELD[key]
         for lock in held:
             lock.release()
+
+
+def python_command() -> str:
+    """What a lock file says of a holder that is not the command line: the script and its arguments."""
+    return " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "python"
 
 
 def _make_folder(root: Path) -> list[Path]:

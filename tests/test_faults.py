@@ -1439,6 +1439,33 @@ def test_lock_every_command_that_writes_a_run_folder_is_refused_while_it_is_held
                              "since ") and err[0].endswith("; wait for it to finish, or write to another folder"), err
 
 
+def test_lock_run_and_scan_called_from_python_take_the_lock_too(world, tmp_path):
+    """`pipeline.run` and `pipeline.scan` (examples, notebooks) hold the folder's lock as the
+    command line does; within one process a command that holds it calls them without a conflict."""
+    from overmem import pipeline
+    from overmem.config import ConfigError
+    from overmem.runlock import RunLock, run_lock
+
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    _checkpoint_in_run(w, "epoch-1")
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"model.name_or_path={world.model}", f"out_dir={out}", "quiet=true"])
+    lock = RunLock.acquire(out, "another process")
+    try:
+        before = _tree(tmp_path, world.root)
+        for call in (lambda: pipeline.run(cfg), lambda: pipeline.scan(out, cfg)):
+            with pytest.raises(ConfigError, match=rf"^{out}: in use by pid {os.getpid()} \(another process\)"):
+                call()
+        assert _tree(tmp_path, world.root) == before
+    finally:
+        lock.release()
+    with run_lock(out, "overmem scan"):  # as the command line holds it around the library call
+        with run_lock(str(out) + "/", "overmem scan (the library)"):  # the same folder, spelt otherwise
+            assert (out / ".overmem.lock").exists()
+        assert (out / ".overmem.lock").exists()  # still held by the outer block
+    assert not (out / ".overmem.lock").exists()
+
+
 def test_lock_a_folder_mixed_before_the_lock_is_refused_by_select_and_plot(world, tmp_path, capsys):
     """Two scans at once left two rows per (checkpoint, split), and `select` chose among them; now
     `select` and `plot` name the second row and write nothing."""
