@@ -27,6 +27,7 @@ import atexit
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,9 +67,11 @@ class VllmEngine:
         if settings.get("tensor_parallel_size", 1) == 1:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in the worker itself: no 2nd process
         try:
+            # A process group of its own, so that a kill reaches what it started too (an interpreter
+            # that is a wrapper script not exec'ing Python, the engine's own workers).
             self.proc = subprocess.Popen(  # noqa: S603 - our own worker script
                 [self.python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                text=True, encoding="utf-8", env=env)
+                text=True, encoding="utf-8", env=env, start_new_session=True)
         except OSError as err:
             self._drop_log()
             raise VllmError(f"eval.vllm.python: cannot run {self.python!r} ({err})") from None
@@ -91,8 +94,7 @@ class VllmEngine:
             pass  # the worker is gone: the request below says how it ended
         else:
             if not select.select([self.proc.stdout], [], [], timeout_s)[0]:
-                self.proc.kill()
-                self.proc.wait()
+                self._kill()
                 raise VllmError(f"the vLLM engine ({self.python}) did not start within {timeout_s:g} s; check that "
                                 "the interpreter runs overmem's vLLM worker (eval.vllm.python, $OVERMEM_VLLM_PYTHON), "
                                 "or raise eval.vllm.start_timeout_s for a model that loads slowly")
@@ -148,12 +150,19 @@ class VllmEngine:
                     self.proc.stdin.flush()
                 self.proc.wait(timeout=STOP_SECONDS)
             except (OSError, subprocess.TimeoutExpired, AssertionError):
-                self.proc.kill()
-                self.proc.wait()
+                self._kill()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
         self._drop_log()
+
+    def _kill(self) -> None:
+        """Kill the worker's process group (the worker and whatever it started), then reap the worker."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (OSError, AttributeError):  # gone already, or no process groups here
+            self.proc.kill()
+        self.proc.wait()
 
     def _tail(self) -> str:
         try:

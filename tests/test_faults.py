@@ -469,6 +469,35 @@ def _sleeping_interpreter(w):
     script.chmod(0o755)
 
 
+def test_vllm_an_interpreter_wrapper_leaves_no_child_after_the_start_timeout(world, tmp_path, capsys):
+    """An engine interpreter that is a shell script running Python without exec: when it does not
+    answer in time, its child is killed with it (the engine runs in a process group of its own)."""
+    marker = f"overmem-wrapped-{os.getpid()}"
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\n{sys.executable} -c 'import time; time.sleep(300)' {marker}\n")
+    script.chmod(0o755)
+    w = SimpleNamespace(**vars(world), tmp=tmp_path)
+    args = _evaluate(w, "--set", "eval.backend=vllm", "--set", f"eval.vllm.python={script}",
+                     "--set", "eval.vllm.start_timeout_s=2")
+    assert _cli(args) == 1
+    assert "did not start within 2 s" in capsys.readouterr().err
+
+    def wrapped() -> list[str]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(entry.name)
+            except OSError:
+                continue
+        return found
+
+    deadline = time.monotonic() + 10
+    while wrapped() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert wrapped() == [], "the wrapper's child outlived the start timeout"
+
+
 def _bad_override(override, fragment, id):
     """A BAD_INPUT row: `overmem evaluate --set OVERRIDE` on the shared world, refused with exit 2."""
     return pytest.param(None, lambda w: _evaluate(w, "--set", override), 2, fragment, id=id)
