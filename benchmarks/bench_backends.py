@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from overmem.backends import load_for_eval  # noqa: E402
 from overmem.config import RunConfig  # noqa: E402
 from overmem.data.answers import is_correct  # noqa: E402
 from overmem.data.example import Example, format_prompt  # noqa: E402
 from overmem.generation import generate  # noqa: E402
-from overmem.models import engine_model_folder, load_for_eval, load_tokenizer, release_memory  # noqa: E402
+from overmem.models import engine_model_folder, load_tokenizer, release_memory  # noqa: E402
 from overmem.scoring import score_examples  # noqa: E402
 from overmem.vllm_backend import close_engine, engine_for  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
