@@ -35,17 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from overmem import dynamics, generation  # noqa: E402
+from overmem import dynamics  # noqa: E402
 from overmem.config import apply_overrides, config_from_dict, read_yaml  # noqa: E402
 from overmem.data.example import format_prompt  # noqa: E402
 from overmem.data.splits import derive_splits  # noqa: E402
+from overmem.hf_backend import HfBackend  # noqa: E402
 from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
 from overmem.pipeline import scan  # noqa: E402
 from overmem.results import BASE, RunDir, find_checkpoints, read_jsonl  # noqa: E402
 
 TIE = 1e-3  # logits this close are a tie to rounding (float32 logits of ~10: ulp ~1e-6, batched GEMMs ~1e-5)
-STAGES = {"score": (dynamics, "score_examples"), "verify": (generation, "verify_drafts"),
-          "decode": (generation, "_hf_decode")}
+STAGES = {"score": (dynamics, "score_examples"), "verify": (HfBackend, "verify"), "decode": (HfBackend, "decode")}
 IGNORED = ("seconds", "draft_tokens", "draft_accepted")
 
 
@@ -53,8 +53,9 @@ STATE: dict = {"seconds": None, "current": BASE}  # the scan being timed: second
 
 
 def install_timers() -> None:
-    """Wrap the scoring, verification and decoding functions so that their wall time adds up per
-    checkpoint in STATE["seconds"] (and the rows decoded, in its "rows decoded")."""
+    """Wrap the scoring function and the Hugging Face backend's verification and decoding so that
+    their wall time adds up per checkpoint in STATE["seconds"] (and the rows decoded, in its "rows
+    decoded": `HfBackend.decode(self, tokenizer, inputs, ...)`)."""
     for stage, (module, name) in STAGES.items():
         real = getattr(module, name)
 

@@ -1,17 +1,22 @@
-"""The evaluation backends (`eval.backend`, docs/backends.md): which one evaluates (`choose_backend`)
-and a checkpoint loaded for it (`load_for_eval`): a Hugging Face model, or a handle on the
-process's one vLLM engine (`overmem.vllm_backend.VllmModel`)."""
+"""The evaluation backends (`eval.backend`, docs/backends.md): which one evaluates (`choose_backend`),
+a checkpoint loaded for it (`load_for_eval`), and a model as its backend (`as_backend`). Both
+implement `overmem.backend_api.EvalBackend`: `overmem.hf_backend.HfBackend` (a Hugging Face model)
+and `overmem.vllm_backend.VllmModel` (a handle on the process's one vLLM engine)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
+from transformers import PreTrainedModel
+
+from .backend_api import EvalBackend
 from .config import RunConfig
-from .models import load_checkpoint, load_model
-from .vllm_backend import VllmError, engine_for, engine_python, engine_settings, open_checkpoint, vllm_importable
+from .hf_backend import HfBackend
+from .vllm_backend import VllmError, VllmModel, engine_for, engine_python, engine_settings, vllm_importable
+
+BACKENDS: dict[str, type[EvalBackend]] = {"hf": HfBackend, "vllm": VllmModel}  # `eval.backend` -> its backend
 
 _choice: dict[str, str] = {}
 
@@ -37,10 +42,14 @@ def choose_backend(cfg: RunConfig) -> str:
     return _choice[key]
 
 
-def load_for_eval(path: str | Path | None, cfg: RunConfig) -> Any:  # PreTrainedModel | VllmModel
+def load_for_eval(path: str | Path | None, cfg: RunConfig) -> EvalBackend:
     """The checkpoint at `path` (None: the base model) as `cfg.eval.backend` evaluates it: a Hugging
-    Face model, or a handle on the process's one vLLM engine with these weights loaded in place
-    (`overmem.vllm_backend`). `scoring` and `generation` take either."""
-    if choose_backend(cfg) == "vllm":
-        return open_checkpoint(path, cfg)
-    return load_model(cfg.model) if path is None else load_checkpoint(path, cfg.model)
+    Face model in this process, or a handle on the process's one vLLM engine with these weights
+    loaded in place (`overmem.vllm_backend`)."""
+    return BACKENDS[choose_backend(cfg)].open(path, cfg)
+
+
+def as_backend(model: PreTrainedModel | EvalBackend) -> EvalBackend:
+    """`model` as an evaluation backend: a backend as it is, a Hugging Face model (the one being
+    trained, one a caller loaded) in an `HfBackend`."""
+    return model if isinstance(model, EvalBackend) else HfBackend(model)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .backend_api import EvalBackend
 from .config import EvalConfig, GenerationConfig, RunConfig
 from .data.code import can_check, check_answers
 from .data.example import Example, format_prompt
@@ -90,7 +91,7 @@ def token_signals(scores: TokenScores) -> dict[str, float]:
 
 
 def evaluate_examples(
-    model: PreTrainedModel,
+    model: PreTrainedModel | EvalBackend,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     *,
@@ -193,7 +194,7 @@ def eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(
-    model: PreTrainedModel,
+    model: PreTrainedModel | EvalBackend,
     tokenizer: PreTrainedTokenizerBase,
     splits: Mapping[str, Sequence[Example]],
     run: RunDir,

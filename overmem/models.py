@@ -88,7 +88,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def context_length(config) -> int | None:  # config: a transformers PretrainedConfig
     """The longest sequence a model takes, from its config (`max_position_embeddings`, or the
     older names); None when the config names none. Both evaluation backends cut by it
-    (`overmem.generation.context_of`)."""
+    (`overmem.backend_api.EvalBackend.context`)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

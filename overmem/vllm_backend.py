@@ -5,9 +5,9 @@ One engine per process and setting (`engine_for`): it starts once (the engine's 
 The engine runs in a process of its own (`overmem.vllm_worker`, talking JSON over a pipe); this
 module does not import vLLM.
 
-What a checkpoint becomes (`open_checkpoint`) is a `VllmModel` handle, passed where a Hugging Face
-model would be: `overmem.scoring.score_examples` and `overmem.generation.generate` see the handle
-and send token ids to the engine, so both backends score and continue exactly the same tokens.
+What a checkpoint becomes (`open_checkpoint`) is a `VllmModel` handle, an evaluation backend
+(`overmem.backend_api.EvalBackend`) as `overmem.hf_backend.HfBackend` is: `overmem.scoring` and
+`overmem.generation` send it token ids, so both backends score and continue exactly the same tokens.
 
 - The base model (None): the engine's own weights.
 - A full checkpoint folder: its weights reloaded in place into the engine.
@@ -17,7 +17,7 @@ and send token ids to the engine, so both backends score and continue exactly th
 - Any other adapter (DoRA, `modules_to_save`, higher rank, ...): merged by PEFT into a temporary
   folder, loaded in place like a full checkpoint, the folder removed when the handle is dropped.
 
-The Min-K%++ vocabulary statistics are not available from vLLM: `hf_model()` loads the same
+The Min-K%++ vocabulary statistics are not available from vLLM: `with_vocab_stats()` loads the same
 checkpoint with Hugging Face for the analyses that need them.
 """
 
@@ -35,9 +35,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .backend_api import EvalBackend, Progress, TokenScores
 from .config import RunConfig, VllmSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates adapters for
@@ -179,8 +183,9 @@ class VllmEngine:
 
 
 @dataclass(eq=False)
-class VllmModel:
-    """A checkpoint as the vLLM engine evaluates it; pass it where a Hugging Face model goes."""
+class VllmModel(EvalBackend):
+    """A checkpoint as the vLLM engine evaluates it (`overmem.backend_api.EvalBackend`): token ids
+    sent to the engine, which loads the checkpoint's weights or adapter on its first request."""
 
     engine: VllmEngine
     cfg: RunConfig
@@ -189,26 +194,52 @@ class VllmModel:
     lora: str | None = None  # LoRA adapter folder applied per request
     _merged: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
-    def score(self, ids: Sequence[list[int]], start: Sequence[int]) -> list[list[float]]:
-        """log p(ids[i][t] | ids[i][:t]) for t from start[i] on, for each sequence i."""
-        self.engine.load(self.weights)
-        return self.engine.request("score", ids=[list(x) for x in ids], start=list(start), lora=self.lora)
+    min_request = VLLM_REQUEST  # the engine batches by itself
+    verify_lookahead = 1  # the engine decodes one token past prompt + draft
 
-    def generate_ids(self, prompts: Sequence[list[int]], *, max_tokens: int | Sequence[int], n: int = 1,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     stop_token_ids: Sequence[int] = ()) -> list[list[list[int]]]:
-        """`n` continuations (token ids) of each prompt, of at most `max_tokens` tokens (one limit,
-        or one per prompt); greedy at temperature 0, else prompt i is sampled with seed `seed + i`,
-        so the same call gives the same tokens."""
-        self.engine.load(self.weights)
-        limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
-        return self.engine.request("generate", prompts=[list(p) for p in prompts], max_tokens=limits, n=n,
-                                   temperature=temperature, top_p=top_p, seed=seed,
-                                   stop_token_ids=list(stop_token_ids), lora=self.lora)
+    @classmethod
+    def open(cls, path: str | Path | None, cfg: RunConfig) -> VllmModel:
+        return open_checkpoint(path, cfg)
 
-    def verify_drafts(self, seqs: dict[int, tuple[list[int], list[int]]]) -> dict[int, list[int]]:
-        """For each key's (prompt, draft): the greedy token after prompt + draft[:j], j = 0 ..
-        len(draft), from one prefill of prompt + draft (its prompt log-probs' top tokens)."""
+    @property
+    def context(self) -> int:
+        return self.engine.settings["max_model_len"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
+    def drafts_exact(self) -> bool:
+        return True  # the engine decodes by the argmax, without the model's generation_config
+
+    def score(self, ids: Sequence[list[int]], labels: Sequence[list[int]], *, pad_id: int,
+              vocab_stats: bool = False, chunk_size: int | None = None) -> list[TokenScores]:
+        """The engine's prompt log-probs of each row's tokens from its first labelled one on (a
+        response mask; nothing is padded, `pad_id` and `chunk_size` are moot)."""
+        # Imported here: the command line imports this module (VllmError) and must start without torch.
+        import torch
+
+        from .data.encoding import IGNORE
+
+        if vocab_stats:
+            raise ValueError("the vLLM engine computes no vocabulary statistics (score with_vocab_stats())")
+        starts = [next((t for t, y in enumerate(row) if y != IGNORE), len(row)) for row in labels]
+        if len(ids) != len(labels) or any(IGNORE in row[t:] for row, t in zip(labels, starts)):
+            raise ValueError("labels: one row per row of ids, labelled from its first scored token to its end")
+        self.engine.load(self.weights)
+        logprobs = self.engine.request("score", ids=[list(x) for x in ids], start=starts, lora=self.lora)
+        return [TokenScores(torch.tensor(lp, dtype=torch.float32)) for lp in logprobs]
+
+    def with_vocab_stats(self) -> EvalBackend:
+        from .hf_backend import HfBackend
+
+        _note_once("vocabulary statistics (Min-K%++) come from the Hugging Face backend: vLLM does not compute them")
+        return HfBackend.open(self.source, self.cfg)
+
+    def verify(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
+               batch_size: int) -> dict[int, list[int]]:
+        """One prefill of each prompt + draft (its prompt log-probs' top tokens) and one decoding step past it."""
         if not seqs:
             return {}
         self.engine.load(self.weights)
@@ -217,14 +248,27 @@ class VllmModel:
                                    start=[len(seqs[k][0]) for k in keys], lora=self.lora)
         return dict(zip(keys, tops))
 
-    def vocab_size(self) -> int:
-        return self.engine.vocab_size
-
-    def hf_model(self):  # -> PreTrainedModel
-        """The same checkpoint loaded with Hugging Face (for what vLLM does not compute)."""
-        from .models import load_checkpoint, load_model
-
-        return load_model(self.cfg.model) if self.source is None else load_checkpoint(self.source, self.cfg.model)
+    def decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,
+               answer_line: Sequence[bool], carried: Sequence[int] | None = None, batch_size: int,
+               cache: str = "auto", num_samples: int = 1, sampling: tuple[float, float] | None = None,
+               seed: int = 0, progress: Progress | None = None) -> list[list[list[int]]]:
+        """EOS is the one stop token: a continuation runs on past its answer line (vLLM has no stop
+        rule of ours; `answer_line`, `carried` and `cache` are moot). Greedy at temperature 0;
+        sampling seeds prompt i with `seed + i`."""
+        temperature, top_p = sampling if sampling else (0.0, 1.0)
+        stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        out: list[list[list[int]]] = []
+        step = max(batch_size, self.min_request)  # the engine batches by itself; this only paces progress reports
+        for start in range(0, len(inputs), step):
+            part = inputs[start : start + step]
+            self.engine.load(self.weights)
+            out.extend(self.engine.request("generate", prompts=[list(p) for p in part],
+                                           max_tokens=list(limits[start : start + step]), n=num_samples,
+                                           temperature=temperature, top_p=top_p, seed=seed + start,
+                                           stop_token_ids=stop, lora=self.lora))
+            if progress:
+                progress(len(part))
+        return out
 
     def close(self) -> None:
         if self._merged is not None:
@@ -235,8 +279,13 @@ class VllmModel:
         self.close()
 
 
-def is_vllm(model: Any) -> bool:
-    return isinstance(model, VllmModel)
+_noted: set[str] = set()
+
+
+def _note_once(text: str) -> None:
+    if text not in _noted:
+        _noted.add(text)
+        print(f"note: {text}", file=sys.stderr)
 
 
 # --- the engine of this process --------------------------------------------------------------------

@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from ..config import ConfigError, RunConfig
+from ..backend_api import EvalBackend
 from ..backends import load_for_eval
+from ..config import ConfigError, RunConfig
 from ..models import load_tokenizer, quiet_libraries, release_memory
 from ..results import ANALYSIS_DIR, Checkpoint, RunDir, resolve_checkpoints, write_json, write_jsonl
 from .base import ANALYSES, Analysis, AnalysisResult, Context
@@ -189,8 +189,8 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _load_model(target: Checkpoint, cfg: RunConfig) -> PreTrainedModel:
-    return load_for_eval(target.path, cfg)  # a Hugging Face model or a vLLM handle (`eval.backend`)
+def _load_model(target: Checkpoint, cfg: RunConfig) -> EvalBackend:
+    return load_for_eval(target.path, cfg)  # the backend `eval.backend` names
 
 
 def format_table(doc: Mapping[str, Any], checkpoints: Sequence[str] | None = None) -> str:

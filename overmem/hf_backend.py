@@ -1,0 +1,284 @@
+"""The Hugging Face evaluation backend (`eval.backend: hf`, the reference): a `PreTrainedModel` in
+this process behind the interface of `overmem.backend_api`.
+
+- `score`: the only teacher-forced forward pass of a Hugging Face model for scoring: per-token
+  log-probs, the reference token's rank and the predictive entropy, and on request the vocabulary
+  statistics Min-K%++ needs (formulas in `overmem.backend_api`).
+- `decode`: `model.generate` in length-sorted batches, left padding, each row stopped at EOS, its
+  answer line or its own token limit (`overmem.stops`).
+- `verify`: a draft's greedy tokens from one teacher-forced pass over prompt + draft.
+
+Each method runs the model in eval mode (no dropout) and leaves it in the mode it found it in.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
+
+from .backend_api import EvalBackend, Progress, TokenScores, TokenStats
+from .data.encoding import IGNORE, pad_right
+from .models import context_length, load_checkpoint, load_model
+from .stops import AnswerLineStop, RowLimit
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+# float32 log-probs below this are exp() == 0 exactly; clamping there keeps 0 * (-inf) out of mu/sigma.
+_LOGPROB_FLOOR = -1e4
+VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
+VERIFY_LOGITS = 2**27  # logits one verification pass holds at most (rows x positions x vocabulary): 512 MiB in float32
+
+# generation_config fields whose logits processors make a greedy token other than the logits' argmax,
+# with their neutral values; verifying a draft by argmax is exact only when all are neutral.
+_PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+               "min_length": (None, 0), "min_new_tokens": (None, 0), "suppress_tokens": (None,),
+               "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+               "sequence_bias": (None,), "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0),
+               "watermarking_config": (None,), "epsilon_cutoff": (None, 0.0)}
+
+
+def _evaluating(method: Callable) -> Callable:
+    """`method` run in inference mode with the model in eval mode, then back in the mode it was in."""
+
+    @functools.wraps(method)
+    def run(self: HfBackend, *args: Any, **kwargs: Any) -> Any:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return method(self, *args, **kwargs)
+        finally:
+            self.model.train(was_training)
+
+    return run
+
+
+class HfBackend(EvalBackend):
+    """A Hugging Face model as an evaluation backend (`overmem.backend_api.EvalBackend`)."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+
+    @classmethod
+    def open(cls, path: str | Path | None, cfg: RunConfig) -> HfBackend:
+        return cls(load_model(cfg.model) if path is None else load_checkpoint(path, cfg.model))
+
+    @property
+    def context(self) -> int | None:
+        return context_length(self.model.config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def drafts_exact(self) -> bool:
+        """No repetition penalty, minimum length, forced or forbidden tokens in the model's generation_config."""
+        config = getattr(self.model, "generation_config", None)
+        return config is None or all(getattr(config, k, None) in neutral for k, neutral in _PROCESSORS.items())
+
+    def with_vocab_stats(self) -> HfBackend:
+        return self
+
+    @_evaluating
+    def score(self, ids: Sequence[list[int]], labels: Sequence[list[int]], *, pad_id: int,
+              vocab_stats: bool = False, chunk_size: int | None = None) -> list[TokenScores]:
+        """One batched forward pass (right padding); log-probs, ranks and entropies of every labelled
+        token, and with `vocab_stats` also mu and sigma of each labelled position (`TokenStats`).
+
+        No attention mask is passed: with right padding, causal attention already keeps every
+        real token from seeing the padding after it, and positions start at 0 in every row, so
+        the scores are exact and the model takes its fastest (purely causal) attention path.
+        """
+        chunk_size = VOCAB_CHUNK if chunk_size is None else chunk_size
+        if len(ids) != len(labels) or any(len(i) != len(y) for i, y in zip(ids, labels)):
+            raise ValueError("ids and labels must have the same number of rows and the same length per row")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        device = next(self.model.parameters()).device
+        input_ids = pad_right(ids, pad_id).to(device)  # (B, T)
+        label_ids = pad_right(labels, IGNORE).to(device)  # (B, T)
+        logits = self.model(input_ids=input_ids).logits  # (B, T, V)
+        # Position t predicts token t+1: score only the labelled (response) positions.
+        target = label_ids[:, 1:]
+        keep = target != IGNORE  # (B, T-1)
+        counts = keep.sum(dim=1).tolist()
+        if vocab_stats:
+            lp, mu, sigma, ranks = (x.cpu().split(counts) for x in _vocab_stats(logits, target, keep, chunk_size))
+            return [TokenStats(l, m, sd, ranks=r, entropy=-m) for l, m, sd, r in zip(lp, mu, sigma, ranks)]
+        picked = logits[:, :-1][keep].float()  # (N, V), N = labelled tokens in the batch
+        targets = target[keep]  # (N,)
+        lp = -F.cross_entropy(picked, targets, reduction="none")  # (N,)
+        ranks, entropy = _rank_entropy(picked, targets, chunk_size)
+        return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu())
+                for a, r, h in zip(lp.split(counts), ranks.split(counts), entropy.split(counts))]
+
+    @_evaluating
+    def verify(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
+               batch_size: int) -> dict[int, list[int]]:
+        """Batched by length, right padding without a mask as `score`: causal attention keeps every
+        real token from the padding. Only the positions from the batch's shortest prompt on get
+        logits, and a batch holds at most `VERIFY_LOGITS` of them."""
+        out: dict[int, list[int]] = {}
+        if not seqs:
+            return out
+        device = next(self.model.parameters()).device
+        vocab = self.vocab_size
+        pad_id = _pad_id(tokenizer)
+        order = sorted(seqs, key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+        batches: list[list[int]] = []
+        for i in order:  # longest first: a batch's first row sets its width
+            last = batches[-1] if batches else []
+            if last and len(last) < batch_size and (len(last) + 1) * sum(map(len, seqs[last[0]])) * vocab <= VERIFY_LOGITS:
+                last.append(i)
+            else:
+                batches.append([i])
+        for batch in batches:
+            rows = [seqs[i][0] + seqs[i][1] for i in batch]
+            width = max(map(len, rows))
+            first = min(len(seqs[i][0]) for i in batch) - 1  # the first position whose logits are read
+            logits = self.model(input_ids=pad_right(rows, pad_id).to(device), logits_to_keep=width - first).logits
+            picks = logits.argmax(dim=-1).cpu()  # (B, width - first): greedy token after each position
+            for r, i in enumerate(batch):
+                prompt, draft = seqs[i]
+                out[i] = picks[r, len(prompt) - 1 - first : len(prompt) + len(draft) - first].tolist()
+        return out
+
+    @_evaluating
+    def decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,
+               answer_line: Sequence[bool], carried: Sequence[int] | None = None, batch_size: int,
+               cache: str = "auto", num_samples: int = 1, sampling: tuple[float, float] | None = None,
+               seed: int = 0, progress: Progress | None = None) -> list[list[list[int]]]:
+        """`model.generate`: left padding, longest inputs first, each row stopped at EOS, at its
+        answer line (`AnswerLineStop`) or after `limits[i]` new tokens (`RowLimit`). A row's ids run
+        on to its batch's end (padding after its stop). Sampling seeds batch b with `seed + b`.
+        `cache="static"` has transformers preallocate the KV cache for prompt + the longest limit
+        instead of growing it every token (faster for small models on the CPU; the attention over
+        the unused slots is masked, so outputs are the same); `"auto"` takes it on the CPU and the
+        dynamic cache on GPUs."""
+        if cache not in ("dynamic", "static", "auto"):
+            raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
+        model = self.model
+        device = next(model.parameters()).device
+        if cache == "auto":
+            cache = "static" if device.type == "cpu" else "dynamic"
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        out: list[list[list[int]]] = [[] for _ in inputs]
+        pad_id = _pad_id(tokenizer)
+        for b, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start : start + batch_size]
+            width = max(len(inputs[i]) for i in idx)
+            ids = torch.tensor([[pad_id] * (width - len(inputs[i])) + inputs[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in idx], device=device)
+            rows = [answer_line[i] for i in idx for _ in range(num_samples)]  # generate's rows: samples of a prompt together
+            kept = None if carried is None else [carried[i] for i in idx for _ in range(num_samples)]
+            criteria = StoppingCriteriaList([AnswerLineStop(tokenizer, width, rows, kept)] if any(rows) else [])
+            budget = [limits[i] for i in idx for _ in range(num_samples)]
+            if min(budget) < max(budget):
+                criteria.append(RowLimit(width, budget))
+            options = {"do_sample": True, "temperature": sampling[0], "top_p": sampling[1]} if sampling else {
+                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            if sampling:
+                torch.manual_seed(seed + b)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(budget),
+                num_return_sequences=num_samples,
+                stopping_criteria=criteria,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **({"cache_implementation": "static"} if cache == "static" else {}),
+                **options,
+            )
+            new = gen[:, width:].tolist()
+            for j, i in enumerate(idx):
+                out[i] = new[j * num_samples : (j + 1) * num_samples]
+            if progress:
+                progress(len(idx))
+        return out
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _rank_entropy(picked: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank_t and H_t of (N, V) float32 logits and their (N,) reference tokens, `chunk_size` rows at
+    a time (each chunk's (n, V) temporaries, not N's)."""
+    ranks, entropy = [], []
+    for s in range(0, picked.shape[0], chunk_size):
+        x, y = picked[s : s + chunk_size], targets[s : s + chunk_size]
+        ranks.append((x > x.gather(-1, y[:, None])).sum(dim=-1) + 1)  # (n,)
+        logp = x.log_softmax(dim=-1)  # (n, V)
+        entropy.append(-torch.einsum("nv,nv->n", logp.exp(), logp.clamp(min=_LOGPROB_FLOOR)))
+    if not ranks:
+        return torch.zeros(0, dtype=torch.long, device=picked.device), torch.zeros(0, device=picked.device)
+    return torch.cat(ranks), torch.cat(entropy)
+
+
+def _vocab_stats(
+    logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(l, mu, sigma, rank), each (N,), of the N kept positions of (B, L, V) `logits`, in row-major order.
+
+    The (B, L, V) logits exist once, in the model's dtype; the float32 log-softmax and the
+    vocabulary sums run over `chunk_size` scored tokens at a time in two reused float32
+    buffers (plus one in the model's dtype if that is not float32), so the extra memory is
+    2 * chunk_size * V * 4 bytes rather than several (B, L, V) float32 tensors.
+    """
+    width, vocab = logits.shape[1], logits.shape[2]
+    flat = logits.reshape(-1, vocab)  # (B*L, V), a view of the contiguous logits
+    # Row-major order: each example's scored tokens are contiguous and in sequence order.
+    rows, cols = keep.nonzero(as_tuple=True)  # (N,), (N,)
+    index, targets = rows * width + cols, target[rows, cols]  # (N,) rows of `flat`, their tokens
+    if index.numel() == 0:
+        empty = torch.zeros(0, device=logits.device)
+        return empty, empty, empty, torch.zeros(0, dtype=torch.long, device=logits.device)
+    n_buf = min(chunk_size, index.numel())
+    x_buf = torch.empty(n_buf, vocab, dtype=torch.float32, device=logits.device)
+    p_buf = torch.empty_like(x_buf)
+    gather_buf = x_buf  # rows of a 16-bit model's logits land in their own buffer, then convert
+    if logits.dtype != torch.float32:
+        gather_buf = torch.empty(n_buf, vocab, dtype=logits.dtype, device=logits.device)
+    parts = []
+    for s in range(0, index.numel(), chunk_size):
+        idx = index[s : s + chunk_size]
+        n = idx.numel()
+        torch.index_select(flat, 0, idx, out=gather_buf[:n])
+        if gather_buf is not x_buf:
+            x_buf[:n].copy_(gather_buf[:n])
+        parts.append(_vocab_stats_(x_buf[:n], p_buf[:n], targets[s : s + chunk_size]))
+    lp, mu, sigma, rank = (torch.cat(xs) for xs in zip(*parts))
+    return lp, mu, sigma, rank
+
+
+def _vocab_stats_(x: torch.Tensor, p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """l, mu, sigma, rank of n positions. In place: `x` (n, V) float32 logits is overwritten, `p` is scratch.
+
+    Working in two caller-owned buffers means no (n, V) tensor is allocated per chunk: on CPU,
+    freshly allocated and freed chunk-sized tensors fragment glibc's heap and can cost more
+    resident memory than the chunking saves.
+    """
+    x.sub_(x.amax(dim=-1, keepdim=True))
+    torch.exp(x, out=p)
+    total = p.sum(dim=-1, keepdim=True)  # (n, 1)
+    x.sub_(total.log())  # log-softmax: log p(v)
+    p.div_(total)  # softmax: p(v)
+    token_lp = x.gather(-1, target[:, None]).squeeze(-1)  # (n,)
+    rank = (x > token_lp[:, None]).sum(dim=-1) + 1  # (n,), before the clamp can merge tiny log-probs
+    x.clamp_(min=_LOGPROB_FLOOR)
+    # einsum reduces over V without an (n, V) temporary.
+    mu = torch.einsum("nv,nv->n", p, x)
+    # Centered form sum_v p (log p - mu)^2 (equal to sum p log^2 p - mu^2) avoids the
+    # cancellation of the uncentered one when the distribution is flat.
+    x.sub_(mu[:, None]).square_()
+    var = torch.einsum("nv,nv->n", p, x)
+    return token_lp, mu, var.clamp_(min=0).sqrt_(), rank
