@@ -52,14 +52,17 @@ class TrackerFailed(RuntimeError):
     """The tracking worker raised; the message names its error (OVERMEM_DEBUG=1 prints its traceback)."""
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Have the kernel kill this process when its parent dies (Linux; elsewhere the multiprocessing
-    daemon flag covers orderly exits only)."""
+    daemon flag covers orderly exits only). A parent that died before the request (while this
+    process was still starting) is no longer this process's parent: then it ends at once."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class _Evaluator:
@@ -95,13 +98,13 @@ class _Evaluator:
 
 
 def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], handed: Sequence[str], threads: int, jobs: Any,
-          results: Any, shared: tuple[Any, Any, Any]) -> None:
+          results: Any, shared: tuple[Any, Any, Any], parent: int) -> None:
     """The worker: evaluate each job (index, name, checkpoint folder or None for the base, epoch,
     step) in order until None; report ("rows", name, rows) per job, or ("error", message,
     traceback) once and stop. The `handed` splits of jobs from `shared`'s first value on are the
     training process's (see `OverlapTracker.close`); its second is the last job whose handed
-    splits this process started."""
-    _die_with_parent()
+    splits this process started. `parent`: the training process's id."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     lock, handed_from, started = shared
     try:
@@ -162,7 +165,7 @@ class OverlapTracker:
         self.handed = handed_splits(self.tracked)
         self.shared = (ctx.Lock(), ctx.Value("q", NEVER, lock=False), ctx.Value("q", -1, lock=False))
         self.process = ctx.Process(target=_work, args=(cfg.model_dump_json(), self.tracked, self.handed, threads,
-                                                       self.jobs, self.results, self.shared),
+                                                       self.jobs, self.results, self.shared, os.getpid()),
                                    daemon=True, name="overmem-tracker")
         self.process.start()
 

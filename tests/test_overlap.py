@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -132,3 +133,15 @@ def test_the_training_process_takes_the_largest_splits_up_to_half():
     assert handed_splits(sizes(a=10, b=10, c=10, d=10)) == ["a", "b"]
     assert handed_splits(sizes(train=50, test=500)) == ["test"]  # the worker keeps one split at least
     assert handed_splits(sizes(test=200)) == []  # one split: nothing to share
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_whose_parent_died_while_it_started_ends_at_once():
+    # The death signal is asked for once the worker runs; a parent that died before that (while the
+    # worker still imported) is no longer the worker's parent, so the worker must end by itself.
+    code = "import os, sys; from overmem.overlap import _die_with_parent; _die_with_parent({}); print('alive')"
+    # Told that its parent is this test's own parent: as if the test had died and it had been adopted.
+    orphan = subprocess.run([sys.executable, "-c", code.format(os.getppid())], capture_output=True, text=True)
+    assert (orphan.returncode, orphan.stdout) == (1, "")
+    child = subprocess.run([sys.executable, "-c", code.format("os.getppid()")], capture_output=True, text=True)
+    assert (child.returncode, child.stdout) == (0, "alive\n")
