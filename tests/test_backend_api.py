@@ -6,9 +6,6 @@ its engine (an engine that records them; tests/test_vllm.py runs the real one)."
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -177,16 +174,3 @@ def test_vllm_handle_takes_vocabulary_statistics_from_hugging_face(tiny_model_di
         assert isinstance(a, TokenStats) and a.truncated == b.truncated
         for x, y in ((a.logprobs, b.logprobs), (a.mu, b.mu), (a.sigma, b.sigma), (a.ranks, b.ranks)):
             assert torch.equal(x, y)
-
-
-def test_the_interface_and_the_command_line_load_without_torch():
-    """The command line imports `vllm_backend` (for its error type), which implements the interface:
-    neither may pull in torch (seconds of start-up for every command, and for the tracking worker,
-    which imports the command line's module before it can arrange to die with the run)."""
-    code = ("import sys\n"
-            "import overmem.backend_api, overmem.vllm_backend, overmem.cli\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"

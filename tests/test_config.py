@@ -62,14 +62,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(None, ["train.lr"])
 
 
-def test_settings_load_without_torch():
-    """Every RunConfig imports the analyses' settings; they must not pull in torch or transformers
-    (seconds of import time for `overmem select/plot/report`)."""
-    code = ("import sys\n"
-            "from overmem.config import RunConfig, load_config\n"
-            "RunConfig()\n"
-            "load_config(None, ['train.lr=1e-4'])\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+@pytest.mark.parametrize("imports", [
+    # Every RunConfig imports the analyses' settings (seconds of import time for `overmem select/plot/report`).
+    "from overmem.config import RunConfig, load_config\nRunConfig()\nload_config(None, ['train.lr=1e-4'])\n",
+    # The command line imports `vllm_backend` (for its error type), which implements the backend
+    # interface: seconds of start-up for every command, and for the tracking worker, which imports
+    # the command line's module before it can arrange to die with the run.
+    "import overmem.backend_api, overmem.vllm_backend, overmem.cli\n",
+], ids=["settings", "command line"])
+def test_settings_and_the_command_line_load_without_torch(imports):
+    """Neither may pull in torch or transformers."""
+    code = f"import sys\n{imports}print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
