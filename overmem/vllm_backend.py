@@ -157,7 +157,10 @@ class VllmEngine:
                 self._kill()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # a request still buffered for a worker that died: BrokenPipeError
+                    pass
         self._drop_log()
 
     def _kill(self) -> None:

@@ -76,6 +76,27 @@ def test_an_engine_that_cannot_start_is_one_line_and_leaves_nothing():
         VllmEngine({"model": "x"}, "/nonexistent/python")
 
 
+def test_an_engine_that_dies_before_its_start_request_says_so(tmp_path, monkeypatch):
+    """The worker's interpreter exits before the start request is sent (a race a loaded machine
+    loses now and then), so the request stays buffered for a closed pipe: closing the engine must
+    not turn the one-line error into a bare "Broken pipe"."""
+    import subprocess
+
+    dead = tmp_path / "python"
+    dead.write_text("#!/bin/sh\nexit 3\n")
+    dead.chmod(0o755)
+    started = subprocess.Popen
+
+    def exited(*args, **kwargs):  # the worker, already dead when the request is written
+        proc = started(*args, **kwargs)
+        proc.wait()
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", exited)
+    with pytest.raises(VllmError, match=r"^the vLLM engine process died during 'start' \(exit 3"):
+        VllmEngine({"model": "x"}, str(dead))
+
+
 def test_the_engine_length_is_within_the_models_context(tmp_path):
     """A model of 256 positions: the engine's max_model_len is 256, not train.max_length +
     generation.max_new_tokens (350), which vLLM would refuse; a longer context leaves 350."""
