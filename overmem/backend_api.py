@@ -77,7 +77,8 @@ Progress = Callable[[int], None]
 
 class EvalBackend(ABC):
     """One checkpoint as an evaluation backend runs it. Every method takes and returns token ids
-    (or their scores), in the order given; none tokenizes, cuts or decides where a continuation ends."""
+    (or their scores), in the order given; none tokenizes or cuts, and where a continuation ends
+    is the caller's `overmem.stops.StopRule` (a backend may stop early or run on past it)."""
 
     min_request: int = 1  # rows worth sending at once, at least (a bigger request only paces progress reports)
     verify_lookahead: int = 0  # positions a verification computes past prompt + draft, inside the context

@@ -81,7 +81,7 @@ SIGNALS = {"top1_token": "top1", "rank_token": "mean_rank", "entropy_token": "en
 
 
 def token_signals(scores: TokenScores) -> dict[str, float]:
-    """One example's cheap signals (`overmem.scoring`): the share of its reference tokens that are
+    """One example's cheap signals (`overmem.backend_api`): the share of its reference tokens that are
     the greedy choice (`top1`), their mean rank (`mean_rank`) and the mean predictive entropy at
     their positions (`entropy`, nats). Empty when not computed (vLLM) or no token was scored."""
     if scores.ranks is None or scores.entropy is None or not scores.n_tokens:

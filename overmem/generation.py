@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backend_api import EvalBackend
@@ -47,7 +46,6 @@ DEFAULTS = GenerationConfig()  # decoding limits: their defaults live in the con
 MAX_PROMPT_TOKENS = TrainConfig().max_length  # the longest prompt, by default
 
 
-@torch.inference_mode()
 def generate(
     model: PreTrainedModel | EvalBackend,
     tokenizer: PreTrainedTokenizerBase,
@@ -107,7 +105,6 @@ def drafts_are_exact(model: PreTrainedModel | EvalBackend) -> bool:
     return as_backend(model).drafts_exact
 
 
-@torch.inference_mode()
 def generate_greedy(
     model: PreTrainedModel | EvalBackend,
     tokenizer: PreTrainedTokenizerBase,
@@ -131,15 +128,7 @@ def generate_greedy(
     stops = _per_prompt(stop_at_answer, len(prompts))
     backend = as_backend(model)
     encoded, limits = _budgets(backend, tokenizer, prompts, max_prompt_tokens, max_new_tokens)
-    if drafts is not None and len(drafts) != len(prompts):
-        raise ValueError(f"drafts: {len(drafts)} for {len(prompts)} prompts")
-    rule = StopRule(tokenizer, max_new_tokens)
-    vocab, context = backend.vocab_size, backend.context
-    # A draft fits where its verification does: the vLLM engine computes one token past prompt + draft.
-    room = [limits[i] if context is None else min(limits[i], context - len(encoded[i]) - backend.verify_lookahead)
-            for i in range(len(encoded))]
-    given = {i: list(d)[: room[i]] for i, d in enumerate(drafts or [])
-             if d and room[i] > 0 and all(0 <= t < (vocab or 0) for t in d)} if backend.drafts_exact else {}
+    given = _drafts(backend, encoded, limits, drafts)
     greedy = backend.verify(tokenizer, {i: (encoded[i], d) for i, d in given.items()}, batch_size=batch_size)
     heads: dict[int, list[int]] = {}  # each continuation's tokens known before decoding
     accepted: dict[int, int] = {}
@@ -148,6 +137,7 @@ def generate_greedy(
         k = next((j for j in range(len(d)) if d[j] != g[j]), len(d))
         heads[i], accepted[i] = d[:k] + [g[k]], k
     out: dict[int, list[int]] = {}
+    rule = StopRule(tokenizer, max_new_tokens)
     for i, head in heads.items():
         end = rule.end(head, stops[i], limits[i])
         if end is not None:
@@ -163,6 +153,22 @@ def generate_greedy(
         out[i] = heads.get(i, []) + tail
     return [_continuation(rule, tokenizer, out[i], stops[i], limits[i], len(given[i]) if i in given else None,
                           accepted.get(i, 0)) for i in range(len(prompts))]
+
+
+def _drafts(backend: EvalBackend, encoded: Sequence[list[int]], limits: Sequence[int],
+            drafts: Sequence[Sequence[int] | None] | None) -> dict[int, list[int]]:
+    """The drafts verified: index -> draft cut to where its verification fits (the vLLM engine
+    computes one token past prompt + draft), none with a token outside the vocabulary, none
+    where verifying by argmax is not exact (`drafts_are_exact`)."""
+    if drafts is not None and len(drafts) != len(encoded):
+        raise ValueError(f"drafts: {len(drafts)} for {len(encoded)} prompts")
+    if not drafts or not backend.drafts_exact:
+        return {}
+    vocab, context = backend.vocab_size, backend.context
+    room = [limits[i] if context is None else min(limits[i], context - len(encoded[i]) - backend.verify_lookahead)
+            for i in range(len(encoded))]
+    return {i: list(d)[: room[i]] for i, d in enumerate(drafts)
+            if d and room[i] > 0 and all(0 <= t < vocab for t in d)}
 
 
 def _continuation(rule: StopRule, tokenizer: PreTrainedTokenizerBase, ids: list[int], answer_line: bool,

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from .backend_api import EvalBackend, Progress, TokenScores, TokenStats
@@ -95,28 +94,32 @@ class HfBackend(EvalBackend):
 
         No attention mask is passed: with right padding, causal attention already keeps every
         real token from seeing the padding after it, and positions start at 0 in every row, so
-        the scores are exact and the model takes its fastest (purely causal) attention path.
+        the scores are exact and the model takes its fastest (purely causal) attention path. Only
+        the positions from the batch's first scored one on go through the output layer (a large
+        share of a small model's pass); each logit is the one the whole pass gives, bit for bit.
         """
         chunk_size = VOCAB_CHUNK if chunk_size is None else chunk_size
         if len(ids) != len(labels) or any(len(i) != len(y) for i, y in zip(ids, labels)):
             raise ValueError("ids and labels must have the same number of rows and the same length per row")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not ids:
+            return []
         device = next(self.model.parameters()).device
         input_ids = pad_right(ids, pad_id).to(device)  # (B, T)
         label_ids = pad_right(labels, IGNORE).to(device)  # (B, T)
-        logits = self.model(input_ids=input_ids).logits  # (B, T, V)
-        # Position t predicts token t+1: score only the labelled (response) positions.
-        target = label_ids[:, 1:]
-        keep = target != IGNORE  # (B, T-1)
+        # Position t predicts token t+1: logits from the first position that predicts a labelled token.
+        scored = (label_ids[:, 1:] != IGNORE).any(dim=0).nonzero()
+        first = int(scored[0]) if len(scored) else input_ids.shape[1] - 1
+        logits = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first).logits  # (B, T - first, V)
+        target = label_ids[:, first + 1 :]
+        keep = target != IGNORE  # (B, T - first - 1)
         counts = keep.sum(dim=1).tolist()
         if vocab_stats:
             lp, mu, sigma, ranks = (x.cpu().split(counts) for x in _vocab_stats(logits, target, keep, chunk_size))
             return [TokenStats(l, m, sd, ranks=r, entropy=-m) for l, m, sd, r in zip(lp, mu, sigma, ranks)]
         picked = logits[:, :-1][keep].float()  # (N, V), N = labelled tokens in the batch
-        targets = target[keep]  # (N,)
-        lp = -F.cross_entropy(picked, targets, reduction="none")  # (N,)
-        ranks, entropy = _rank_entropy(picked, targets, chunk_size)
+        lp, ranks, entropy = _logprob_rank_entropy(picked, target[keep], chunk_size)
         return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu())
                 for a, r, h in zip(lp.split(counts), ranks.split(counts), entropy.split(counts))]
 
@@ -206,22 +209,37 @@ class HfBackend(EvalBackend):
         return out
 
 
+def _cache_name() -> str:
+    """The forward pass's name for the KV cache, in and out: `cache` in recent transformers (5.2x),
+    `past_key_values` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+_CACHE = _cache_name()
+
+
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _rank_entropy(picked: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rank_t and H_t of (N, V) float32 logits and their (N,) reference tokens, `chunk_size` rows at
-    a time (each chunk's (n, V) temporaries, not N's)."""
-    ranks, entropy = [], []
+def _logprob_rank_entropy(picked: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """l_t, rank_t and H_t of (N, V) float32 logits and their (N,) reference tokens, `chunk_size`
+    rows at a time (each chunk's (n, V) temporaries, not N's), from one log-softmax per chunk
+    (`torch.nn.functional.cross_entropy` takes l_t from the same log-softmax: the same values)."""
+    lps, ranks, entropy = [], [], []
     for s in range(0, picked.shape[0], chunk_size):
         x, y = picked[s : s + chunk_size], targets[s : s + chunk_size]
         ranks.append((x > x.gather(-1, y[:, None])).sum(dim=-1) + 1)  # (n,)
         logp = x.log_softmax(dim=-1)  # (n, V)
+        lps.append(logp.gather(-1, y[:, None]).squeeze(-1))
         entropy.append(-torch.einsum("nv,nv->n", logp.exp(), logp.clamp(min=_LOGPROB_FLOOR)))
     if not ranks:
-        return torch.zeros(0, dtype=torch.long, device=picked.device), torch.zeros(0, device=picked.device)
-    return torch.cat(ranks), torch.cat(entropy)
+        empty = torch.zeros(0, device=picked.device)
+        return empty, torch.zeros(0, dtype=torch.long, device=picked.device), empty
+    return torch.cat(lps), torch.cat(ranks), torch.cat(entropy)
 
 
 def _vocab_stats(

@@ -97,7 +97,7 @@ def plot_dynamics(
     return _save(fig, Path(out_dir), name)
 
 
-SIGNAL_STYLES = {  # dynamics.jsonl key -> (label, colour); see overmem.scoring for the definitions
+SIGNAL_STYLES = {  # dynamics.jsonl key -> (label, colour); see overmem.backend_api for the definitions
     "top1_token": ("reference tokens that are the greedy choice", "#2a9d8f"),
     "entropy_token": ("predictive entropy at reference tokens (nats)", "#9c2a6b"),
     "rank_token": ("mean rank of reference tokens (log)", "#6b6b6b"),

@@ -18,7 +18,6 @@ from .backend_api import EvalBackend, TokenScores, TokenStats
 from .backends import as_backend
 from .data.encoding import length_sorted_batches, pad_id_of
 from .data.example import Example
-from .hf_backend import VOCAB_CHUNK
 
 __all__ = ["TokenScores", "TokenStats", "response_pieces", "score_batch", "score_examples"]
 
@@ -30,7 +29,7 @@ def score_batch(
     pad_id: int,
     *,
     vocab_stats: bool = False,
-    chunk_size: int = VOCAB_CHUNK,
+    chunk_size: int | None = None,
 ) -> list[TokenScores]:
     """One batch through `model`'s backend (`EvalBackend.score`): the log-prob of every labelled
     token (`overmem.data.encoding.IGNORE`: not scored), with `vocab_stats` also mu and sigma of
@@ -48,7 +47,7 @@ def score_examples(
     max_length: int = 2048,
     progress: Callable[[int], None] | None = None,
     vocab_stats: bool = False,
-    chunk_size: int = VOCAB_CHUNK,
+    chunk_size: int | None = None,
 ) -> list[TokenScores]:
     """Teacher-forced scores of each example's reference response, in input order; `TokenStats`
     (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`).

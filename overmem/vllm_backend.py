@@ -82,7 +82,7 @@ class VllmEngine:
         self.weights: str | None = None
         try:
             started = self._start(settings, start_timeout_s or VllmSettings().start_timeout_s)
-            self.pid, self.vocab_size = started["pid"], started.get("vocab_size")
+            self.pid, self.vocab_size = started["pid"], started["vocab_size"]
         except BaseException:
             self.close()
             raise

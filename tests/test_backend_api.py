@@ -66,6 +66,31 @@ def test_hf_backend_scores_as_one_sequence_at_a_time():
     assert plain[1].n_tokens == 0 and plain[0].n_tokens == 5 and plain[2].n_tokens == 9
 
 
+def test_hf_backend_scores_from_the_first_scored_position_as_the_whole_pass():
+    """The output layer runs only from the batch's first scored position on; the scores are those of
+    the whole batched pass's logits. A row labelled from its first token scores the rest (nothing
+    predicts a first token); an empty batch scores nothing."""
+    model = make_tiny_llama(40, seed=4)
+    backend = HfBackend(model)
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(3, 40, (n,), generator=g).tolist() for n in (14, 11, 16)]
+    starts = (9, 7, 0)
+    labels = [[IGNORE] * p + row[p:] for row, p in zip(ids, starts)]
+    labels[0][11] = IGNORE  # a gap inside the response
+    scores = backend.score(ids, labels, pad_id=0)
+    width = max(map(len, ids))
+    with torch.no_grad():
+        batch = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+        logp = model(input_ids=batch).logits.float().log_softmax(-1)  # (B, T, V)
+    for b, (row, lab, got) in enumerate(zip(ids, labels, scores)):
+        pos = torch.tensor([t - 1 for t in range(1, len(row)) if lab[t] != IGNORE])
+        y = torch.tensor(row)[pos + 1]
+        torch.testing.assert_close(got.logprobs, logp[b, pos, y], atol=1e-6, rtol=0)
+        assert got.ranks.tolist() == [1 + int((logp[b, t] > logp[b, t, tok]).sum()) for t, tok in zip(pos, y)]
+    assert [s.n_tokens for s in scores] == [4, 4, 15]
+    assert backend.score([], [], pad_id=0) == []
+
+
 def _greedy_one_at_a_time(model, ids: list[int], n: int) -> list[int]:
     """n greedy tokens after `ids`, each from a full forward pass over everything before it."""
     out = []

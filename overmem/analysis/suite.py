@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..backend_api import EvalBackend
 from ..backends import load_for_eval
 from ..config import ConfigError, RunConfig
 from ..models import load_tokenizer, quiet_libraries, release_memory
@@ -87,7 +86,7 @@ def analyze(
             if not names:
                 continue
             tokenizer = tokenizer or load_tokenizer(cfg.model)
-            model = _load_model(target, cfg)
+            model = load_for_eval(target.path, cfg)  # the backend `eval.backend` names
             for name in names:
                 bar.set_postfix_str(f"{target.name} {name}")
                 p = prepared[name]
@@ -187,10 +186,6 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def _load_model(target: Checkpoint, cfg: RunConfig) -> EvalBackend:
-    return load_for_eval(target.path, cfg)  # the backend `eval.backend` names
 
 
 def format_table(doc: Mapping[str, Any], checkpoints: Sequence[str] | None = None) -> str:
