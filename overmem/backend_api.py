@@ -21,7 +21,7 @@ and with the vocabulary statistics Min-K%++ needs (`TokenStats`, `overmem.analys
 
 rank_t and H_t are the cheap signals of the whole distribution ("Forecasting Downstream LLM
 Performance With Token-Level Proxy Metrics", 2026, finds such signals on expert-written solutions
-forecast accuracy better than cross-entropy); the vLLM engine returns l_t alone.
+forecast accuracy better than cross-entropy); the vLLM engine returns l_t and rank_t, no H_t.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class TokenScores:
 
     logprobs: torch.Tensor  # (T,) float32, l_t
     truncated: bool = field(default=False, kw_only=True)
-    ranks: torch.Tensor | None = field(default=None, kw_only=True)  # (T,) int64, rank_t; None: not computed (vLLM)
-    entropy: torch.Tensor | None = field(default=None, kw_only=True)  # (T,) float32, H_t; None: not computed
+    ranks: torch.Tensor | None = field(default=None, kw_only=True)  # (T,) int64, rank_t; None: not computed
+    entropy: torch.Tensor | None = field(default=None, kw_only=True)  # (T,) float32, H_t; None: not computed (vLLM)
 
     @property
     def n_tokens(self) -> int:

@@ -66,12 +66,12 @@ def split_summary(samples: Sequence[Mapping[str, Any]], eval_cfg: EvalConfig) ->
     for key in ("ppl", "ppl_token", "nll_token"):
         if not math.isfinite(row[key]):
             row[key] = None
-    # Token-weighted means of the cheap signals over the examples that have them (all, or none: vLLM).
-    signed = [s for s in samples if "top1" in s and s["n_tokens"]]
-    if signed:
-        weight = sum(s["n_tokens"] for s in signed)
-        for key, name in SIGNALS.items():
-            value = sum(s[name] * s["n_tokens"] for s in signed) / weight
+    # Token-weighted means of each cheap signal over the examples that have it (all, or none: the
+    # vLLM engine gives no entropy).
+    for key, name in SIGNALS.items():
+        signed = [s for s in samples if name in s and s["n_tokens"]]
+        if signed:
+            value = sum(s[name] * s["n_tokens"] for s in signed) / sum(s["n_tokens"] for s in signed)
             row[key] = value if math.isfinite(value) else None
     return row
 
@@ -83,11 +83,16 @@ SIGNALS = {"top1_token": "top1", "rank_token": "mean_rank", "entropy_token": "en
 def token_signals(scores: TokenScores) -> dict[str, float]:
     """One example's cheap signals (`overmem.backend_api`): the share of its reference tokens that are
     the greedy choice (`top1`), their mean rank (`mean_rank`) and the mean predictive entropy at
-    their positions (`entropy`, nats). Empty when not computed (vLLM) or no token was scored."""
-    if scores.ranks is None or scores.entropy is None or not scores.n_tokens:
+    their positions (`entropy`, nats). Each is absent where not computed (the vLLM engine gives
+    ranks but no entropy) or when no token was scored."""
+    if not scores.n_tokens:
         return {}
-    return {"top1": float((scores.ranks == 1).float().mean()), "mean_rank": float(scores.ranks.float().mean()),
-            "entropy": float(scores.entropy.mean())}
+    out = {}
+    if scores.ranks is not None:
+        out.update(top1=float((scores.ranks == 1).float().mean()), mean_rank=float(scores.ranks.float().mean()))
+    if scores.entropy is not None:
+        out["entropy"] = float(scores.entropy.mean())
+    return out
 
 
 def evaluate_examples(

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .files import missing_folder
-from .models import open_safetensors
+from .models import engine_model_folder, open_safetensors
 from .results import ADAPTER_CONFIG, MODEL_CONFIG, read_json
 
 _PEFT_PREFIX = "base_model.model."
@@ -35,10 +35,14 @@ TOKENIZER_FILES = (
 
 
 def model_folder(name: str | Path) -> Path:
-    """A local model folder, or a Hub id fetched (weights, config, tokenizer) into the cache."""
+    """A local model folder, a Hub id fetched (weights, config, tokenizer) into the cache, or a GGUF
+    file (a path or `pkg:PACKAGE/FILE.gguf`) dequantized to float32 as training loads it, into a
+    folder made once (`overmem.models.engine_model_folder`)."""
     path = Path(name).expanduser()
     if str(name).endswith(".gguf"):
-        raise ValueError(f"{name}: a GGUF base cannot be merged; load it and save_pretrained it to a folder first")
+        from .config import ModelConfig
+
+        return Path(engine_model_folder(ModelConfig(name_or_path=str(name), dtype="float32")))
     if path.is_dir():
         return path
     if path.exists() or str(name).startswith((".", "/", "~")):

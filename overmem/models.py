@@ -265,7 +265,7 @@ def check_adapter_base(adapter: str | Path, base: str | Path, *, uncomparable_ok
     (default: looked up as `base` itself or in the Hub cache)."""
     config = Path(adapter) / ADAPTER_CONFIG
     recorded = adapter_base(adapter)
-    if recorded is None or str(recorded) == str(base):
+    if recorded is None or str(recorded) == str(base) or _gguf_folder_of(str(recorded), str(base)):
         return
     trained_on, given = _local_copy(str(recorded)), base_dir or _local_copy(str(base))
     if trained_on is not None and given is not None and trained_on.resolve() == given.resolve():
@@ -285,6 +285,18 @@ def check_adapter_base(adapter: str | Path, base: str | Path, *, uncomparable_ok
     if uncomparable_ok:
         return
     raise AdapterBaseMismatch(f"{config}: trained on base {recorded!r}, but {role} is {str(base)!r} ({why}); {fix}")
+
+
+def _gguf_folder_of(recorded: str, base: str) -> bool:
+    """Whether `base` is a GGUF file and `recorded` the folder that holds it, its only GGUF file:
+    PEFT records the folder a GGUF model was loaded from, not the file."""
+    if not base.endswith(".gguf") or not Path(recorded).is_dir():
+        return False
+    try:
+        folder = Path(ModelSource.parse(base).repo)
+    except FileNotFoundError:
+        return False
+    return folder == Path(recorded).resolve() and len(list(folder.glob("*.gguf"))) == 1
 
 
 def _local_copy(name: str) -> Path | None:

@@ -105,7 +105,8 @@ SIGNAL_STYLES = {  # dynamics.jsonl key -> (label, colour); see overmem.backend_
 
 
 def has_signals(rows: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether some training-curve row holds the cheap signals (the Hugging Face backend's scoring)."""
+    """Whether some training-curve row holds the cheap signals (both backends' scoring gives the
+    greedy agreement and rank; the entropy comes from the Hugging Face one alone)."""
     return any(r.get("top1_token") is not None and r.get("epoch") is not None for r in rows)
 
 
@@ -122,10 +123,11 @@ def plot_signals(
     Saves `<name>.png` and `<name>.svg` in `out_dir`; returns both paths."""
     splits = [s for s in _plotted_splits([rows]) if has_signals(split_curve(rows, s))]
     if not splits:
-        raise ValueError("no row holds the token signals (top1_token ...): scored with the vLLM backend, or "
-                         "by an overmem older than these signals")
+        raise ValueError("no row holds the token signals (top1_token ...): scored by an overmem older than "
+                         "these signals")
     if phase_report is None and test_split_names(rows):
         phase_report = detect_phases(rows)
+    shown = [k for k in SIGNAL_STYLES if any(r.get(k) is not None for r in rows)]  # no entropy from vLLM
     fig, axes = _grid(len(splits))
     for ax, split in zip(axes, splits):
         curve = [r for r in split_curve(rows, split) if r.get("top1_token") is not None]
@@ -134,9 +136,12 @@ def plot_signals(
         rank_ax = ax.twinx()
         rank_ax.spines["right"].set_position(("axes", 1.16))
         for axis, key in ((ax, "top1_token"), (right, "entropy_token"), (rank_ax, "rank_token")):
+            if key not in shown:
+                axis.set_visible(False)
+                continue
             label, color = SIGNAL_STYLES[key]
-            axis.plot(epochs, [r[key] for r in curve], color=color, marker="o", ms=3, lw=1.5, zorder=3,
-                      ls="-" if axis is not rank_ax else ":")
+            axis.plot(epochs, [math.nan if r.get(key) is None else r[key] for r in curve], color=color, marker="o",
+                      ms=3, lw=1.5, zorder=3, ls="-" if axis is not rank_ax else ":")
             axis.tick_params(axis="y", which="both", colors=color, labelsize=7)
         rank_ax.set_yscale("log")
         ax.set_ylim(0, 1)
@@ -148,7 +153,7 @@ def plot_signals(
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.25, lw=0.5)
     handles = [Line2D([], [], color=c, marker="o", ls=":" if k == "rank_token" else "-", label=label)
-               for k, (label, c) in SIGNAL_STYLES.items()]
+               for k, (label, c) in SIGNAL_STYLES.items() if k in shown]
     if phase_report is not None and phase_report.onset:
         handles.append(Line2D([], [], color=ONSET_COLOR, ls="--", label=f"onset ({phase_report.onset})"))
     fig.suptitle("Reference tokens under the model: greedy agreement, entropy, rank")

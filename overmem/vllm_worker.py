@@ -112,11 +112,14 @@ class Engine:
             return [self.llm.generate([p], params, use_tqdm=False, lora_request=request)[0] for p in prompts]
         return self.llm.generate(prompts, params, use_tqdm=False, lora_request=request)
 
-    def score(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[float]]:
+    def score(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[list[float]]]:
+        """Per row, the log-prob of each token from `start` on and its rank (vLLM's: the number of
+        tokens at least as likely, itself included)."""
         result = []
         for x, s, out in zip(ids, start, self._prompt_pass(ids, lora, 0)):
             lps = out.prompt_logprobs  # position t: {token: Logprob} of token t given tokens < t
-            result.append([lps[t][x[t]].logprob for t in range(max(s, 1), len(x))])
+            kept = [lps[t][x[t]] for t in range(max(s, 1), len(x))]
+            result.append([[v.logprob for v in kept], [v.rank for v in kept]])
         return result
 
     def greedy(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[int]]:

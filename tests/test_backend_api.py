@@ -153,7 +153,8 @@ class _Engine:
 
 
 def test_vllm_handle_sends_token_ids_and_builds_the_scores(char_tokenizer):
-    engine = _Engine({"score": lambda ids, start, lora: [[-0.5] * (len(x) - s) for x, s in zip(ids, start)],
+    engine = _Engine({"score": lambda ids, start, lora: [[[-0.5] * (len(x) - s), [2] * (len(x) - s)]
+                                                         for x, s in zip(ids, start)],
                       "greedy": lambda ids, start, lora: [[7] * (len(x) - s + 1) for x, s in zip(ids, start)],
                       "generate": lambda prompts, max_tokens, **kw: [[[5] * m] for m in max_tokens]})
     handle = VllmModel(engine, RunConfig(), None, weights="/w")
@@ -163,7 +164,7 @@ def test_vllm_handle_sends_token_ids_and_builds_the_scores(char_tokenizer):
     scores = handle.score([[1, 2, 3, 4], [1, 2]], [[IGNORE, IGNORE, 3, 4], [IGNORE, IGNORE]], pad_id=0)
     assert engine.sent[-1] == ("score", {"ids": [[1, 2, 3, 4], [1, 2]], "start": [2, 2], "lora": None})
     assert [s.logprobs.dtype for s in scores] == [torch.float32] * 2 and [s.n_tokens for s in scores] == [2, 0]
-    assert scores[0].ranks is None and engine.loaded == ["/w"]
+    assert scores[0].ranks.tolist() == [2, 2] and scores[0].entropy is None and engine.loaded == ["/w"]
     with pytest.raises(ValueError, match="labelled from its first"):
         handle.score([[1, 2, 3]], [[IGNORE, 2, IGNORE]], pad_id=0)
     with pytest.raises(ValueError, match="vocabulary statistics"):

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,52 @@ def test_package_gguf_spec_names_the_file():
     _smollm2_gguf()
     src = ModelSource.parse(SMOLLM2_GGUF)
     assert src.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf" and Path(src.repo).is_dir()
+
+
+@pytest.mark.slow
+def test_a_gguf_base_merges_as_the_folder_training_loads(tmp_path, monkeypatch):
+    """`overmem merge --base FILE.gguf`: the base is the GGUF file dequantized as `load_model` does
+    (into $OVERMEM_CACHE, once), so merging two LoRA adapters over it gives the base plus the mean
+    of their deltas, PEFT's own merge of each the reference."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from overmem.cli import main
+    from tests.conftest import random_lora_adapter
+
+    _smollm2_gguf()
+    monkeypatch.setenv("OVERMEM_CACHE", str(tmp_path / "cache"))
+    cfg = ModelConfig(name_or_path=SMOLLM2_GGUF)
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg)
+    adapters = [random_lora_adapter(copy.deepcopy(model), tmp_path / f"a{i}", tok, seed=i, r=2, lora_alpha=4,
+                                    target_modules=["q_proj"]) for i in (1, 2)]
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", SMOLLM2_GGUF, "--checkpoints", *map(str, adapters), "--out", str(out), "-q"]) == 0
+    merged = load_file(out / "model.safetensors")
+    name, untouched = "model.layers.3.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"
+    base = model.state_dict()
+    thetas = [PeftModel.from_pretrained(copy.deepcopy(model), str(a)).merge_and_unload().state_dict()[name]
+              for a in adapters]
+    torch.testing.assert_close(merged[name], base[name] + sum(t - base[name] for t in thetas) / 2, atol=1e-6, rtol=0)
+    assert not torch.equal(merged[name], base[name]) and torch.equal(merged[untouched], base[untouched])
+    assert (out / "tokenizer.json").is_file() and len(list((tmp_path / "cache").glob("dequantized-*"))) == 1
+
+
+def test_an_adapter_trained_on_a_gguf_file_records_its_folder(tmp_path):
+    """PEFT records the folder a GGUF model came from: that folder matches the GGUF file as a base
+    when it is the folder's only GGUF file, and is refused (weights not comparable) when it is not."""
+    import json
+
+    from overmem.models import AdapterBaseMismatch, check_adapter_base
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.Q4.gguf").write_bytes(b"GGUF")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(folder)}))
+    check_adapter_base(adapter, str(folder / "model.Q4.gguf"), uncomparable_ok=False)
+    (folder / "model.Q8.gguf").write_bytes(b"GGUF")  # which of the two was it trained on?
+    with pytest.raises(AdapterBaseMismatch, match="model.Q4.gguf"):
+        check_adapter_base(adapter, str(folder / "model.Q4.gguf"), uncomparable_ok=False)

@@ -51,7 +51,10 @@ def test_signals_of_one_example_by_hand():
     s = TokenScores(torch.tensor([-0.1, -2.0, -0.5, -3.0]), ranks=torch.tensor([1, 3, 1, 10]),
                     entropy=torch.tensor([0.5, 1.5, 1.0, 2.0]))
     assert token_signals(s) == pytest.approx({"top1": 0.5, "mean_rank": 3.75, "entropy": 1.25})
-    assert token_signals(TokenScores(torch.tensor([-0.1]))) == {}  # not computed (vLLM)
+    assert token_signals(TokenScores(torch.tensor([-0.1]))) == {}  # not computed
+    # The vLLM engine's scores: ranks, no entropy.
+    assert token_signals(TokenScores(torch.tensor([-0.1, -2.0]), ranks=torch.tensor([1, 4]))) == pytest.approx(
+        {"top1": 0.5, "mean_rank": 2.5})
     assert token_signals(TokenScores(torch.zeros(0), ranks=torch.zeros(0), entropy=torch.zeros(0))) == {}
 
 
@@ -70,6 +73,18 @@ def test_split_figures_are_token_weighted():
     without = split_summary([{k: v for k, v in s.items() if k not in ("top1", "mean_rank", "entropy")}
                              for s in samples], EvalConfig(bootstrap=100))
     assert not {"top1_token", "rank_token", "entropy_token"} & set(without)
+    ranked = split_summary([{k: v for k, v in s.items() if k != "entropy"} for s in samples], EvalConfig(bootstrap=100))
+    assert ranked["rank_token"] == pytest.approx(4.0) and "entropy_token" not in ranked  # the vLLM engine's rows
+
+
+def test_the_signals_figure_without_entropies(tmp_path):
+    """Rows scored by the vLLM engine (greedy agreement and rank, no entropy) still plot."""
+    from overmem.plotting import plot_signals
+
+    rows = [{"checkpoint": f"epoch-{e}", "epoch": e, "step": e, "split": s, "n": 4, "ppl": 2.0 + e, "accuracy": 0.5,
+             "top1_token": 0.5 + 0.1 * e, "rank_token": 3.0 - e} for e in range(3) for s in ("train", "test")]
+    paths = plot_signals(rows, tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths)
 
 
 def test_a_run_writes_the_signals_and_their_figure(tiny_model_dir, toy_jsonl, tmp_path):
