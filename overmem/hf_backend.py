@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 
 from .backend_api import EvalBackend, Progress, TokenScores, TokenStats
-from .data.encoding import IGNORE, pad_right
+from .data.encoding import IGNORE, pad_id_of, pad_right
 from .models import context_length, load_checkpoint, load_model
 from .stops import AnswerLineStop, RowLimit
 
@@ -134,7 +134,7 @@ class HfBackend(EvalBackend):
             return out
         device = next(self.model.parameters()).device
         vocab = self.vocab_size
-        pad_id = _pad_id(tokenizer)
+        pad_id = pad_id_of(tokenizer)
         order = sorted(seqs, key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
         batches: list[list[int]] = []
         for i in order:  # longest first: a batch's first row sets its width
@@ -174,7 +174,7 @@ class HfBackend(EvalBackend):
             cache = "static" if device.type == "cpu" else "dynamic"
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
         out: list[list[list[int]]] = [[] for _ in inputs]
-        pad_id = _pad_id(tokenizer)
+        pad_id = pad_id_of(tokenizer)
         for b, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
             width = max(len(inputs[i]) for i in idx)
@@ -218,10 +218,6 @@ def _cache_name() -> str:
 
 
 _CACHE = _cache_name()
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _logprob_rank_entropy(picked: torch.Tensor, targets: torch.Tensor,

@@ -109,5 +109,9 @@ def length_sorted_batches(
 
 
 def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id to pad inputs with: the tokenizer's pad token, or 0 when it has none."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """The id to pad inputs with: the tokenizer's pad token, else its EOS, else 0 (padding is never
+    attended to or scored, so any id serves; `overmem.models.load_tokenizer` sets pad to EOS)."""
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return token
+    return 0
