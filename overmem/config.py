@@ -98,6 +98,11 @@ class TrainConfig(_Strict):
         None, gt=0, description="NEFTune (Jain et al. 2023): uniform noise of size alpha/sqrt(L*d) on the input "
         "embeddings while training (the Trainer's option; L tokens, hidden size d); default: off",
     )
+    group_by_length: bool = Field(
+        False, description="micro-batches of examples of similar length (the Trainer's LengthGroupedSampler): "
+        "less padding, faster steps (1.17x measured on examples/smollm2/overmem.yaml), but another order of "
+        "training than the default's, so other figures",
+    )
     scheduler: str = "linear"
     warmup_steps: int = Field(100, ge=0)
     epochs: int = Field(10, gt=0, le=MAX_EPOCHS)

@@ -171,3 +171,28 @@ def test_neftune_noise_reaches_the_embeddings(tmp_path, tiny_model_dir, method, 
     assert abs(drawn.mean().item()) < 0.05 * bound  # centred
     with pytest.raises(ValueError, match="neftune_noise_alpha"):
         load_config(None, ["train.neftune_noise_alpha=0"])
+
+
+def test_group_by_length_makes_length_grouped_micro_batches(tmp_path, tiny_model_dir):
+    """train.group_by_length: the Trainer draws micro-batches of similar lengths (its
+    LengthGroupedSampler, which sorts by length within random groups of 4 micro-batches here), so
+    an epoch pads far less than the default random order."""
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from overmem.train.trainer import training_args
+
+    lengths = [3 + i % 4 if i % 2 else 38 + i % 4 for i in range(64)]  # short and long, interleaved
+    data = [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+    model = torch.nn.Linear(1, 1, bias=False)
+    padding = {}
+    for grouped in (False, True):
+        cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"out_dir={tmp_path}", "train.micro_batch_size=4",
+                                 "train.batch_size=4", f"train.group_by_length={str(grouped).lower()}"])
+        sampler = Trainer(model=model, args=training_args(cfg, RunDir(tmp_path), model), train_dataset=data)._get_train_sampler()
+        assert isinstance(sampler, LengthGroupedSampler) is grouped
+        order = list(sampler)
+        assert sorted(order) == list(range(64))
+        batches = [[lengths[i] for i in order[s:s + 4]] for s in range(0, 64, 4)]
+        padding[grouped] = sum(4 * max(b) - sum(b) for b in batches)
+    assert padding[True] < padding[False] / 4

@@ -10,6 +10,7 @@ evaluates its share of each checkpoint (`overmem.distributed`)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -218,7 +219,18 @@ def training_args(cfg: RunConfig, run: RunDir, model: PreTrainedModel) -> Traini
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config,
         deepspeed=t.deepspeed,
+        **_sampling(t.group_by_length),
     )
+
+
+def _sampling(group_by_length: bool) -> dict[str, Any]:
+    """The TrainingArguments field for length-grouped micro-batches: `train_sampling_strategy` in
+    recent transformers (5.2x), `group_by_length` before."""
+    if not group_by_length:
+        return {}
+    if "train_sampling_strategy" in inspect.signature(TrainingArguments).parameters:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
 
 
 # TrainingArguments names in the Trainer's messages -> the run config's fields.
