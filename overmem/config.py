@@ -100,7 +100,7 @@ class TrainConfig(_Strict):
     )
     group_by_length: bool = Field(
         False, description="micro-batches of examples of similar length (the Trainer's LengthGroupedSampler): "
-        "less padding, faster steps (1.17x measured on examples/smollm2/overmem.yaml), but another order of "
+        "less padding (17% -> 5.5% of the tokens on examples/smollm2/overmem.yaml), but another order of "
         "training than the default's, so other figures",
     )
     scheduler: str = "linear"
