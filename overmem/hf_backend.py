@@ -209,17 +209,6 @@ class HfBackend(EvalBackend):
         return out
 
 
-def _cache_name() -> str:
-    """The forward pass's name for the KV cache, in and out: `cache` in recent transformers (5.2x),
-    `past_key_values` before."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-_CACHE = _cache_name()
-
-
 def _logprob_rank_entropy(picked: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """l_t, rank_t and H_t of (N, V) float32 logits and their (N,) reference tokens, `chunk_size`
