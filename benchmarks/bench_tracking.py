@@ -46,7 +46,7 @@ from overmem.results import BASE, RunDir, find_checkpoints, read_jsonl  # noqa: 
 
 TIE = 1e-3  # logits this close are a tie to rounding (float32 logits of ~10: ulp ~1e-6, batched GEMMs ~1e-5)
 STAGES = {"score": (dynamics, "score_examples"), "verify": (HfBackend, "verify"), "decode": (HfBackend, "decode")}
-IGNORED = ("seconds", "draft_tokens", "draft_accepted")
+IGNORED = ("seconds", "draft_tokens", "draft_accepted", "reference_drafts")
 
 
 STATE: dict = {"seconds": None, "current": BASE}  # the scan being timed: seconds per checkpoint and stage

@@ -49,6 +49,8 @@ class TokenScores:
     truncated: bool = field(default=False, kw_only=True)
     ranks: torch.Tensor | None = field(default=None, kw_only=True)  # (T,) int64, rank_t; None: not computed
     entropy: torch.Tensor | None = field(default=None, kw_only=True)  # (T,) float32, H_t; None: not computed (vLLM)
+    # (T + 1,) int64, greedy[j]: the greedy token after x, y_1 .. y_j (`score(greedy=True)`); None: not computed
+    greedy: torch.Tensor | None = field(default=None, kw_only=True)
 
     @property
     def n_tokens(self) -> int:
@@ -106,10 +108,13 @@ class EvalBackend(ABC):
 
     @abstractmethod
     def score(self, ids: Sequence[list[int]], labels: Sequence[list[int]], *, pad_id: int,
-              vocab_stats: bool = False, chunk_size: int | None = None) -> list[TokenScores]:
+              vocab_stats: bool = False, chunk_size: int | None = None, greedy: bool = False) -> list[TokenScores]:
         """Teacher-forced scores of each row's labelled tokens (`labels[i][t]` is `ids[i][t]`, or
         `overmem.data.encoding.IGNORE` where not scored: a response mask), each given the ids before
         it; `TokenStats` with `vocab_stats` (a backend that cannot refuses: see `with_vocab_stats`).
+        With `greedy`, also the greedy token after each prefix of the row from its ids before the
+        first labelled one to the whole row (`TokenScores.greedy`: what `verify` gives for prompt =
+        the ids before the first labelled one, draft = the rest; None for a row with none labelled).
         `pad_id` pads rows where a backend pads; `chunk_size` bounds the rows of its vocabulary
         statistics' temporaries (None: its default)."""
 

@@ -20,10 +20,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .backend_api import EvalBackend
 from .config import EvalConfig, GenerationConfig, RunConfig
 from .data.code import can_check, check_answers
+from .data.encoding import token_ids
 from .data.example import Example, format_prompt
 from .data.splits import TRAIN, VALIDATION
 from .distributed import evaluate_sharded, is_main, main_value, on_main
-from .generation import generate_greedy
+from .generation import Verified, drafts_are_exact, generate_greedy
 from .intervals import accuracy_interval
 from .results import RunDir, append_jsonl, read_jsonl, write_jsonl
 from .scoring import TokenScores, response_pieces, score_examples
@@ -122,9 +123,13 @@ def evaluate_examples(
     (example id -> token ids, the previous checkpoint's `generation_ids`) are verified instead of
     decoded where they agree (`overmem.generation.generate_greedy`); rows with a draft record its
     length (`draft_tokens`) and how many of its tokens were the model's own (`draft_accepted`)."""
+    checked = [i for i, ex in enumerate(examples) if ex.kind != "open" and can_check(ex)]
+    # The scoring pass also gives the model's greedy tokens along each reference: a draft verified for free.
+    references = bool(eval_cfg.accuracy and checked and gen_cfg.reuse_drafts and drafts_are_exact(model))
     with tqdm(total=len(examples), desc=f"score {desc}", disable=quiet, leave=False) as bar:
         scores = score_examples(
-            model, tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length, progress=bar.update
+            model, tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length, progress=bar.update,
+            greedy=references,
         )
     rows = [
         {"id": ex.id, "nll_sum": s.nll_sum, "n_tokens": s.n_tokens, "ppl": s.ppl if s.n_tokens else None,
@@ -139,32 +144,44 @@ def evaluate_examples(
             )
     # Open-ended answers ("open") and code without tests (a CodeFeedback training set) have no
     # automatic check: no generation, no `correct` field.
-    checked = [(row, ex) for row, ex in zip(rows, examples) if ex.kind != "open" and can_check(ex)]
     if eval_cfg.accuracy and checked:
         with tqdm(total=len(checked), desc=f"generate {desc}", disable=quiet, leave=False) as bar:
             outs = generate_greedy(
                 model,
                 tokenizer,
-                [format_prompt(ex.question) for _, ex in checked],
-                drafts=[drafts.get(ex.id) for _, ex in checked] if drafts else None,
+                [format_prompt(examples[i].question) for i in checked],
+                drafts=[drafts.get(examples[i].id) for i in checked] if drafts else None,
+                verified=[_reference_draft(tokenizer, examples[i], scores[i]) for i in checked] if references else None,
                 max_new_tokens=gen_cfg.max_new_tokens,
                 batch_size=gen_cfg.batch_size,
-                stop_at_answer=[gen_cfg.stop_at_answer and ex.has_answer_line for _, ex in checked],
+                stop_at_answer=[gen_cfg.stop_at_answer and examples[i].has_answer_line for i in checked],
                 cache=gen_cfg.cache,
                 max_prompt_tokens=max_length,
                 progress=bar.update,
             )
         texts = [out.text for out in outs]
-        for (row, _), out in zip(checked, outs):
-            row["generation_ids"] = out.ids
+        for i, out in zip(checked, outs):
+            rows[i]["generation_ids"] = out.ids
             if out.draft_tokens is not None:
-                row.update(draft_tokens=out.draft_tokens, draft_accepted=out.draft_accepted)
+                rows[i].update(draft_tokens=out.draft_tokens, draft_accepted=out.draft_accepted,
+                               draft_source=out.draft_source)
         # Code is correct when its tests pass, run in parallel sandboxes.
-        for (row, _), text, check in zip(checked, texts, check_answers([ex for _, ex in checked], texts)):
+        for i, text, check in zip(checked, texts, check_answers([examples[i] for i in checked], texts)):
+            row = rows[i]
             row.update(generation=text, extracted=check.extracted, correct=check.correct)
             if check.code is not None:
                 row.update(failure=check.code.failure, sandbox=check.code.sandbox)
     return rows
+
+
+def _reference_draft(tokenizer: PreTrainedTokenizerBase, example: Example, scores: TokenScores) -> Verified | None:
+    """The example's reference as a draft its scoring pass verified (None: scored cut, or without
+    greedy tokens): the prompt and response token ids `overmem.data.encoding.encode_example` scored."""
+    if scores.greedy is None or scores.truncated:
+        return None
+    prompt = token_ids(tokenizer, format_prompt(example.question), add_special_tokens=True)
+    response = token_ids(tokenizer, example.response, add_special_tokens=False)
+    return Verified(prompt, response, scores.greedy.tolist()) if len(response) + 1 == len(scores.greedy) else None
 
 
 def previous_generations(run: RunDir, split: str, checkpoint: str) -> dict[str, list[int]]:
@@ -182,12 +199,15 @@ def previous_generations(run: RunDir, split: str, checkpoint: str) -> dict[str, 
 
 
 def draft_totals(samples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """Draft tokens verified over a split and how many were accepted (absent without drafts)."""
+    """Draft tokens verified over a split and how many were accepted (absent without drafts), and
+    how many generations had their reference as draft (`reference_drafts`, when any did)."""
     drafted = [s for s in samples if "draft_tokens" in s]
     if not drafted:
         return {}
-    return {"draft_tokens": sum(s["draft_tokens"] for s in drafted),
-            "draft_accepted": sum(s["draft_accepted"] for s in drafted)}
+    out = {"draft_tokens": sum(s["draft_tokens"] for s in drafted),
+           "draft_accepted": sum(s["draft_accepted"] for s in drafted)}
+    references = sum(s.get("draft_source") == "reference" for s in drafted)
+    return {**out, "reference_drafts": references} if references else out
 
 
 def eval_kwargs(cfg: RunConfig, tracked: Mapping[str, Any]) -> dict[str, Any]:

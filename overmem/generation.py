@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -39,7 +40,7 @@ from .config import GenerationConfig, TrainConfig
 from .data.encoding import token_ids
 from .stops import AnswerLineStop, StopRule, truncate_after_answer
 
-__all__ = ["DEFAULTS", "AnswerLineStop", "Continuation", "StopRule", "drafts_are_exact", "generate",
+__all__ = ["DEFAULTS", "AnswerLineStop", "Continuation", "StopRule", "Verified", "drafts_are_exact", "generate",
            "generate_greedy", "truncate_after_answer"]
 
 DEFAULTS = GenerationConfig()  # decoding limits: their defaults live in the config, nowhere else
@@ -90,12 +91,14 @@ class Continuation:
     """A greedy continuation: its token ids (its stop included: EOS, the token that ends its answer
     line, or its `max_new_tokens`-th), its text (cut after the answer line where it stops there),
     and how much of it a draft gave: `draft_tokens` verified (None: no draft), of which the first
-    `draft_accepted` are the model's own greedy tokens."""
+    `draft_accepted` are the model's own greedy tokens (and in the continuation), and where that draft came from
+    (`draft_source`: "previous", the `drafts` given, or "reference", the `verified` ones)."""
 
     ids: list[int]
     text: str
     draft_tokens: int | None = None
     draft_accepted: int = 0
+    draft_source: str | None = None
 
 
 def drafts_are_exact(model: PreTrainedModel | EvalBackend) -> bool:
@@ -111,6 +114,7 @@ def generate_greedy(
     prompts: Sequence[str],
     *,
     drafts: Sequence[Sequence[int] | None] | None = None,
+    verified: Sequence[Verified | None] | None = None,
     max_new_tokens: int = DEFAULTS.max_new_tokens,
     batch_size: int = DEFAULTS.batch_size,
     stop_at_answer: bool | Sequence[bool] = DEFAULTS.stop_at_answer,
@@ -123,36 +127,74 @@ def generate_greedy(
     `drafts[i]` (token ids, e.g. the previous checkpoint's continuation of prompt i; None or empty:
     none) is verified in one teacher-forced pass (`EvalBackend.verify`): its longest prefix that is the
     model's greedy choice is kept, followed by the model's own token there, and decoding resumes
-    from there only if that has not reached the continuation's stop (`StopRule`). Drafts are
-    ignored where verification would not be exact (`drafts_are_exact`)."""
+    from there only if that has not reached the continuation's stop (`StopRule`).
+
+    `verified[i]` is a draft some other pass of the same model already verified: the reference
+    response, whose greedy tokens the scoring pass gives (`Verified`). It is used as a draft that
+    costs nothing, where its prompt is the one generation sees: a continuation it carries to its
+    stop needs no verification of `drafts[i]` and no decoding; otherwise the longer of the two
+    accepted prefixes is kept. Drafts are ignored where verification would not be exact
+    (`drafts_are_exact`)."""
     stops = _per_prompt(stop_at_answer, len(prompts))
     backend = as_backend(model)
     encoded, limits = _budgets(backend, tokenizer, prompts, max_prompt_tokens, max_new_tokens)
-    given = _drafts(backend, encoded, limits, drafts)
-    greedy = backend.verify(tokenizer, {i: (encoded[i], d) for i, d in given.items()}, batch_size=batch_size)
-    heads: dict[int, list[int]] = {}  # each continuation's tokens known before decoding
-    accepted: dict[int, int] = {}
-    for i, d in given.items():
-        g = greedy[i]  # g[j]: the greedy token after prompt + d[:j]
-        k = next((j for j in range(len(d)) if d[j] != g[j]), len(d))
-        heads[i], accepted[i] = d[:k] + [g[k]], k
-    out: dict[int, list[int]] = {}
     rule = StopRule(tokenizer, max_new_tokens)
-    for i, head in heads.items():
+    # i -> (the continuation's tokens known before decoding, draft tokens accepted, draft length, source)
+    heads: dict[int, tuple[list[int], int, int, str]] = {}
+    for i, (d, g) in _verified(backend, encoded, limits, verified).items():
+        heads[i] = (*_accepted(d, g), len(d), "reference")
+    done = {i for i, (head, *_) in heads.items() if rule.end(head, stops[i], limits[i]) is not None}
+    given = {i: d for i, d in _drafts(backend, encoded, limits, drafts).items() if i not in done}
+    greedy = backend.verify(tokenizer, {i: (encoded[i], d) for i, d in given.items()}, batch_size=batch_size)
+    for i, d in given.items():
+        head, k = _accepted(d, greedy[i])
+        if i not in heads or len(head) > len(heads[i][0]):
+            heads[i] = (head, k, len(d), "previous")
+    out: dict[int, list[int]] = {}
+    for i, (head, *_) in heads.items():
         end = rule.end(head, stops[i], limits[i])
         if end is not None:
             out[i] = head[:end]
     if progress and out:
         progress(len(out))
     todo = [i for i in range(len(prompts)) if i not in out]
-    new = backend.decode(tokenizer, [encoded[i] + heads.get(i, []) for i in todo],
-                         [limits[i] - len(heads.get(i, [])) for i in todo], answer_line=[stops[i] for i in todo],
-                         carried=[len(heads.get(i, [])) for i in todo], batch_size=batch_size, cache=cache,
-                         progress=progress)  # a backend that runs past the answer line is cut by `_continuation`
-    for i, (tail,) in zip(todo, new):
-        out[i] = heads.get(i, []) + tail
-    return [_continuation(rule, tokenizer, out[i], stops[i], limits[i], len(given[i]) if i in given else None,
-                          accepted.get(i, 0)) for i in range(len(prompts))]
+    known = {i: heads[i][0] if i in heads else [] for i in todo}
+    new = backend.decode(tokenizer, [encoded[i] + known[i] for i in todo], [limits[i] - len(known[i]) for i in todo],
+                         answer_line=[stops[i] for i in todo], carried=[len(known[i]) for i in todo],
+                         batch_size=batch_size, cache=cache, progress=progress)
+    for i, (tail,) in zip(todo, new):  # a backend that runs past the answer line is cut by `_continuation`
+        out[i] = known[i] + tail
+    return [_continuation(rule, tokenizer, out[i], stops[i], limits[i], *heads[i][1:] if i in heads else ())
+            for i in range(len(prompts))]
+
+
+class Verified(NamedTuple):
+    """A draft verified by another pass of the model: the `prompt` ids that pass saw, the `draft`
+    after them, and `greedy[j]`, the model's greedy token after prompt + draft[:j] (j = 0 ..
+    len(draft)), as `EvalBackend.verify` gives it."""
+
+    prompt: list[int]
+    draft: list[int]
+    greedy: list[int]
+
+
+def _accepted(draft: list[int], greedy: list[int]) -> tuple[list[int], int]:
+    """The draft's longest prefix that is the model's greedy choice, followed by the model's own
+    token there (`greedy[j]`: its token after prompt + draft[:j]), and that prefix's length."""
+    k = next((j for j in range(len(draft)) if draft[j] != greedy[j]), len(draft))
+    return draft[:k] + [greedy[k]], k
+
+
+def _verified(backend: EvalBackend, encoded: Sequence[list[int]], limits: Sequence[int],
+              verified: Sequence[Verified | None] | None) -> dict[int, tuple[list[int], list[int]]]:
+    """The verified drafts used: index -> (draft cut to the continuation's limit, its greedy
+    tokens), where the pass saw the prompt generation sees and verifying by argmax is exact."""
+    if verified is not None and len(verified) != len(encoded):
+        raise ValueError(f"verified: {len(verified)} for {len(encoded)} prompts")
+    if not verified or not backend.drafts_exact:
+        return {}
+    return {i: (list(v.draft[: limits[i]]), list(v.greedy)) for i, v in enumerate(verified)
+            if v is not None and list(v.prompt) == encoded[i] and len(v.greedy) == len(v.draft) + 1}
 
 
 def _drafts(backend: EvalBackend, encoded: Sequence[list[int]], limits: Sequence[int],
@@ -172,12 +214,14 @@ def _drafts(backend: EvalBackend, encoded: Sequence[list[int]], limits: Sequence
 
 
 def _continuation(rule: StopRule, tokenizer: PreTrainedTokenizerBase, ids: list[int], answer_line: bool,
-                  limit: int, draft_tokens: int | None = None, draft_accepted: int = 0) -> Continuation:
+                  limit: int, draft_accepted: int = 0, draft_tokens: int | None = None,
+                  draft_source: str | None = None) -> Continuation:
     """`ids` cut at the continuation's stop (decoding leaves padding after it), and its text."""
     end = rule.end(ids, answer_line, limit)
     ids = ids[:end] if end is not None else ids
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    return Continuation(ids, truncate_after_answer(text) if answer_line else text, draft_tokens, draft_accepted)
+    return Continuation(ids, truncate_after_answer(text) if answer_line else text, draft_tokens,
+                        min(draft_accepted, len(ids)), draft_source)  # a reference may run on past the stop
 
 
 def _per_prompt(stop_at_answer: bool | Sequence[bool], n: int) -> list[bool]:

@@ -88,9 +88,10 @@ class HfBackend(EvalBackend):
 
     @_evaluating
     def score(self, ids: Sequence[list[int]], labels: Sequence[list[int]], *, pad_id: int,
-              vocab_stats: bool = False, chunk_size: int | None = None) -> list[TokenScores]:
+              vocab_stats: bool = False, chunk_size: int | None = None, greedy: bool = False) -> list[TokenScores]:
         """One batched forward pass (right padding); log-probs, ranks and entropies of every labelled
-        token, and with `vocab_stats` also mu and sigma of each labelled position (`TokenStats`).
+        token, with `vocab_stats` also mu and sigma of each labelled position (`TokenStats`), with
+        `greedy` the argmax of every logit from the one before the first labelled token on.
 
         No attention mask is passed: with right padding, causal attention already keeps every
         real token from seeing the padding after it, and positions start at 0 in every row, so
@@ -115,13 +116,15 @@ class HfBackend(EvalBackend):
         target = label_ids[:, first + 1 :]
         keep = target != IGNORE  # (B, T - first - 1)
         counts = keep.sum(dim=1).tolist()
+        picks = _greedy_rows(logits, label_ids, first, [len(row) for row in ids]) if greedy else [None] * len(ids)
         if vocab_stats:
             lp, mu, sigma, ranks = (x.cpu().split(counts) for x in _vocab_stats(logits, target, keep, chunk_size))
-            return [TokenStats(l, m, sd, ranks=r, entropy=-m) for l, m, sd, r in zip(lp, mu, sigma, ranks)]
+            return [TokenStats(l, m, sd, ranks=r, entropy=-m, greedy=g)
+                    for l, m, sd, r, g in zip(lp, mu, sigma, ranks, picks)]
         picked = logits[:, :-1][keep].float()  # (N, V), N = labelled tokens in the batch
         lp, ranks, entropy = _logprob_rank_entropy(picked, target[keep], chunk_size)
-        return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu())
-                for a, r, h in zip(lp.split(counts), ranks.split(counts), entropy.split(counts))]
+        return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu(), greedy=g)
+                for a, r, h, g in zip(lp.split(counts), ranks.split(counts), entropy.split(counts), picks)]
 
     @_evaluating
     def verify(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
@@ -207,6 +210,20 @@ class HfBackend(EvalBackend):
             if progress:
                 progress(len(idx))
         return out
+
+
+def _greedy_rows(logits: torch.Tensor, label_ids: torch.Tensor, first: int, lengths: Sequence[int]) -> list:
+    """Per row, the argmax of its logits from the position before its first labelled token to its
+    last token (`TokenScores.greedy`); None for a row with no labelled token. `logits` start at
+    position `first`."""
+    picks = logits.argmax(dim=-1).cpu()  # (B, T - first)
+    labelled = (label_ids != IGNORE).cpu()
+    out = []
+    for r, n in enumerate(lengths):
+        where = labelled[r].nonzero()
+        start = int(where[0]) if len(where) else 0
+        out.append(picks[r, start - 1 - first : n - first].clone() if start > 0 else None)
+    return out
 
 
 def _logprob_rank_entropy(picked: torch.Tensor, targets: torch.Tensor,

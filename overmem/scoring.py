@@ -48,9 +48,12 @@ def score_examples(
     progress: Callable[[int], None] | None = None,
     vocab_stats: bool = False,
     chunk_size: int | None = None,
+    greedy: bool = False,
 ) -> list[TokenScores]:
     """Teacher-forced scores of each example's reference response, in input order; `TokenStats`
-    (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`).
+    (with mu and sigma of every scored position) when `vocab_stats` (see `score_batch`); with
+    `greedy`, also the model's greedy token after the prompt and after each reference token
+    (`TokenScores.greedy`: the reference verified as a draft, `overmem.generation.generate_greedy`).
 
     An example longer than `max_length` tokens, or than the model's context less one (the vLLM
     engine computes one token past the scored ones; both backends cut alike), is scored with its
@@ -71,7 +74,7 @@ def score_examples(
                                     max_length=max_length)
     for idx, encoded in batches:
         scores = backend.score([e.ids for e in encoded], [e.labels for e in encoded], pad_id=pad_id,
-                               vocab_stats=vocab_stats, chunk_size=chunk_size)
+                               vocab_stats=vocab_stats, chunk_size=chunk_size, greedy=greedy)
         for i, e, s in zip(idx, encoded, scores):
             s.truncated = e.truncated
             out[i] = s

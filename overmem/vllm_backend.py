@@ -217,12 +217,13 @@ class VllmModel(EvalBackend):
         return True  # the engine decodes by the argmax, without the model's generation_config
 
     def score(self, ids: Sequence[list[int]], labels: Sequence[list[int]], *, pad_id: int,
-              vocab_stats: bool = False, chunk_size: int | None = None) -> list[TokenScores]:
+              vocab_stats: bool = False, chunk_size: int | None = None, greedy: bool = False) -> list[TokenScores]:
         """The engine's prompt log-probs of each row's tokens from its first labelled one on (a
         response mask; nothing is padded, `pad_id` and `chunk_size` are moot), with their ranks; no
         entropies (the engine returns no whole distribution). The engine's rank counts the tokens
         at least as likely, so it is `rank_t` except where another token's log-prob equals y_t's
-        exactly (then it is higher)."""
+        exactly (then it is higher). With `greedy`, the top token of each prompt log-prob from the
+        first labelled one on and the token decoded after the row (as `verify`), from the same pass."""
         # Imported here: the command line imports this module (VllmError) and must start without torch.
         import torch
 
@@ -234,9 +235,10 @@ class VllmModel(EvalBackend):
         if len(ids) != len(labels) or any(IGNORE in row[t:] for row, t in zip(labels, starts)):
             raise ValueError("labels: one row per row of ids, labelled from its first scored token to its end")
         self.engine.load(self.weights)
-        rows = self.engine.request("score", ids=[list(x) for x in ids], start=starts, lora=self.lora)
-        return [TokenScores(torch.tensor(lp, dtype=torch.float32), ranks=torch.tensor(rank, dtype=torch.long))
-                for lp, rank in rows]
+        rows = self.engine.request("score", ids=[list(x) for x in ids], start=starts, lora=self.lora, greedy=greedy)
+        return [TokenScores(torch.tensor(row[0], dtype=torch.float32), ranks=torch.tensor(row[1], dtype=torch.long),
+                            greedy=torch.tensor(row[2], dtype=torch.long) if greedy and row[2] is not None else None)
+                for row in rows]
 
     def with_vocab_stats(self) -> EvalBackend:
         from .hf_backend import HfBackend

@@ -15,7 +15,8 @@ pickle). Requests:
 - `load`: `weights` (a folder of safetensors, or null for the engine's own model) reloaded in place
   into the running engine (vLLM's `reload_weights`, as RL trainers do between steps).
 - `score`: teacher-forced log-probabilities (`prompt_logprobs`) of `ids[i][start[i]:]` given the
-  tokens before each, optionally under the LoRA adapter `lora` (a folder).
+  tokens before each, optionally under the LoRA adapter `lora` (a folder); with `greedy`, also
+  what `greedy` gives for the same rows, from the same pass.
 - `greedy`: the greedy next token after every position of `ids[i]` from `start[i] - 1` on (the
   prompt log-probs' top token; the last from one decoding step): drafts verified in one pass.
 - `generate`: continuations of token-id prompts (greedy at `temperature` 0), `n` per prompt, each
@@ -32,6 +33,15 @@ import json
 import os
 import sys
 import traceback
+
+
+def _tops(x: list[int], s: int, out) -> list[int]:
+    """The greedy token after `x[:t]` for t = s .. len(x): the top prompt log-prob at each position
+    (`out` asked for one), then the token decoded after the whole of `x`."""
+    lps = out.prompt_logprobs  # position t: {token: Logprob} of token t and the top token given tokens < t
+    top = [x[t] if lps[t][x[t]].rank == 1 else next(k for k, v in lps[t].items() if v.rank == 1)
+           for t in range(s, len(x))]
+    return top + [out.outputs[0].token_ids[0]]
 
 
 def _retie(worker) -> bool:
@@ -112,24 +122,21 @@ class Engine:
             return [self.llm.generate([p], params, use_tqdm=False, lora_request=request)[0] for p in prompts]
         return self.llm.generate(prompts, params, use_tqdm=False, lora_request=request)
 
-    def score(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[list[float]]]:
+    def score(self, ids: list[list[int]], start: list[int], lora: str | None,
+              greedy: bool = False) -> list[list[list[float]]]:
         """Per row, the log-prob of each token from `start` on and its rank (vLLM's: the number of
-        tokens at least as likely, itself included)."""
+        tokens at least as likely, itself included); with `greedy`, also the greedy tokens `greedy`
+        gives from `start` on."""
         result = []
-        for x, s, out in zip(ids, start, self._prompt_pass(ids, lora, 0)):
+        for x, s, out in zip(ids, start, self._prompt_pass(ids, lora, 1 if greedy else 0)):
             lps = out.prompt_logprobs  # position t: {token: Logprob} of token t given tokens < t
             kept = [lps[t][x[t]] for t in range(max(s, 1), len(x))]
-            result.append([[v.logprob for v in kept], [v.rank for v in kept]])
+            row = [[v.logprob for v in kept], [v.rank for v in kept]]
+            result.append(row + [_tops(x, s, out) if 0 < s < len(x) else None] if greedy else row)
         return result
 
     def greedy(self, ids: list[list[int]], start: list[int], lora: str | None) -> list[list[int]]:
-        result = []
-        for x, s, out in zip(ids, start, self._prompt_pass(ids, lora, 1)):
-            lps = out.prompt_logprobs  # position t: {token: Logprob} of token t and the top token given tokens < t
-            top = [x[t] if lps[t][x[t]].rank == 1 else next(k for k, v in lps[t].items() if v.rank == 1)
-                   for t in range(s, len(x))]
-            result.append(top + [out.outputs[0].token_ids[0]])
-        return result
+        return [_tops(x, s, out) for x, s, out in zip(ids, start, self._prompt_pass(ids, lora, 1))]
 
     def generate(self, prompts: list[list[int]], *, max_tokens: list[int], n: int, temperature: float, top_p: float,
                  seed: int, stop_token_ids: list[int], lora: str | None) -> list[list[list[int]]]:
@@ -168,7 +175,7 @@ def serve(requests, reply) -> None:
             elif op == "greedy":
                 result = engine.greedy(req["ids"], req["start"], req.get("lora"))
             elif op == "score":
-                result = engine.score(req["ids"], req["start"], req.get("lora"))
+                result = engine.score(req["ids"], req["start"], req.get("lora"), bool(req.get("greedy")))
             elif op == "generate":
                 result = engine.generate(**req)
             else:

@@ -153,8 +153,12 @@ class _Engine:
 
 
 def test_vllm_handle_sends_token_ids_and_builds_the_scores(char_tokenizer):
-    engine = _Engine({"score": lambda ids, start, lora: [[[-0.5] * (len(x) - s), [2] * (len(x) - s)]
-                                                         for x, s in zip(ids, start)],
+    def score(ids, start, lora, greedy):
+        rows = [[[-0.5] * (len(x) - s), [2] * (len(x) - s)] for x, s in zip(ids, start)]
+        return [row + [[7] * (len(x) - s + 1) if s < len(x) else None] if greedy else row
+                for row, x, s in zip(rows, ids, start)]
+
+    engine = _Engine({"score": score,
                       "greedy": lambda ids, start, lora: [[7] * (len(x) - s + 1) for x, s in zip(ids, start)],
                       "generate": lambda prompts, max_tokens, **kw: [[[5] * m] for m in max_tokens]})
     handle = VllmModel(engine, RunConfig(), None, weights="/w")
@@ -162,9 +166,13 @@ def test_vllm_handle_sends_token_ids_and_builds_the_scores(char_tokenizer):
     assert handle.min_request > 1 and handle.verify_lookahead == 1
 
     scores = handle.score([[1, 2, 3, 4], [1, 2]], [[IGNORE, IGNORE, 3, 4], [IGNORE, IGNORE]], pad_id=0)
-    assert engine.sent[-1] == ("score", {"ids": [[1, 2, 3, 4], [1, 2]], "start": [2, 2], "lora": None})
+    assert engine.sent[-1] == ("score", {"ids": [[1, 2, 3, 4], [1, 2]], "start": [2, 2], "lora": None,
+                                         "greedy": False})
     assert [s.logprobs.dtype for s in scores] == [torch.float32] * 2 and [s.n_tokens for s in scores] == [2, 0]
     assert scores[0].ranks.tolist() == [2, 2] and scores[0].entropy is None and engine.loaded == ["/w"]
+    assert scores[0].greedy is None
+    scores = handle.score([[1, 2, 3, 4], [1, 2]], [[IGNORE, IGNORE, 3, 4], [IGNORE, IGNORE]], pad_id=0, greedy=True)
+    assert engine.sent[-1][1]["greedy"] and scores[0].greedy.tolist() == [7, 7, 7] and scores[1].greedy is None
     with pytest.raises(ValueError, match="labelled from its first"):
         handle.score([[1, 2, 3]], [[IGNORE, 2, IGNORE]], pad_id=0)
     with pytest.raises(ValueError, match="vocabulary statistics"):

@@ -1,7 +1,8 @@
 """Greedy generations verified from the previous checkpoint's, not re-decoded (`generate_greedy`'s
 drafts): on two checkpoints of a tiny model taught known continuations, the output with drafts is
 the plain greedy decoding of the same checkpoint, whatever the draft: longer, shorter, empty,
-diverging at its first token, stopping at EOS, at the answer line or at the token limit."""
+diverging at its first token, stopping at EOS, at the answer line or at the token limit. The same
+for references verified by the scoring pass (`verified`), alone or with drafts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from overmem.cli import main
-from overmem.generation import StopRule, drafts_are_exact, generate, generate_greedy
+from overmem.generation import StopRule, Verified, drafts_are_exact, generate, generate_greedy
+from overmem.hf_backend import HfBackend
 from overmem.results import read_jsonl
 from tests.conftest import make_tiny_llama
 
@@ -168,7 +170,79 @@ def _run_args(model_dir, files, out, *sets):
     return [str(config), "--out", str(out), *[a for s in (*base, *sets) for a in ("--set", s)]]
 
 
-def _rows(run, drop=("seconds", "draft_tokens", "draft_accepted")):
+def _reference_drafts(model, tokenizer, prompts, references):
+    """Each reference as a draft verified by the scoring pass (`HfBackend.score(greedy=True)`)."""
+    rows = [(tokenizer(p)["input_ids"], tokenizer(r, add_special_tokens=False)["input_ids"])
+            for p, r in zip(prompts, references)]
+    scores = HfBackend(model).score([p + r for p, r in rows], [[-100] * len(p) + r for p, r in rows], pad_id=0,
+                                    greedy=True)
+    return [Verified(p, r, s.greedy.tolist()) for (p, r), s in zip(rows, scores)]
+
+
+def test_the_scoring_pass_gives_what_verification_gives(checkpoints, char_tokenizer):
+    """`score(greedy=True)`: the greedy token after the prompt and after each reference token, as
+    `verify` computes it for prompt + reference (rows of other lengths batched together); a row
+    with nothing labelled has none; scores are those of a pass without it."""
+    _, b = checkpoints
+    backend = HfBackend(b)
+    rows = [(char_tokenizer(p)["input_ids"], char_tokenizer(r, add_special_tokens=False)["input_ids"])
+            for p, r in zip(PROMPTS, [*BEFORE.values()][::-1])]
+    ids, labels = [p + r for p, r in rows], [[-100] * len(p) + r for p, r in rows]
+    scores = backend.score(ids + [ids[0]], labels + [[-100] * len(ids[0])], pad_id=0, greedy=True)
+    verified = backend.verify(char_tokenizer, dict(enumerate(rows)), batch_size=2)
+    assert [s.greedy.tolist() for s in scores[:-1]] == [verified[i] for i in range(len(rows))]
+    assert [len(s.greedy) for s in scores[:-1]] == [len(r) + 1 for _, r in rows] and scores[-1].greedy is None
+    plain = backend.score(ids, labels, pad_id=0)
+    assert all(torch.equal(a.logprobs, c.logprobs) and torch.equal(a.ranks, c.ranks) and c.greedy is None
+               for a, c in zip(scores, plain))
+
+
+@pytest.mark.parametrize("stop_at_answer", [False, True])
+def test_references_verified_by_scoring_give_the_plain_greedy_output(checkpoints, char_tokenizer, stop_at_answer,
+                                                                     monkeypatch):
+    """References as verified drafts, alone or with the previous checkpoint's drafts: the plain
+    greedy output. B's own texts as references finish every continuation with no verification pass
+    and no decoding; A's texts (diverging, shorter, longer) leave the rest to the drafts and decoding."""
+    a, b = checkpoints
+    kw = dict(max_new_tokens=40, stop_at_answer=stop_at_answer, batch_size=3)
+    plain = generate_greedy(b, char_tokenizer, PROMPTS, **kw)
+    drafts = [c.ids for c in generate_greedy(a, char_tokenizer, PROMPTS, **kw)]
+    passes = []
+    real_verify = HfBackend.verify
+    monkeypatch.setattr(HfBackend, "verify", lambda self, tok, seqs, **k: passes.append(len(seqs)) or real_verify(
+        self, tok, seqs, **k))
+    own = generate_greedy(_counting(b), char_tokenizer, PROMPTS, drafts=drafts,
+                          verified=_reference_drafts(b, char_tokenizer, PROMPTS, AFTER.values()), **kw)
+    assert [c.ids for c in own] == [c.ids for c in plain] and [c.text for c in own] == [c.text for c in plain]
+    assert b.generate_calls == 0 and passes == [0]
+    eos = char_tokenizer.eos_token_id  # B's own EOS comes after its reference
+    assert all(c.draft_source == "reference" and c.draft_accepted == len(c.ids) - (c.ids[-1] == eos) for c in own)
+    for given in (None, drafts):
+        got = generate_greedy(b, char_tokenizer, PROMPTS, drafts=given,
+                              verified=_reference_drafts(b, char_tokenizer, PROMPTS, BEFORE.values()), **kw)
+        assert [c.ids for c in got] == [c.ids for c in plain] and [c.text for c in got] == [c.text for c in plain]
+        assert all(0 <= c.draft_accepted <= c.draft_tokens and c.draft_source in ("reference", "previous") for c in got)
+    # "Q: 4+4?" says the same in A and B: its reference finishes it; A's "Go.\n" diverges at once.
+    sources = {p: c.draft_source for p, c in zip(PROMPTS, got)}
+    assert sources["Q: 4+4?\nA:"] == "reference"
+
+
+def test_a_reference_scored_after_another_prompt_is_not_used(checkpoints, char_tokenizer):
+    """A verified draft counts only for the prompt ids its pass saw: another prompt's (or a prompt
+    cut to `max_prompt_tokens`) is ignored, and the output is still the plain one."""
+    _, b = checkpoints
+    kw = dict(max_new_tokens=20, stop_at_answer=False)
+    plain = generate_greedy(b, char_tokenizer, PROMPTS, **kw)
+    verified = _reference_drafts(b, char_tokenizer, PROMPTS, AFTER.values())
+    shifted = generate_greedy(b, char_tokenizer, PROMPTS, verified=verified[1:] + verified[:1], **kw)
+    assert [c.ids for c in shifted] == [c.ids for c in plain] and all(c.draft_tokens is None for c in shifted)
+    cut = generate_greedy(b, char_tokenizer, PROMPTS, verified=verified, max_prompt_tokens=3, **kw)
+    assert all(c.draft_tokens is None for c in cut)
+    with pytest.raises(ValueError, match="verified: 1 for 5 prompts"):
+        generate_greedy(b, char_tokenizer, PROMPTS, verified=verified[:1], **kw)
+
+
+def _rows(run, drop=("seconds", "draft_tokens", "draft_accepted", "reference_drafts")):
     return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(run / "dynamics.jsonl")]
 
 
@@ -183,12 +257,14 @@ def test_a_run_and_a_scan_with_drafts_write_the_rows_of_a_run_without(tiny_model
     assert _rows(scanned) == want
     for run in (reused, scanned):
         rows = read_jsonl(run / "dynamics.jsonl")
-        assert all("draft_tokens" not in r for r in rows if r["checkpoint"] == "epoch-0")
-        later = [r for r in rows if r["checkpoint"] != "epoch-0"]
-        assert later and all(0 <= r["draft_accepted"] <= r["draft_tokens"] for r in later)
-        for r in later:  # the totals are the samples' sums, and the generations are the plain run's
+        assert all(0 <= r["draft_accepted"] <= r["draft_tokens"] for r in rows)
+        for r in rows:  # the totals are the samples' sums, and the generations are the plain run's
             samples = read_jsonl(run / "samples" / r["checkpoint"] / f"{r['split']}.jsonl")
             assert r["draft_accepted"] == sum(s["draft_accepted"] for s in samples)
+            references = sum(s["draft_source"] == "reference" for s in samples)
+            assert r.get("reference_drafts", 0) == references
+            if r["checkpoint"] == "epoch-0":  # no previous checkpoint: the references are the only drafts
+                assert references == len(samples)
             mine = {s["id"]: s["generation"] for s in samples}
             theirs = {s["id"]: s["generation"] for s in read_jsonl(plain / "samples" / r["checkpoint"]
                                                                    / f"{r['split']}.jsonl")}

@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from overmem.backends import choose_backend, load_for_eval
 from overmem.config import RunConfig
 from overmem.data.example import Example, format_prompt
-from overmem.generation import generate, generate_greedy
+from overmem.generation import Verified, generate, generate_greedy
 from overmem.models import load_checkpoint, load_model, load_tokenizer
 from overmem.scoring import score_examples
 from overmem.vllm_backend import close_engine, engine_for, lora_as_adapter, vllm_importable
@@ -315,6 +315,29 @@ def test_drafts_verified_by_the_engine_give_its_own_greedy_output(cfg, engine, c
         assert [c.text for c in got] == [c.text for c in plain]
     own = generate_greedy(full, char_tokenizer, prompts, drafts=[c.ids for c in plain], **kw)
     assert all(c.draft_accepted == c.draft_tokens == len(c.ids) for c in own)
+
+
+def test_references_verified_by_the_engine_scoring_pass(cfg, engine, char_tokenizer, folders):
+    """The engine's scoring pass with `greedy` gives what its verification gives for prompt +
+    reference, from the same prompt log-probs as the plain scores; as verified drafts (its own
+    generations, the base's) the output is its plain greedy one, its own finishing every prompt."""
+    full = load_for_eval(folders["full"], cfg)
+    prompts = [format_prompt(ex.question) for ex in toy_examples(6)]
+    kw = dict(max_new_tokens=40, stop_at_answer=False)
+    plain = generate_greedy(full, char_tokenizer, prompts, **kw)
+    other = generate_greedy(load_for_eval(None, cfg), char_tokenizer, prompts, **kw)
+    encoded = [char_tokenizer(p)["input_ids"] for p in prompts]
+    for refs in ([c.ids for c in plain], [c.ids for c in other]):
+        ids, labels = [p + r for p, r in zip(encoded, refs)], [[-100] * len(p) + r for p, r in zip(encoded, refs)]
+        scores = full.score(ids, labels, pad_id=0, greedy=True)
+        verified = full.verify(char_tokenizer, dict(enumerate(zip(encoded, refs))), batch_size=8)
+        assert [s.greedy.tolist() for s in scores] == [verified[i] for i in range(len(refs))]
+        assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(scores, full.score(ids, labels, pad_id=0)))
+        got = generate_greedy(full, char_tokenizer, prompts, verified=[
+            Verified(p, r, s.greedy.tolist()) for p, r, s in zip(encoded, refs, scores)], **kw)
+        assert [c.ids for c in got] == [c.ids for c in plain] and all(c.draft_source == "reference" for c in got)
+        if refs[0] is plain[0].ids:  # its own generations: every token accepted, nothing decoded
+            assert all(c.draft_accepted == c.draft_tokens == len(c.ids) for c in got)
 
 
 def test_a_short_context_is_cut_alike_on_both_backends(tmp_path, char_tokenizer):
