@@ -1,16 +1,18 @@
-"""Tracking a run's checkpoints with and without reusing the previous checkpoint's generations.
+"""Tracking a run's checkpoints with and without reusing earlier work (drafts and references).
 
     python benchmarks/bench_tracking.py RUN [--names epoch-20 ...] [--every K] [--first N] [--work DIR]
                                            [--set KEY=VALUE ...]
 
 RUN is a finished run folder (e.g. one `overmem demo` wrote). Its checkpoints (those named, or
-every K-th, the first N; the base model as epoch 0 in any case) are scanned twice with the run's own config (and `--set` overrides), in one process: `generation.reuse_drafts`
-off (plain greedy decoding), then on (`overmem.generation.generate_greedy`'s drafts). Printed:
+every K-th, the first N; the base model as epoch 0 in any case) are scanned three times with the
+run's own config (and `--set` overrides), in one process: `generation.reuse_drafts` off (plain
+greedy decoding); on with the previous checkpoint's generations as the only drafts ("drafts");
+on as it runs, the references verified by the scoring pass too ("reuse"). Printed:
 
-- the wall time of each scan and their ratio, and within each the time spent scoring, verifying
+- the wall time of each scan and their ratios, and within each the time spent scoring, verifying
   drafts and decoding (the functions timed where the evaluation calls them);
-- per checkpoint: the share of generated tokens accepted from the draft (and of draft tokens),
-  the number of generations that needed decoding;
+- per checkpoint (reuse): the share of generated tokens accepted from a draft (and of draft
+  tokens), the generations whose draft was their reference, the number that needed decoding;
 - exactness: per checkpoint, generations identical with and without reuse; for each that differs,
   the first differing position, and whether the two tokens' logits there are within rounding of
   each other (a teacher-forced float32 pass of the checkpoint over prompt + common prefix);
@@ -91,14 +93,26 @@ def chosen_checkpoints(run: Path, names: list[str], every: int, first: int | Non
     return into
 
 
-def scan_once(folder: Path, raw: dict, out: Path, reuse: bool) -> tuple[float, dict[str, dict[str, float]]]:
-    """`overmem scan` of `folder` into `out`; its wall time and the seconds per checkpoint and stage."""
+MODES = ("plain", "drafts", "reuse")
+
+
+def scan_once(folder: Path, raw: dict, out: Path, mode: str) -> tuple[float, dict[str, dict[str, float]]]:
+    """`overmem scan` of `folder` into `out` in one of MODES; its wall time and the seconds per
+    checkpoint and stage. "drafts" keeps the references out: the evaluation then asks the scoring
+    pass for no greedy tokens (`dynamics.evaluate_examples` reads `drafts_are_exact` for that alone)."""
     STATE["seconds"] = defaultdict(lambda: defaultdict(float))
     cfg = config_from_dict(apply_overrides(raw, [f"out_dir={out}", "quiet=true",
-                                                 f"generation.reuse_drafts={str(reuse).lower()}"]), "bench config")
-    t0 = time.perf_counter()
-    scan(folder, cfg)
-    return time.perf_counter() - t0, STATE["seconds"]
+                                                 f"generation.reuse_drafts={str(mode != 'plain').lower()}"]),
+                           "bench config")
+    real = dynamics.drafts_are_exact
+    if mode == "drafts":
+        dynamics.drafts_are_exact = lambda model: False
+    try:
+        t0 = time.perf_counter()
+        scan(folder, cfg)
+        return time.perf_counter() - t0, STATE["seconds"]
+    finally:
+        dynamics.drafts_are_exact = real
 
 
 @torch.inference_mode()
@@ -157,19 +171,23 @@ def main() -> None:
     folder = chosen_checkpoints(args.run, args.names, args.every, args.first, work / "checkpoints")
     install_timers()
     results = {}
-    for reuse in (False, True):
-        out = work / ("reused" if reuse else "plain")
+    for mode in MODES:
+        out = work / mode
         shutil.rmtree(out, ignore_errors=True)
-        results[reuse] = scan_once(folder, raw, out, reuse)
-        print(f"scan, reuse {'on ' if reuse else 'off'}: {results[reuse][0]:.1f} s", flush=True)
-    plain, reused = RunDir(work / "plain"), RunDir(work / "reused")
-    (t_plain, s_plain), (t_reused, s_reused) = results[False], results[True]
-    print(f"\n{len(find_checkpoints(folder)) + 1} checkpoints (base included); speed-up {t_plain / t_reused:.2f}x")
-    for label, s in (("plain", s_plain), ("reuse", s_reused)):
-        total = {k: sum(v[k] for v in s.values()) for k in STAGES}
-        print(f"  {label}: score {total['score']:.1f} s, verify {total['verify']:.1f} s, decode {total['decode']:.1f} s")
+        results[mode] = scan_once(folder, raw, out, mode)
+        print(f"scan, {mode:>6}: {results[mode][0]:.1f} s", flush=True)
+    plain, drafted, reused = (RunDir(work / mode) for mode in MODES)
+    wall = {mode: t for mode, (t, _) in results.items()}
+    s_plain, s_drafts, s_reused = (results[mode][1] for mode in MODES)
+    print(f"\n{len(find_checkpoints(folder)) + 1} checkpoints (base included); speed-up over plain: "
+          f"drafts {wall['plain'] / wall['drafts']:.2f}x, reuse {wall['plain'] / wall['reuse']:.2f}x "
+          f"(reuse over drafts {wall['drafts'] / wall['reuse']:.2f}x)")
+    for mode in MODES:
+        total = {k: sum(v[k] for v in results[mode][1].values()) for k in STAGES}
+        print(f"  {mode:>6}: score {total['score']:.1f} s, verify {total['verify']:.1f} s, decode {total['decode']:.1f} s")
 
-    print("\ncheckpoint  accepted/generated  accepted/draft  rows decoded  decode s -> verify + decode s (reuse)")
+    print("\ncheckpoint  accepted/generated  accepted/draft  reference drafts  rows decoded (plain -> drafts -> reuse)"
+          "  decode s -> verify + decode s (drafts) -> verify + decode s (reuse)")
     by_ckpt: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in reused.read_dynamics():
         for s in read_jsonl(reused.samples(row["checkpoint"], row["split"])):
@@ -177,17 +195,27 @@ def main() -> None:
             c["generated"] += len(s.get("generation_ids") or [])
             c["draft"] += s.get("draft_tokens") or 0
             c["accepted"] += s.get("draft_accepted") or 0
+            c["reference"] += s.get("draft_source") == "reference"
     for name, c in by_ckpt.items():
-        sp, sr = s_plain[name], s_reused[name]
+        sp, sd, sr = s_plain[name], s_drafts[name], s_reused[name]
         print(f"{name:>10}  {c['accepted'] / max(c['generated'], 1):18.3f}  {c['accepted'] / max(c['draft'], 1):14.3f}"
-              f"  {int(sp['rows decoded']):5d} -> {int(sr['rows decoded']):4d}"
-              f"  {sp['decode']:6.1f} -> {sr['verify']:.1f} + {sr['decode']:.1f}")
+              f"  {c['reference']:16d}  {int(sp['rows decoded']):5d} -> {int(sd['rows decoded']):4d} -> "
+              f"{int(sr['rows decoded']):4d}  {sp['decode']:6.1f} -> {sd['verify']:.1f} + {sd['decode']:.1f}"
+              f" -> {sr['verify']:.1f} + {sr['decode']:.1f}")
     splits = derive_splits(config_from_dict(raw, "bench config").data).tracked
+    for label, other in (("drafts", drafted), ("reuse", reused)):
+        print(f"\n{label} against plain:")
+        report_exactness(plain, other, folder, raw, splits)
+    print(f"(scans in {work})")
+
+
+def report_exactness(plain: RunDir, reused: RunDir, folder: Path, raw: dict, splits) -> None:
+    """Print how far the scan `reused` gave `plain`'s generations, figures and files."""
     exact = exactness(plain, reused, folder, raw, splits)
     n = sum(e["n"] for e in exact)
     same = sum(e["identical"] for e in exact)
     ties = sum(e["ties"] for e in exact)
-    print(f"\nexactness: {same} of {n} generations identical ({same / n:.2%}); of the {n - same} others, "
+    print(f"exactness: {same} of {n} generations identical ({same / n:.2%}); of the {n - same} others, "
           f"{ties} are ties (logit gap <= {TIE})")
     for e in exact:
         if e["identical"] < e["n"]:
@@ -201,7 +229,6 @@ def main() -> None:
         if a.exists() or b.exists():
             same = a.exists() and b.exists() and json.loads(a.read_text()) == json.loads(b.read_text())
             print(f"{name} identical: {same}")
-    print(f"(scans in {work})")
 
 
 if __name__ == "__main__":

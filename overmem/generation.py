@@ -24,6 +24,8 @@ one forward pass instead of one decoding step per token. The result is the model
 continuation whatever the draft; only where two top logits are equal to rounding can the batched
 pass and the step-by-step decoding pick different tokens (as two batch sizes can). The backend
 verifies (`EvalBackend.verify`; the vLLM engine by its prompt log-probs' top tokens) and decodes.
+A draft some other pass already verified (`Verified`: the reference, whose greedy tokens scoring
+computes anyway) costs no pass at all.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ class Continuation:
     """A greedy continuation: its token ids (its stop included: EOS, the token that ends its answer
     line, or its `max_new_tokens`-th), its text (cut after the answer line where it stops there),
     and how much of it a draft gave: `draft_tokens` verified (None: no draft), of which the first
-    `draft_accepted` are the model's own greedy tokens (and in the continuation), and where that draft came from
-    (`draft_source`: "previous", the `drafts` given, or "reference", the `verified` ones)."""
+    `draft_accepted` are the model's own greedy tokens (and in the continuation), and where that
+    draft came from (`draft_source`: "previous", the `drafts` given, or "reference", the `verified`
+    ones)."""
 
     ids: list[int]
     text: str

@@ -1,0 +1,92 @@
+"""Greedy decoding with the Hugging Face static KV cache against the dynamic one, on a run's checkpoints.
+
+    python benchmarks/bench_cache.py RUN [--names epoch-1 epoch-6 ...] [--split test] [--rounds 3]
+
+RUN is a finished run folder (e.g. one `overmem demo` wrote). Each named checkpoint (the base model
+for `base`) generates greedily for the split's prompts with the run's generation settings, once
+with `generation.cache: static` and once with `dynamic`, alternating which goes first, `--rounds`
+times; with `--drafts`, the previous checkpoint's generations in RUN are its drafts, so that only the
+rows that disagree are decoded (from where they disagree), as tracking decodes. Printed per
+checkpoint: the median wall time of each cache, their ratio, and whether the outputs are identical.
+Timings are wall times on whatever cores the machine has (set `OMP_NUM_THREADS`); compare the
+ratio, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from overmem.config import config_from_dict, read_yaml  # noqa: E402
+from overmem.data.example import format_prompt  # noqa: E402
+from overmem.data.splits import derive_splits  # noqa: E402
+from overmem.generation import generate_greedy  # noqa: E402
+from overmem.hf_backend import HfBackend  # noqa: E402
+from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
+from overmem.results import BASE, RunDir, find_checkpoints, read_jsonl  # noqa: E402
+
+CACHES = ("static", "dynamic")
+DECODED = [0]  # rows the backend decoded in the latest call
+
+
+def count_decoded_rows() -> None:
+    real = HfBackend.decode
+
+    def decode(self, tokenizer, inputs, *args, **kwargs):
+        DECODED[0] += len(inputs)
+        return real(self, tokenizer, inputs, *args, **kwargs)
+
+    HfBackend.decode = decode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--names", nargs="*", default=["base", "epoch-1"], help="checkpoints (base: the base model)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--drafts", action="store_true", help="the previous checkpoint's generations as drafts")
+    args = ap.parse_args()
+    count_decoded_rows()
+    cfg = config_from_dict(read_yaml(args.run / "config.yaml"), "bench config")
+    tokenizer = load_tokenizer(cfg.model)
+    examples = derive_splits(cfg.data).tracked[args.split]
+    prompts = [format_prompt(ex.question) for ex in examples]
+    run = RunDir(args.run)
+    order = [BASE] + [c.name for c in find_checkpoints(args.run / "checkpoints")]
+    paths = {c.name: c.path for c in find_checkpoints(args.run / "checkpoints")}
+    gen = cfg.generation
+    print(f"{len(prompts)} {args.split} prompts, up to {gen.max_new_tokens} new tokens, batches of {gen.batch_size}")
+    print("checkpoint   static s  dynamic s  static/dynamic  rows decoded  identical")
+    for name in args.names:
+        name = BASE if name == "base" else name
+        model = (load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval()
+        drafts = None
+        if args.drafts and order.index(name) > 0:
+            before = order[order.index(name) - 1]
+            ids = {r["id"]: r.get("generation_ids") for r in read_jsonl(run.samples(before, args.split))}
+            drafts = [ids.get(ex.id) for ex in examples]
+        kw = dict(drafts=drafts, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                  stop_at_answer=[gen.stop_at_answer and ex.has_answer_line for ex in examples],
+                  max_prompt_tokens=cfg.train.max_length)
+        times: dict[str, list[float]] = {c: [] for c in CACHES}
+        outs = {}
+        for r in range(args.rounds):
+            for cache in CACHES if r % 2 == 0 else CACHES[::-1]:
+                DECODED[0] = 0
+                t0 = time.perf_counter()
+                outs[cache] = generate_greedy(model, tokenizer, prompts, cache=cache, **kw)
+                times[cache].append(time.perf_counter() - t0)
+        static, dynamic = (statistics.median(times[c]) for c in CACHES)
+        decoded = DECODED[0]
+        same = [c.ids for c in outs["static"]] == [c.ids for c in outs["dynamic"]]
+        print(f"{name:>10}  {static:9.2f}  {dynamic:9.2f}  {static / dynamic:14.2f}  {decoded:12d}  {same}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
