@@ -222,7 +222,7 @@ def report_exactness(plain: RunDir, reused: RunDir, folder: Path, raw: dict, spl
             print(f"  {e['checkpoint']} {e['split']}: {e['n'] - e['identical']} differ, largest gap {e['max_gap']:.2e}")
     acc = [(a["checkpoint"], a["split"]) for a, b in zip(plain.read_dynamics(), reused.read_dynamics())
            if a["accuracy"] != b["accuracy"]]
-    print(f"accuracies identical: {not acc} {acc or ''}")
+    print(f"accuracies identical: {not acc}" + (f" {acc}" if acc else ""))
     print(f"dynamics.jsonl identical (timing and draft fields aside): {rows_without(plain) == rows_without(reused)}")
     for name in ("phases.json", "selection.json"):
         a, b = (p.root / name for p in (plain, reused))
