@@ -200,11 +200,12 @@ class GenerationConfig(_Strict):
     stop_at_answer: bool = True
     reuse_drafts: bool = Field(
         True, description="greedy generations of a tracked split start from the previous checkpoint's: one "
-        "teacher-forced pass keeps the prefix the model still chooses, decoding resumes only after it (the same "
-        "outputs, on both backends; `overmem.generation.generate_greedy`)")
+        "teacher-forced pass keeps the prefix the model still chooses, decoding resumes only after it; the reference "
+        "is a draft too, checked by the scoring pass for free (the same outputs, on both backends; "
+        "`overmem.generation.generate_greedy`)")
     cache: Literal["auto", "dynamic", "static"] = Field(
         "auto", description="KV cache during decoding (Hugging Face backend): 'static' preallocates it (no per-token "
-        "growth: 13x faster for SmolLM2-135M on the CPU, same outputs); 'auto' = static on the CPU, dynamic on GPUs")
+        "growth; as fast or faster on the CPU, same outputs); 'auto' = static on the CPU, dynamic on GPUs")
 
 
 class VllmSettings(_Strict):
