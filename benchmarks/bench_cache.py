@@ -7,7 +7,8 @@ for `base`) generates greedily for the split's prompts with the run's generation
 with `generation.cache: static` and once with `dynamic`, alternating which goes first, `--rounds`
 times; with `--drafts`, the previous checkpoint's generations in RUN are its drafts, so that only the
 rows that disagree are decoded (from where they disagree), as tracking decodes. Printed per
-checkpoint: the median wall time of each cache, their ratio, and whether the outputs are identical.
+checkpoint: the median wall time of each cache, their ratio, the rows decoded, and whether every
+round's outputs are identical.
 Timings are wall times on whatever cores the machine has (set `OMP_NUM_THREADS`); compare the
 ratio, measured in one run.
 """
@@ -63,8 +64,11 @@ def main() -> None:
     gen = cfg.generation
     print(f"{len(prompts)} {args.split} prompts, up to {gen.max_new_tokens} new tokens, batches of {gen.batch_size}")
     print("checkpoint   static s  dynamic s  static/dynamic  rows decoded  identical")
-    for name in args.names:
-        name = BASE if name == "base" else name
+    names = [BASE if name == "base" else name for name in args.names]
+    unknown = [name for name in names if name not in order]
+    if unknown:
+        ap.error(f"no checkpoint {', '.join(unknown)} in {args.run / 'checkpoints'} (have: base, {', '.join(order[1:])})")
+    for name in names:
         model = (load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval()
         drafts = None
         if args.drafts and order.index(name) > 0:
@@ -75,16 +79,18 @@ def main() -> None:
                   stop_at_answer=[gen.stop_at_answer and ex.has_answer_line for ex in examples],
                   max_prompt_tokens=cfg.train.max_length)
         times: dict[str, list[float]] = {c: [] for c in CACHES}
-        outs = {}
+        first: list[list[int]] | None = None
+        same = True  # every round's output, of either cache, is the first one's
         for r in range(args.rounds):
             for cache in CACHES if r % 2 == 0 else CACHES[::-1]:
                 DECODED[0] = 0
                 t0 = time.perf_counter()
-                outs[cache] = generate_greedy(model, tokenizer, prompts, cache=cache, **kw)
+                got = [c.ids for c in generate_greedy(model, tokenizer, prompts, cache=cache, **kw)]
                 times[cache].append(time.perf_counter() - t0)
+                first = got if first is None else first
+                same = same and got == first
         static, dynamic = (statistics.median(times[c]) for c in CACHES)
         decoded = DECODED[0]
-        same = [c.ids for c in outs["static"]] == [c.ids for c in outs["dynamic"]]
         print(f"{name:>10}  {static:9.2f}  {dynamic:9.2f}  {static / dynamic:14.2f}  {decoded:12d}  {same}", flush=True)
 
 

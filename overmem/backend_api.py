@@ -114,7 +114,8 @@ class EvalBackend(ABC):
         it; `TokenStats` with `vocab_stats` (a backend that cannot refuses: see `with_vocab_stats`).
         With `greedy`, also the greedy token after each prefix of the row from its ids before the
         first labelled one to the whole row (`TokenScores.greedy`: what `verify` gives for prompt =
-        the ids before the first labelled one, draft = the rest; None for a row with none labelled).
+        the ids before the first labelled one, draft = the rest; None for a row with none labelled, or
+        labelled from its first token on).
         `pad_id` pads rows where a backend pads; `chunk_size` bounds the rows of its vocabulary
         statistics' temporaries (None: its default)."""
 

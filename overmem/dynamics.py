@@ -121,8 +121,11 @@ def evaluate_examples(
 
     The generation's token ids are kept (`generation_ids`): the next checkpoint's drafts. `drafts`
     (example id -> token ids, the previous checkpoint's `generation_ids`) are verified instead of
-    decoded where they agree (`overmem.generation.generate_greedy`); rows with a draft record its
-    length (`draft_tokens`) and how many of its tokens were the model's own (`draft_accepted`)."""
+    decoded where they agree (`overmem.generation.generate_greedy`); with `gen_cfg.reuse_drafts`,
+    each reference is a draft too, verified by the scoring pass (where scoring did not cut the
+    example). Rows with a draft record its length (`draft_tokens`: a reference's up to the
+    generation's token limit), how many of its tokens were the model's own and in the generation
+    (`draft_accepted`), and which draft it was (`draft_source`: "previous" or "reference")."""
     checked = [i for i, ex in enumerate(examples) if ex.kind != "open" and can_check(ex)]
     # The scoring pass also gives the model's greedy tokens along each reference: a draft verified for free.
     references = bool(eval_cfg.accuracy and checked and gen_cfg.reuse_drafts and drafts_are_exact(model))

@@ -134,10 +134,11 @@ def generate_greedy(
 
     `verified[i]` is a draft some other pass of the same model already verified: the reference
     response, whose greedy tokens the scoring pass gives (`Verified`). It is used as a draft that
-    costs nothing, where its prompt is the one generation sees: a continuation it carries to its
-    stop needs no verification of `drafts[i]` and no decoding; otherwise the longer of the two
-    accepted prefixes is kept. Drafts are ignored where verification would not be exact
-    (`drafts_are_exact`)."""
+    costs nothing, where its prompt is the one generation sees and it agrees on a first token (or
+    the model stops at once): a continuation it carries to its stop needs no verification of
+    `drafts[i]` and no decoding; otherwise the longer of the two accepted prefixes is kept (the
+    verified draft's where they are as long). Drafts are ignored where verification would not be
+    exact (`drafts_are_exact`)."""
     stops = _per_prompt(stop_at_answer, len(prompts))
     backend = as_backend(model)
     encoded, limits = _budgets(backend, tokenizer, prompts, max_prompt_tokens, max_new_tokens)
@@ -145,13 +146,15 @@ def generate_greedy(
     # i -> (the continuation's tokens known before decoding, draft tokens accepted, draft length, source)
     heads: dict[int, tuple[list[int], int, int, str]] = {}
     for i, (d, g) in _verified(backend, encoded, limits, verified).items():
-        heads[i] = (*_accepted(d, g), len(d), "reference")
+        head, k = _accepted(d, g)
+        if k or rule.end(head, stops[i], limits[i]) is not None:  # a reference that gave no token is no draft
+            heads[i] = (head, k, len(d), "reference")
     done = {i for i, (head, *_) in heads.items() if rule.end(head, stops[i], limits[i]) is not None}
     given = {i: d for i, d in _drafts(backend, encoded, limits, drafts).items() if i not in done}
     greedy = backend.verify(tokenizer, {i: (encoded[i], d) for i, d in given.items()}, batch_size=batch_size)
     for i, d in given.items():
         head, k = _accepted(d, greedy[i])
-        if i not in heads or len(head) > len(heads[i][0]):
+        if i not in heads or len(head) >= len(heads[i][0]):  # verified anyway: it counts where it gives as much
             heads[i] = (head, k, len(d), "previous")
     out: dict[int, list[int]] = {}
     for i, (head, *_) in heads.items():

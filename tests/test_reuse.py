@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from overmem.cli import main
+from overmem.config import EvalConfig, GenerationConfig
+from overmem.data.example import Example, format_prompt
+from overmem.dynamics import evaluate_examples
 from overmem.generation import StopRule, Verified, drafts_are_exact, generate, generate_greedy
 from overmem.hf_backend import HfBackend
 from overmem.results import read_jsonl
@@ -217,14 +220,46 @@ def test_references_verified_by_scoring_give_the_plain_greedy_output(checkpoints
     assert b.generate_calls == 0 and passes == [0]
     eos = char_tokenizer.eos_token_id  # B's own EOS comes after its reference
     assert all(c.draft_source == "reference" and c.draft_accepted == len(c.ids) - (c.ids[-1] == eos) for c in own)
-    for given in (None, drafts):
+    # A's texts as references: " yes" for "Go.\n" diverges at once (no draft); "Q: 4+4?" and "Say hi."
+    # finish where B does (" hi hi", then B's EOS). With A's generations as drafts too, the drafts
+    # count where they give as much as the reference ("Q: 2+3?": " 2+3" either way).
+    for given, want in ((None, ["reference", "reference", "reference", None, "reference"]),
+                        (drafts, ["previous", "reference", "previous", "previous", "reference"])):
         got = generate_greedy(b, char_tokenizer, PROMPTS, drafts=given,
                               verified=_reference_drafts(b, char_tokenizer, PROMPTS, BEFORE.values()), **kw)
         assert [c.ids for c in got] == [c.ids for c in plain] and [c.text for c in got] == [c.text for c in plain]
-        assert all(0 <= c.draft_accepted <= c.draft_tokens and c.draft_source in ("reference", "previous") for c in got)
-    # "Q: 4+4?" says the same in A and B: its reference finishes it; A's "Go.\n" diverges at once.
-    sources = {p: c.draft_source for p, c in zip(PROMPTS, got)}
-    assert sources["Q: 4+4?\nA:"] == "reference"
+        assert [c.draft_source for c in got] == want
+        assert all(0 <= c.draft_accepted <= c.draft_tokens for c in got if c.draft_source)
+
+
+def test_references_in_evaluation_memorized_or_cut(char_tokenizer, one_thread):
+    """`evaluate_examples` with reuse: examples a model has memorized take their reference as draft
+    (one runs on past its answer line, one has none); where scoring cut the prompt to fit
+    `max_length` but generation sees it whole, the reference is not used. The generations are
+    those of reuse off either way."""
+    examples = [Example("a", "Q 2+3?", "2+3=5.\n#### 5\nThen more.", "5"), Example("b", "Q 4+4?", "4+4=8.\n#### 8", "8"),
+                Example("c", "Q empty", "", "1")]
+    taught = {"a": examples[0].response, "b": "4+4=8.\n#### 8\nok", "c": "#### 1\n"}
+    prompts = {ex.id: char_tokenizer(format_prompt(ex.question))["input_ids"] for ex in examples}
+    model = make_tiny_llama(len(char_tokenizer), seed=0)
+    _teach(model, char_tokenizer, {format_prompt(ex.question): taught[ex.id] for ex in examples}, steps=150)
+    whole = 512
+    cut = max(map(len, prompts.values())) + 1  # every prompt fits; no reference with it
+    for max_length in (whole, cut):
+        rows = {}
+        for reuse in (True, False):
+            gen_cfg = GenerationConfig(max_new_tokens=30, batch_size=2, reuse_drafts=reuse)
+            rows[reuse] = evaluate_examples(model, char_tokenizer, examples, eval_cfg=EvalConfig(bootstrap=100),
+                                            gen_cfg=gen_cfg, max_length=max_length, quiet=True)
+        assert [r["generation_ids"] for r in rows[True]] == [r["generation_ids"] for r in rows[False]]
+        assert [r["generation"] for r in rows[False]] == ["2+3=5.\n#### 5", "4+4=8.\n#### 8", "#### 1"]
+        truncated = [r["truncated"] for r in rows[True]]
+        sources = [r.get("draft_source") for r in rows[True]]
+        if max_length == whole:
+            assert truncated == [False, False, False] and sources == ["reference", "reference", None]
+            assert [r["draft_accepted"] for r in rows[True][:2]] == [len("2+3=5.\n#### 5\n"), len("4+4=8.\n#### 8")]
+        else:
+            assert truncated == [True, True, False] and sources == [None, None, None]
 
 
 def test_a_reference_scored_after_another_prompt_is_not_used(checkpoints, char_tokenizer):
@@ -257,14 +292,14 @@ def test_a_run_and_a_scan_with_drafts_write_the_rows_of_a_run_without(tiny_model
     assert _rows(scanned) == want
     for run in (reused, scanned):
         rows = read_jsonl(run / "dynamics.jsonl")
-        assert all(0 <= r["draft_accepted"] <= r["draft_tokens"] for r in rows)
+        assert all(0 <= r["draft_accepted"] <= r["draft_tokens"] for r in rows if "draft_tokens" in r)
+        assert all("draft_tokens" in r for r in rows if r["checkpoint"] != "epoch-0")
         for r in rows:  # the totals are the samples' sums, and the generations are the plain run's
             samples = read_jsonl(run / "samples" / r["checkpoint"] / f"{r['split']}.jsonl")
-            assert r["draft_accepted"] == sum(s["draft_accepted"] for s in samples)
-            references = sum(s["draft_source"] == "reference" for s in samples)
-            assert r.get("reference_drafts", 0) == references
+            assert r.get("draft_accepted", 0) == sum(s.get("draft_accepted", 0) for s in samples)
+            assert r.get("reference_drafts", 0) == sum(s.get("draft_source") == "reference" for s in samples)
             if r["checkpoint"] == "epoch-0":  # no previous checkpoint: the references are the only drafts
-                assert references == len(samples)
+                assert all(s.get("draft_source") in (None, "reference") for s in samples)
             mine = {s["id"]: s["generation"] for s in samples}
             theirs = {s["id"]: s["generation"] for s in read_jsonl(plain / "samples" / r["checkpoint"]
                                                                    / f"{r['split']}.jsonl")}
