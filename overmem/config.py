@@ -205,7 +205,7 @@ class GenerationConfig(_Strict):
         "`overmem.generation.generate_greedy`)")
     cache: Literal["auto", "dynamic", "static"] = Field(
         "auto", description="KV cache during decoding (Hugging Face backend): 'static' preallocates it (no per-token "
-        "growth; as fast or faster on the CPU, same outputs); 'auto' = static on the CPU, dynamic on GPUs")
+        "growth; about as fast on the CPU, same outputs); 'auto' = static on the CPU, dynamic on GPUs")
 
 
 class VllmSettings(_Strict):
