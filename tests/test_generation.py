@@ -72,9 +72,9 @@ def test_static_cache_gives_the_same_outputs(char_tokenizer):
                             cache=cache, **kw) == dynamic
 
 
-def test_default_cache_is_the_fast_one():
-    """`auto` (the default) is the static cache on the CPU: the same outputs (test above), as fast
-    or faster there (measured in docs/backends.md)."""
+def test_default_cache_is_auto():
+    """`auto` (the default) is the static cache on the CPU: the same outputs (test above), about as
+    fast there (measured in docs/backends.md)."""
     assert DEFAULTS.cache == "auto"
 
 
