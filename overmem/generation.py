@@ -145,11 +145,14 @@ def generate_greedy(
     rule = StopRule(tokenizer, max_new_tokens)
     # i -> (the continuation's tokens known before decoding, draft tokens accepted, draft length, source)
     heads: dict[int, tuple[list[int], int, int, str]] = {}
+    done: set[int] = set()  # continuations a reference carries to their stop: no draft verified for them
     for i, (d, g) in _verified(backend, encoded, limits, verified).items():
         head, k = _accepted(d, g)
-        if k or rule.end(head, stops[i], limits[i]) is not None:  # a reference that gave no token is no draft
+        stopped = rule.end(head, stops[i], limits[i]) is not None
+        if k or stopped:  # a reference that gave no token is no draft
             heads[i] = (head, k, len(d), "reference")
-    done = {i for i, (head, *_) in heads.items() if rule.end(head, stops[i], limits[i]) is not None}
+            if stopped:
+                done.add(i)
     given = {i: d for i, d in _drafts(backend, encoded, limits, drafts).items() if i not in done}
     greedy = backend.verify(tokenizer, {i: (encoded[i], d) for i, d in given.items()}, batch_size=batch_size)
     for i, d in given.items():
