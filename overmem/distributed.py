@@ -75,7 +75,19 @@ def setup() -> bool:
 
         # Reads the launcher's environment; the Trainer finds the group already made.
         PartialState(timeout=timedelta(seconds=TIMEOUT_S))
+    _leave_at_exit()
     return True
+
+
+@cache
+def _leave_at_exit() -> None:
+    """Leave the group when the interpreter exits, if the script has not (a user's own Trainer
+    script rarely does). A gloo group still alive during interpreter finalization can abort the
+    process ("terminate called without an active exception"): its worker threads may hold tensors
+    whose release then needs a Python that is being torn down."""
+    import atexit
+
+    atexit.register(shutdown)
 
 
 def shutdown() -> None:
