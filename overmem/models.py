@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,12 +109,24 @@ def quiet_libraries(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-def release_memory() -> None:
-    """Return freed model memory (callers drop their references first): accelerate's collect and
-    empty the device's cache (CUDA, MPS, XPU, ...)."""
+def release_memory(dropped: weakref.ref | None = None) -> None:
+    """Return freed model memory (callers drop their references first): accelerate's garbage
+    collection and emptying of the device's cache (CUDA, MPS, XPU, ...).
+
+    `dropped` (`module_ref` of the model before the caller dropped it): when it is already gone,
+    its reference count freed it and the collection is skipped. A full collection in a process
+    holding torch and transformers takes a sixth of a second, paid per tracked checkpoint."""
     from accelerate.utils.memory import clear_device_cache
 
-    clear_device_cache(garbage_collection=True)
+    clear_device_cache(garbage_collection=dropped is None or dropped() is not None)
+
+
+def module_ref(model: object) -> weakref.ref | None:
+    """A weak reference to the torch module of `model` (a module, or an evaluation backend holding
+    one as `.model`), for `release_memory`; None for anything else (a vLLM engine's handle)."""
+    if not isinstance(model, torch.nn.Module):
+        model = getattr(model, "model", None)
+    return weakref.ref(model) if isinstance(model, torch.nn.Module) else None
 
 
 @contextmanager

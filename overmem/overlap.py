@@ -84,14 +84,15 @@ class _Evaluator:
         """The rows of `split` on the job's checkpoint (none when already in the dynamics)."""
         from .backends import load_for_eval
         from .dynamics import evaluate_checkpoint
-        from .models import release_memory
+        from .models import module_ref, release_memory
 
         _, name, path, epoch, step = job
         if (name, split) in self.run.done():
             return []
         if self.loaded != name:
+            dropped = module_ref(self.model)
             self.model = None
-            release_memory()
+            release_memory(dropped)
             self.model, self.loaded = load_for_eval(path, self.cfg), name
         return evaluate_checkpoint(self.model, self.tokenizer, {split: self.tracked[split]}, self.run,
                                    checkpoint=name, epoch=epoch, step=step, **self.kwargs)

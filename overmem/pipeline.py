@@ -28,7 +28,9 @@ from .data.example import Example
 from .data.splits import derive_splits, load_spec
 from .distributed import evaluate_sharded, is_main, main_value, on_main, setup, world_size
 from .dynamics import eval_kwargs, evaluate_checkpoint, evaluate_examples, split_summary
-from .models import adapter_base, is_adapter, load_model, load_tokenizer, quiet_libraries, release_memory
+from .models import (
+    adapter_base, is_adapter, load_model, load_tokenizer, module_ref, quiet_libraries, release_memory,
+)
 from .results import BASE, RunDir, atomic_write_text, epoch_name, find_checkpoints, read_json, write_json, write_jsonl
 from .runlock import python_command, run_lock
 from .train import TrainingDiverged
@@ -171,8 +173,7 @@ def _run(cfg: RunConfig) -> RunDir:
 
 
 def _finish(run_dir: RunDir, cfg: RunConfig) -> None:
-    finalize(run_dir, cfg)
-    write_run_report(run_dir)
+    write_run_report(run_dir, drawn=finalize(run_dir, cfg)["figures"])
 
 
 def _train_and_track(
@@ -266,16 +267,17 @@ def _finish_diverged(run_dir: RunDir, cfg: RunConfig) -> None:
         finalize(run_dir, cfg, leave_out=diverged)
     except ValueError as err:  # the divergence is the error to report, not a figure it spoiled
         warnings.warn(f"phases and selection not written ({err})", stacklevel=2)
-    write_run_report(run_dir)
+    write_run_report(run_dir)  # its figures drawn afresh: with the diverged checkpoint, which finalize's leave out
 
 
-def write_run_report(run_dir: RunDir) -> Path | None:
-    """`RUN/report.html`; a failure warns (the run's results are on disk) instead of raising."""
+def write_run_report(run_dir: RunDir, drawn: Sequence[Path] = ()) -> Path | None:
+    """`RUN/report.html` (`drawn`: the figures `finalize` has just drawn, embedded as they are);
+    a failure warns (the run's results are on disk) instead of raising."""
     from .report import write_report
 
     try:
         with run_dir.timed("report"):
-            return write_report([run_dir.root])
+            return write_report([run_dir.root], drawn={run_dir.root: drawn})
     except Exception as err:  # noqa: BLE001 - a report bug must not cost a finished run
         warnings.warn(f"report not written ({type(err).__name__}: {err}); retry with `overmem report {run_dir.root}`",
                       stacklevel=2)
@@ -315,14 +317,16 @@ def scan_checkpoints(
         tokenizer = load_tokenizer(cfg.model)
         base = load_for_eval(None, cfg)
         evaluate_checkpoint(base, tokenizer, tracked, run_dir, checkpoint=BASE, epoch=0, step=0, **ev)
+        dropped = module_ref(base)
         del base
-        release_memory()
+        release_memory(dropped)
     for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet or not is_main()):
         model = load_for_eval(ckpt.path, cfg)
         tok = tokenizer or load_tokenizer(cfg.model)
         evaluate_checkpoint(model, tok, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step, **ev)
+        dropped = module_ref(model)
         del model
-        release_memory()
+        release_memory(dropped)
 
 
 def scan(folder: str | Path, cfg: RunConfig) -> RunDir:

@@ -43,6 +43,7 @@ PANEL_SIZE = (4.8, 3.6)  # inches per split panel
 LEGEND_HEIGHT = 0.8  # inches below the panels for the shared legend
 MAX_COLUMNS = 3
 DPI = 120
+FORMATS = ("png", "svg")  # each figure's files
 
 
 def figure_size(n_panels: int) -> tuple[float, float]:
@@ -65,8 +66,10 @@ def plot_dynamics(
     title: str | None = None,
     log_ppl: bool = False,
     name: str = FIGURE,
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
-    """Draw one run's dynamics; save `<name>.png` and `<name>.svg` in `out_dir` and return both paths.
+    """Draw one run's dynamics; save `<name>.png` and `<name>.svg` (`formats`) in `out_dir` and return
+    their paths.
 
     Without `phase_report` the phases are detected on the first test split with the default
     rule; with no test split the background stays white.
@@ -94,7 +97,7 @@ def plot_dynamics(
     default = "Learning dynamics" + (f": phases from {phase_report.split}" if phase_report else "")
     fig.suptitle(title or default)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False, fontsize=8)
-    return _save(fig, Path(out_dir), name)
+    return _save(fig, Path(out_dir), name, formats)
 
 
 SIGNAL_STYLES = {  # dynamics.jsonl key -> (label, colour); see overmem.backend_api for the definitions
@@ -116,11 +119,12 @@ def plot_signals(
     *,
     phase_report: PhaseReport | None = None,
     name: str = "signals",
+    formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """The cheap signals of the scoring pass against epoch, one panel per split: the share of
     reference tokens that are the greedy choice (left axis), the predictive entropy at them and
     their mean rank (two right axes), over the phases of `phase_report` as in `plot_dynamics`.
-    Saves `<name>.png` and `<name>.svg` in `out_dir`; returns both paths."""
+    Saves `<name>.png` and `<name>.svg` (`formats`) in `out_dir`; returns their paths."""
     splits = [s for s in _plotted_splits([rows]) if has_signals(split_curve(rows, s))]
     if not splits:
         raise ValueError("no row holds the token signals (top1_token ...): scored by an overmem older than "
@@ -158,7 +162,7 @@ def plot_signals(
         handles.append(Line2D([], [], color=ONSET_COLOR, ls="--", label=f"onset ({phase_report.onset})"))
     fig.suptitle("Reference tokens under the model: greedy agreement, entropy, rank")
     fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
-    return _save(fig, Path(out_dir), name)
+    return _save(fig, Path(out_dir), name, formats)
 
 
 def plot_runs(
@@ -269,10 +273,12 @@ def _onset_epoch(rows: Sequence[Mapping[str, Any]]) -> float | None:
     return None if report.onset is None else report.get(report.onset).epoch
 
 
-def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
-    """PNG and SVG, each written whole or not at all (temp file + rename)."""
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+def _save(fig: Figure, out_dir: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """`<name>.<format>` for each format (PNG and SVG), each written whole or not at all (temp file +
+    rename)."""
+    paths = [out_dir / f"{name}.{fmt}" for fmt in formats]
     for path in paths:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=DPI, format=path.suffix[1:])
+        fig.set_layout_engine("none")  # the first save placed the axes: the second keeps them
     return paths

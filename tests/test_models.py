@@ -130,3 +130,31 @@ def test_an_adapter_trained_on_a_gguf_file_records_its_folder(tmp_path):
     (folder / "model.Q8.gguf").write_bytes(b"GGUF")  # which of the two was it trained on?
     with pytest.raises(AdapterBaseMismatch, match="model.Q4.gguf"):
         check_adapter_base(adapter, str(folder / "model.Q4.gguf"), uncomparable_ok=False)
+
+
+def test_release_memory_collects_only_what_reference_counting_left(monkeypatch):
+    """A model its reference count freed needs no garbage collection; one kept alive (a cycle, an
+    unknown handle) gets accelerate's collection."""
+    from accelerate.utils import memory
+
+    from overmem.hf_backend import HfBackend
+    from overmem.models import module_ref, release_memory
+
+    from tests.conftest import make_tiny_llama
+
+    collected = []
+    monkeypatch.setattr(memory.gc, "collect", lambda *a: collected.append(1) or 0)
+    model = make_tiny_llama(40)
+    assert module_ref(HfBackend(model))() is model and module_ref(model)() is model
+    assert module_ref(None) is None and module_ref(object()) is None
+    dropped = module_ref(model)
+    del model
+    release_memory(dropped)
+    assert collected == []
+    model = make_tiny_llama(40)
+    model.me = [model]  # a cycle: only the collector frees it
+    dropped = module_ref(model)
+    del model
+    release_memory(dropped)
+    release_memory()  # nothing known about what was dropped
+    assert len(collected) == 2

@@ -86,6 +86,44 @@ def test_run_writes_a_self_contained_report_with_every_section(tiny_run):
         assert text in html
 
 
+def _embedded_pngs(html):
+    import base64
+
+    return [base64.b64decode(b) for b in re.findall(r'<img[^>]+src="data:image/png;base64,([^"]+)"', html)]
+
+
+def test_figures_just_drawn_are_embedded_not_drawn_again(tiny_run, tmp_path, monkeypatch):
+    """`overmem run` hands the report the figures its last step drew from the same rows: the page
+    embeds those files byte for byte and draws nothing. Without them (`overmem report`) the
+    figures are drawn afresh, PNG alone (the page embeds no SVG of them)."""
+    from overmem.pipeline import write_run_report
+    from overmem.report import build
+    from overmem.results import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "analysis").rename(tmp_path / "analysis")  # its PNG aside: only the two figures are embedded
+    drawn = [run / f"{n}.{x}" for n in ("dynamics", "signals") for x in ("png", "svg")]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("drawn again")
+
+    with monkeypatch.context() as m:
+        m.setattr(build, "plot_dynamics", refuse)
+        m.setattr(build, "plot_signals", refuse)
+        assert write_run_report(RunDir(run), drawn) == run / "report.html"
+    pngs = _embedded_pngs(report_text(run / "report.html"))
+    assert pngs == [(run / "dynamics.png").read_bytes(), (run / "signals.png").read_bytes()]
+
+    formats = []
+    for name in ("plot_dynamics", "plot_signals"):
+        real = getattr(build, name)
+        monkeypatch.setattr(build, name, lambda *a, _real=real, **k: formats.append(k["formats"]) or _real(*a, **k))
+    assert main(["report", str(run)]) == 0
+    assert formats == [("png",), ("png",)]
+    assert len(_embedded_pngs(report_text(run / "report.html"))) == 2
+
+
 def test_test_samples_store_token_losses_that_add_up(tiny_run, char_tokenizer):
     rows = read_jsonl(tiny_run / "samples" / "epoch-1" / "test.jsonl")
     refs = {e.question: e.response for e in toy_examples(8, "test", 100)}

@@ -20,7 +20,7 @@ from ..config import RunConfig, config_from_dict, read_yaml
 from ..files import missing_folder, read_text
 from ..phases import PHASES, PhaseReport, detect_run_phases
 from ..plotting import has_signals, plot_dynamics, plot_runs, plot_signals
-from ..results import RunDir, atomic_write_text, read_json
+from ..results import FIGURE, RunDir, atomic_write_text, read_json
 from ..selection import Keep, checkpoint_to_keep, select_run_checkpoint, selectable
 from .html import (
     Section, details, esc, fmt, image_file, kv_table, note, page, pct, phase_chip, pre, render_sections, table,
@@ -44,6 +44,7 @@ class RunResults:
     environment: dict[str, Any] | None = None
     keep: dict[str, Any] | None = None  # what OverMemorizationCallback recorded at the onset
     analyses: list[tuple[Path, dict[str, Any] | str]] = field(default_factory=list)  # data, or why unreadable
+    drawn: list[Path] = field(default_factory=list)  # figures just drawn from these rows (`write_report`'s `drawn`)
 
     @classmethod
     def load(cls, root: str | Path, label: str | None = None) -> RunResults:
@@ -103,12 +104,22 @@ class RunResults:
 
 def write_report(
     runs: Sequence[str | Path], out: str | Path | None = None, *, example: str | None = None, n_examples: int = 6,
+    drawn: Mapping[str | Path, Sequence[Path]] | None = None,
 ) -> Path:
-    """Write the report of one or more runs; default `<first run>/report.html`. Returns its path."""
+    """Write the report of one or more runs; default `<first run>/report.html`. Returns its path.
+
+    `drawn`: per run folder, the figures (`plot_dynamics`, `plot_signals`) its caller has just drawn
+    from the same `dynamics.jsonl` (`overmem run` at its end); the page embeds those instead of
+    drawing them again. Without it, each run's figures are drawn afresh: files already in a run
+    folder may be older than its rows."""
     if not runs:
         raise ValueError("report: give at least one run folder")
     labels = _labels([Path(r) for r in runs])
     results = [RunResults.load(r, label) for r, label in zip(runs, labels)]
+    for (given, files) in (drawn or {}).items():
+        for res in results:
+            if res.root.resolve() == Path(given).resolve():
+                res.drawn = [Path(f) for f in files]
     path = Path(out) if out else RunDir(results[0].root).report
     atomic_write_text(path, build_report(results, example=example, n_examples=n_examples))
     return path
@@ -199,14 +210,20 @@ def summary_body(res: RunResults) -> str:
 
 
 def dynamics_body(res: RunResults) -> str:
-    """The dynamics figure (drawn afresh from `dynamics.jsonl`) and each checkpoint's phase."""
+    """The dynamics figure (the one just drawn from `dynamics.jsonl`, `RunResults.drawn`, or drawn
+    afresh from it) and each checkpoint's phase."""
     report = PhaseReport.model_validate(res.phases) if res.phases else None
+    drawn = {p.name: p for p in res.drawn}
+
+    def png(plot: Any, name: str, tmp: str) -> Path:
+        return drawn.get(f"{name}.png") or plot(res.rows, tmp, phase_report=report, formats=("png",))[0]
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            png = plot_dynamics(res.rows, tmp, phase_report=report)[0]
-            fig = image_file(png, "learning dynamics: perplexity and accuracy against epoch, per split")
+            fig = image_file(png(plot_dynamics, FIGURE, tmp),
+                             "learning dynamics: perplexity and accuracy against epoch, per split")
             if has_signals(res.rows):
-                fig += image_file(plot_signals(res.rows, tmp, phase_report=report)[0],
+                fig += image_file(png(plot_signals, "signals", tmp),
                                   "reference tokens: greedy agreement, entropy and rank against epoch, per split")
     except ValueError as err:
         fig = note(f"No figure: {err}")
