@@ -339,6 +339,24 @@ def test_one_process_needs_no_process_group():
     assert not torch.distributed.is_initialized()
 
 
+def test_the_group_is_left_at_exit_once(monkeypatch):
+    """Joining (or finding) a group registers `shutdown` to run at interpreter exit, once however
+    often the group is used; one process registers nothing."""
+    import atexit
+
+    from overmem import distributed
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    distributed._leave_at_exit.cache_clear()
+    assert not distributed.setup() and registered == []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_initialized", lambda: True)  # as after the Trainer made the group
+    assert distributed.setup() and distributed.setup()
+    assert registered == [distributed.shutdown]
+    distributed._leave_at_exit.cache_clear()  # a later test's group registers again
+
+
 def test_global_batch_is_split_over_processes(monkeypatch):
     from overmem import distributed
     from overmem.train.trainer import with_world_size
