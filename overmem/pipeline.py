@@ -267,7 +267,7 @@ def _finish_diverged(run_dir: RunDir, cfg: RunConfig) -> None:
         finalize(run_dir, cfg, leave_out=diverged)
     except ValueError as err:  # the divergence is the error to report, not a figure it spoiled
         warnings.warn(f"phases and selection not written ({err})", stacklevel=2)
-    write_run_report(run_dir)  # its figures drawn afresh: with the diverged checkpoint, which finalize's leave out
+    write_run_report(run_dir)  # figures drawn afresh: the report shows the diverged checkpoint finalize leaves out
 
 
 def write_run_report(run_dir: RunDir, drawn: Sequence[Path] = ()) -> Path | None:

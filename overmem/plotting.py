@@ -44,6 +44,7 @@ LEGEND_HEIGHT = 0.8  # inches below the panels for the shared legend
 MAX_COLUMNS = 3
 DPI = 120
 FORMATS = ("png", "svg")  # each figure's files
+SIGNALS = "signals"  # signals.png and signals.svg
 
 
 def figure_size(n_panels: int) -> tuple[float, float]:
@@ -118,7 +119,7 @@ def plot_signals(
     out_dir: str | Path,
     *,
     phase_report: PhaseReport | None = None,
-    name: str = "signals",
+    name: str = SIGNALS,
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """The cheap signals of the scoring pass against epoch, one panel per split: the share of

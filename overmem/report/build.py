@@ -19,7 +19,7 @@ from typing import Any
 from ..config import RunConfig, config_from_dict, read_yaml
 from ..files import missing_folder, read_text
 from ..phases import PHASES, PhaseReport, detect_run_phases
-from ..plotting import has_signals, plot_dynamics, plot_runs, plot_signals
+from ..plotting import SIGNALS, has_signals, plot_dynamics, plot_runs, plot_signals
 from ..results import FIGURE, RunDir, atomic_write_text, read_json
 from ..selection import Keep, checkpoint_to_keep, select_run_checkpoint, selectable
 from .html import (
@@ -116,10 +116,9 @@ def write_report(
         raise ValueError("report: give at least one run folder")
     labels = _labels([Path(r) for r in runs])
     results = [RunResults.load(r, label) for r, label in zip(runs, labels)]
-    for (given, files) in (drawn or {}).items():
-        for res in results:
-            if res.root.resolve() == Path(given).resolve():
-                res.drawn = [Path(f) for f in files]
+    given = {Path(root).resolve(): [Path(f) for f in files] for root, files in (drawn or {}).items()}
+    for res in results:
+        res.drawn = given.get(res.root.resolve(), [])
     path = Path(out) if out else RunDir(results[0].root).report
     atomic_write_text(path, build_report(results, example=example, n_examples=n_examples))
     return path
@@ -223,7 +222,7 @@ def dynamics_body(res: RunResults) -> str:
             fig = image_file(png(plot_dynamics, FIGURE, tmp),
                              "learning dynamics: perplexity and accuracy against epoch, per split")
             if has_signals(res.rows):
-                fig += image_file(png(plot_signals, "signals", tmp),
+                fig += image_file(png(plot_signals, SIGNALS, tmp),
                                   "reference tokens: greedy agreement, entropy and rank against epoch, per split")
     except ValueError as err:
         fig = note(f"No figure: {err}")
