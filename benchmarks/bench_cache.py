@@ -1,14 +1,17 @@
-"""Greedy decoding with the Hugging Face static KV cache against the dynamic one, on a run's checkpoints.
+"""Greedy decoding with the Hugging Face static KV cache against the dynamic one (or with other
+decoding batch sizes), on a run's checkpoints.
 
     python benchmarks/bench_cache.py RUN [--names epoch-1 epoch-6 ...] [--split test] [--rounds 3]
+                                         [--drafts] [--batch-sizes 16 64 ...]
 
 RUN is a finished run folder (e.g. one `overmem demo` wrote). Each named checkpoint (the base model
 for `base`) generates greedily for the split's prompts with the run's generation settings, once
-with `generation.cache: static` and once with `dynamic`, alternating which goes first, `--rounds`
-times; with `--drafts`, the previous checkpoint's generations in RUN are its drafts, so that only the
+with `generation.cache: static` and once with `dynamic` (with `--batch-sizes`: once per
+`generation.batch_size` given, with the run's cache), rotating which goes first, `--rounds` times;
+with `--drafts`, the previous checkpoint's generations in RUN are its drafts, so that only the
 rows that disagree are decoded (from where they disagree), as tracking decodes. Printed per
-checkpoint: the median wall time of each cache, their ratio, the rows decoded, and whether every
-round's outputs are identical.
+checkpoint: the median wall time of each setting, each one's ratio to the first, the rows decoded,
+and whether every round's outputs are identical.
 Timings are wall times on whatever cores the machine has (set `OMP_NUM_THREADS`); compare the
 ratio, measured in one run.
 """
@@ -52,6 +55,8 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--drafts", action="store_true", help="the previous checkpoint's generations as drafts")
+    ap.add_argument("--batch-sizes", nargs="*", type=int, default=[],
+                    help="compare these decoding batch sizes (with the run's cache) instead of the two caches")
     args = ap.parse_args()
     count_decoded_rows()
     cfg = config_from_dict(read_yaml(args.run / "config.yaml"), "bench config")
@@ -62,8 +67,13 @@ def main() -> None:
     order = [BASE] + [c.name for c in find_checkpoints(args.run / "checkpoints")]
     paths = {c.name: c.path for c in find_checkpoints(args.run / "checkpoints")}
     gen = cfg.generation
-    print(f"{len(prompts)} {args.split} prompts, up to {gen.max_new_tokens} new tokens, batches of {gen.batch_size}")
-    print("checkpoint   static s  dynamic s  static/dynamic  rows decoded  identical")
+    settings = ({f"batch {b}": {"batch_size": b, "cache": gen.cache} for b in args.batch_sizes} if args.batch_sizes
+                else {cache: {"batch_size": gen.batch_size, "cache": cache} for cache in CACHES})
+    labels = list(settings)
+    print(f"{len(prompts)} {args.split} prompts, up to {gen.max_new_tokens} new tokens, "
+          + (f"cache {gen.cache}" if args.batch_sizes else f"batches of {gen.batch_size}"))
+    print("checkpoint  " + "  ".join(f"{label + ' s':>10}" for label in labels)
+          + "  " + "  ".join(f"{label + '/' + labels[0]:>16}" for label in labels[1:]) + "  rows decoded  identical")
     names = [BASE if name == "base" else name for name in args.names]
     unknown = [name for name in names if name not in order]
     if unknown:
@@ -75,23 +85,23 @@ def main() -> None:
             before = order[order.index(name) - 1]
             ids = {r["id"]: r.get("generation_ids") for r in read_jsonl(run.samples(before, args.split))}
             drafts = [ids.get(ex.id) for ex in examples]
-        kw = dict(drafts=drafts, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+        kw = dict(drafts=drafts, max_new_tokens=gen.max_new_tokens,
                   stop_at_answer=[gen.stop_at_answer and ex.has_answer_line for ex in examples],
                   max_prompt_tokens=cfg.train.max_length)
-        times: dict[str, list[float]] = {c: [] for c in CACHES}
+        times: dict[str, list[float]] = {label: [] for label in labels}
         first: list[list[int]] | None = None
-        same = True  # every round's output, of either cache, is the first one's
+        same = True  # every round's output, of every setting, is the first one's
         for r in range(args.rounds):
-            for cache in CACHES if r % 2 == 0 else CACHES[::-1]:
+            for label in labels[r % len(labels):] + labels[: r % len(labels)]:  # each goes first in turn
                 DECODED[0] = 0
                 t0 = time.perf_counter()
-                got = [c.ids for c in generate_greedy(model, tokenizer, prompts, cache=cache, **kw)]
-                times[cache].append(time.perf_counter() - t0)
+                got = [c.ids for c in generate_greedy(model, tokenizer, prompts, **settings[label], **kw)]
+                times[label].append(time.perf_counter() - t0)
                 first = got if first is None else first
                 same = same and got == first
-        static, dynamic = (statistics.median(times[c]) for c in CACHES)
-        decoded = DECODED[0]
-        print(f"{name:>10}  {static:9.2f}  {dynamic:9.2f}  {static / dynamic:14.2f}  {decoded:12d}  {same}", flush=True)
+        medians = [statistics.median(times[label]) for label in labels]
+        print(f"{name:>10}  " + "  ".join(f"{m:10.2f}" for m in medians) + "  "
+              + "  ".join(f"{m / medians[0]:16.2f}" for m in medians[1:]) + f"  {DECODED[0]:12d}  {same}", flush=True)
 
 
 if __name__ == "__main__":
