@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -232,7 +232,10 @@ def engine_model_folder(cfg: ModelConfig) -> str:
         return src.repo
     gguf = Path(src.repo) / src.gguf_file
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{cfg.dtype}".encode()).hexdigest()[:12]
+    # Keyed by the file's bytes, not its path or time: a reinstall or a second clone finds the same
+    # copy (each is ~0.5 GB in float32) instead of making another.
+    content = _file_sha256(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = hashlib.sha256(f"{content}|{cfg.dtype}".encode()).hexdigest()[:12]
     cache = Path(os.environ.get("OVERMEM_CACHE", Path.home() / ".cache" / "overmem"))
     folder = cache / f"dequantized-{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
@@ -249,6 +252,16 @@ def engine_model_folder(cfg: ModelConfig) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
+
+
+@cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file's bytes, once per process for a given size and modification time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def adapter_base(path: str | Path) -> str | None:

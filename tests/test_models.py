@@ -1,11 +1,20 @@
 import copy
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from overmem.config import ModelConfig, TrainConfig
-from overmem.models import ModelSource, load_checkpoint, load_model, load_tokenizer, package_file
+from overmem.models import (
+    ModelSource,
+    engine_model_folder,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    package_file,
+)
 from overmem.train.methods import apply_method
 
 
@@ -110,7 +119,15 @@ def test_a_gguf_base_merges_as_the_folder_training_loads(tmp_path, monkeypatch):
               for a in adapters]
     torch.testing.assert_close(merged[name], base[name] + sum(t - base[name] for t in thetas) / 2, atol=1e-6, rtol=0)
     assert not torch.equal(merged[name], base[name]) and torch.equal(merged[untouched], base[untouched])
-    assert (out / "tokenizer.json").is_file() and len(list((tmp_path / "cache").glob("dequantized-*"))) == 1
+    made = list((tmp_path / "cache").glob("dequantized-*"))
+    assert (out / "tokenizer.json").is_file() and len(made) == 1
+    # The copy is keyed by the file's bytes: the same file elsewhere, newer, finds it without loading.
+    moved = tmp_path / "elsewhere" / _smollm2_gguf().name
+    moved.parent.mkdir()
+    shutil.copyfile(_smollm2_gguf(), moved)
+    os.utime(moved, ns=(1, 1))
+    monkeypatch.setattr("overmem.models.load_model", lambda *a, **k: pytest.fail("dequantized a second time"))
+    assert engine_model_folder(ModelConfig(name_or_path=str(moved), dtype="float32")) == str(made[0])
 
 
 def test_an_adapter_trained_on_a_gguf_file_records_its_folder(tmp_path):
