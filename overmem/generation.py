@@ -137,7 +137,9 @@ def generate_greedy(
     costs nothing, where its prompt is the one generation sees and it agrees on a first token (or
     the model stops at once): a continuation it carries to its stop needs no verification of
     `drafts[i]` and no decoding; otherwise the longer of the two accepted prefixes is kept (the
-    verified draft's where they are as long). Drafts are ignored where verification would not be
+    verified draft's where they are as long). `drafts[i]` is verified only where it follows the
+    model past the verified draft's agreeing prefix; one rejected while it still follows it is
+    settled by that pass (`_decided_by`). Drafts are ignored where verification would not be
     exact (`drafts_are_exact`)."""
     stops = _per_prompt(stop_at_answer, len(prompts))
     backend = as_backend(model)
@@ -146,7 +148,8 @@ def generate_greedy(
     # i -> (the continuation's tokens known before decoding, draft tokens accepted, draft length, source)
     heads: dict[int, tuple[list[int], int, int, str]] = {}
     done: set[int] = set()  # continuations a reference carries to their stop: no draft verified for them
-    for i, (d, g) in _verified(backend, encoded, limits, verified).items():
+    references = _verified(backend, encoded, limits, verified)
+    for i, (d, g) in references.items():
         head, k = _accepted(d, g)
         stopped = rule.end(head, stops[i], limits[i]) is not None
         if k or stopped:  # a reference that gave no token is no draft
@@ -154,9 +157,13 @@ def generate_greedy(
             if stopped:
                 done.add(i)
     given = {i: d for i, d in _drafts(backend, encoded, limits, drafts).items() if i not in done}
-    greedy = backend.verify(tokenizer, {i: (encoded[i], d) for i, d in given.items()}, batch_size=batch_size)
+    # A draft rejected on the path the scoring pass already ran needs no pass of its own.
+    decided = {i: a for i, d in given.items() if i in references
+               and (a := _decided_by(d, *references[i])) is not None}
+    greedy = backend.verify(tokenizer, {i: (encoded[i], d) for i, d in given.items() if i not in decided},
+                            batch_size=batch_size)
     for i, d in given.items():
-        head, k = _accepted(d, greedy[i])
+        head, k = decided[i] if i in decided else _accepted(d, greedy[i])
         if i not in heads or len(head) >= len(heads[i][0]):  # verified anyway: it counts where it gives as much
             heads[i] = (head, k, len(d), "previous")
     out: dict[int, list[int]] = {}
@@ -192,6 +199,18 @@ def _accepted(draft: list[int], greedy: list[int]) -> tuple[list[int], int]:
     token there (`greedy[j]`: its token after prompt + draft[:j]), and that prefix's length."""
     k = next((j for j in range(len(draft)) if draft[j] != greedy[j]), len(draft))
     return draft[:k] + [greedy[k]], k
+
+
+def _decided_by(draft: list[int], reference: list[int], greedy: list[int]) -> tuple[list[int], int] | None:
+    """What verifying `draft` would give (`_accepted`), where a verified `reference` (`greedy[j]`:
+    the model's token after prompt + reference[:j]) already shows it: the draft is rejected, or
+    ends, while it still follows the reference. None where it follows the model past the reference."""
+    for j in range(len(greedy)):
+        if j == len(draft) or draft[j] != greedy[j]:
+            return draft[:j] + [greedy[j]], j
+        if j == len(reference) or draft[j] != reference[j]:
+            return None
+    return None
 
 
 def _verified(backend: EvalBackend, encoded: Sequence[list[int]], limits: Sequence[int],

@@ -232,6 +232,37 @@ def test_references_verified_by_scoring_give_the_plain_greedy_output(checkpoints
         assert all(0 <= c.draft_accepted <= c.draft_tokens for c in got if c.draft_source)
 
 
+def test_a_draft_the_scoring_pass_already_decides_is_not_verified_again(checkpoints, char_tokenizer, monkeypatch):
+    """A previous checkpoint's draft rejected (or ended) while it still follows a verified reference
+    is accepted as verification would accept it, with no pass of its own; one that follows the model
+    past the reference's agreeing prefix is verified. The output is the plain greedy one either way."""
+    a, b = checkpoints
+    kw = dict(max_new_tokens=40, stop_at_answer=False, batch_size=2)
+    plain = generate_greedy(b, char_tokenizer, PROMPTS, **kw)
+    prompt_ids = [char_tokenizer(p)["input_ids"] for p in PROMPTS]
+    verified = []
+    real_verify = HfBackend.verify
+    monkeypatch.setattr(HfBackend, "verify", lambda self, tok, seqs, **k: verified.append(sorted(seqs)) or real_verify(
+        self, tok, seqs, **k))
+    references = _reference_drafts(b, char_tokenizer, PROMPTS, BEFORE.values())  # A's texts, scored by B
+    # A's generations follow A's texts: B rejects " 2+3=" at "=" and " yes" at " ", both on the
+    # reference's path (the other three finish on their reference alone).
+    drafts = [c.ids for c in generate_greedy(a, char_tokenizer, PROMPTS, **kw)]
+    verified.clear()
+    got = generate_greedy(b, char_tokenizer, PROMPTS, drafts=drafts, verified=references, **kw)
+    assert [c.ids for c in got] == [c.ids for c in plain] and verified == [[]]
+    greedy = real_verify(HfBackend(b), char_tokenizer, {i: (prompt_ids[i], drafts[i]) for i in (0, 3)}, batch_size=2)
+    by_hand = {i: next(j for j, (t, g) in enumerate(zip(drafts[i], greedy[i])) if t != g) for i in (0, 3)}
+    assert by_hand == {0: len(" 2+3"), 3: 0}
+    assert [(c.draft_source, c.draft_accepted, c.draft_tokens) for c in got[:4:3]] == [
+        ("previous", by_hand[0], len(drafts[0])), ("previous", 0, len(drafts[3]))]
+    # B's own generations follow the model past each reference's agreeing prefix: verified.
+    own = [c.ids for c in plain]
+    verified.clear()
+    got = generate_greedy(b, char_tokenizer, PROMPTS, drafts=own, verified=references, **kw)
+    assert [c.ids for c in got] == [c.ids for c in plain] and verified == [[0, 2, 3]]
+
+
 def test_references_in_evaluation_memorized_or_cut(char_tokenizer, one_thread):
     """`evaluate_examples` with reuse: examples a model has memorized take their reference as draft
     (one runs on past its answer line, one has none); where scoring cut the prompt to fit
