@@ -333,13 +333,18 @@ def test_references_verified_by_the_engine_scoring_pass(cfg, engine, char_tokeni
         verified = full.verify(char_tokenizer, dict(enumerate(zip(encoded, refs))), batch_size=8)
         assert [s.greedy.tolist() for s in scores] == [verified[i] for i in range(len(refs))]
         assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(scores, full.score(ids, labels, pad_id=0)))
-        got = generate_greedy(full, char_tokenizer, prompts, verified=[
-            Verified(p, r, s.greedy.tolist()) for p, r, s in zip(encoded, refs, scores)], **kw)
+        references = [Verified(p, r, s.greedy.tolist()) for p, r, s in zip(encoded, refs, scores)]
+        got = generate_greedy(full, char_tokenizer, prompts, verified=references, **kw)
         assert [c.ids for c in got] == [c.ids for c in plain]
         if refs[0] is plain[0].ids:  # its own generations: every token accepted, nothing decoded
             assert all(c.draft_source == "reference" and c.draft_accepted == c.draft_tokens == len(c.ids) for c in got)
         else:  # the base's: a draft where it agrees on a first token
             assert all((c.draft_source == "reference") == (c.draft_accepted > 0) for c in got)
+            # with drafts as well: the same texts (settled by the scoring pass) and the full
+            # checkpoint's own halves (verified by the engine past the reference's agreement)
+            for drafts in (refs, [c.ids[: len(c.ids) // 2] for c in plain]):
+                both = generate_greedy(full, char_tokenizer, prompts, drafts=drafts, verified=references, **kw)
+                assert [c.ids for c in both] == [c.ids for c in plain]
 
 
 def test_a_short_context_is_cut_alike_on_both_backends(tmp_path, char_tokenizer):
