@@ -164,7 +164,7 @@ def generate_greedy(
                             batch_size=batch_size)
     for i, d in given.items():
         head, k = decided[i] if i in decided else _accepted(d, greedy[i])
-        if i not in heads or len(head) >= len(heads[i][0]):  # verified anyway: it counts where it gives as much
+        if i not in heads or len(head) >= len(heads[i][0]):  # as long as the reference's: the previous draft counts
             heads[i] = (head, k, len(d), "previous")
     out: dict[int, list[int]] = {}
     for i, (head, *_) in heads.items():

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -254,7 +254,7 @@ def engine_model_folder(cfg: ModelConfig) -> str:
     return str(folder)
 
 
-@cache
+@lru_cache(maxsize=None)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """SHA-256 of a file's bytes, once per process for a given size and modification time."""
     digest = hashlib.sha256()
