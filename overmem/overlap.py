@@ -13,9 +13,10 @@ examples with the same number of torch threads, in checkpoint order (so the draf
 evaluated there too, while the first epoch trains.
 
 Once training is over, the training process helps with the checkpoints left: it takes over the
-largest splits (about half of the examples) and the worker keeps the others, each split's
-checkpoints still evaluated in order by one process (`OverlapTracker.close`); the rows are then
-put back in the order one process writes them.
+largest splits (about half of the examples), in checkpoint order from the first the worker has not
+started, and the worker keeps the others; a worker done with its own splits takes the largest
+ones too, from the last checkpoint backwards, until the two meet (`OverlapTracker.close`). The
+rows are then put back in the order one process writes them.
 
 While training goes on, the worker is the run folder's one writer of `dynamics.jsonl` and
 `samples/`; the Trainer writes checkpoints and its own state. The training process learns of each finished
@@ -99,15 +100,18 @@ class _Evaluator:
 
 
 def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], handed: Sequence[str], threads: int, jobs: Any,
-          results: Any, shared: tuple[Any, Any, Any], parent: int) -> None:
+          results: Any, shared: tuple[Any, ...], parent: int) -> None:
     """The worker: evaluate each job (index, name, checkpoint folder or None for the base, epoch,
     step) in order until None; report ("rows", name, rows) per job, or ("error", message,
-    traceback) once and stop. The `handed` splits of jobs from `shared`'s first value on are the
-    training process's (see `OverlapTracker.close`); its second is the last job whose handed
-    splits this process started. `parent`: the training process's id."""
+    traceback) once and stop. `shared` (see `OverlapTracker.close`): a lock; the first job whose
+    `handed` splits are the training process's; the last job whose handed splits this process
+    started; the first job the training process has not taken, and the first one this process
+    took back from the end. After None, take the handed splits of the jobs left from the last
+    backwards, reporting ("taken", name, rows) for each, then ("finished",). `parent`: the
+    training process's id."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
-    lock, handed_from, started = shared
+    lock, handed_from, started, front, back = shared
     try:
         import torch
 
@@ -118,7 +122,9 @@ def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], handed: Seque
         cfg = RunConfig.model_validate_json(cfg_json)
         quiet_libraries(True)
         evaluate = _Evaluator(cfg, tracked, quiet=True)
+        seen = []
         while (job := jobs.get()) is not None:
+            seen.append(job)
             rows = []
             for split in tracked:
                 if split in handed:
@@ -128,6 +134,14 @@ def _work(cfg_json: str, tracked: Mapping[str, Sequence[Example]], handed: Seque
                         started.value = job[0]
                 rows.extend(evaluate(job, split))
             results.put(("rows", job[1], rows))
+        while True:  # training is over: take the training process's last jobs until the two meet
+            with lock:
+                if back.value - 1 < front.value:
+                    break
+                back.value -= 1
+                job = seen[back.value]
+            results.put(("taken", job[1], [row for split in handed for row in evaluate(job, split)]))
+        results.put(("finished",))
     except BaseException as err:  # noqa: BLE001 - reported to the training process, which raises it
         results.put(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
 
@@ -163,8 +177,14 @@ class OverlapTracker:
         self.seconds = 0.0  # time the worker spent evaluating
         self.helped = 0.0  # time the training process spent evaluating, in `close`
         self.stopped = False
+        self.closing = False  # `close` has told the worker that no job will come
+        self.finished = False  # the worker has reported its last rows
+        self.taken = 0  # jobs whose handed splits the worker took back in `close`
         self.handed = handed_splits(self.tracked)
-        self.shared = (ctx.Lock(), ctx.Value("q", NEVER, lock=False), ctx.Value("q", -1, lock=False))
+        # lock, first job handed over, last job whose handed splits the worker started, first job the
+        # training process has not taken, first job the worker took back (see `_work` and `close`)
+        self.shared = (ctx.Lock(), ctx.Value("q", NEVER, lock=False), ctx.Value("q", -1, lock=False),
+                       ctx.Value("q", 0, lock=False), ctx.Value("q", 0, lock=False))
         self.process = ctx.Process(target=_work, args=(cfg.model_dump_json(), self.tracked, self.handed, threads,
                                                        self.jobs, self.results, self.shared, os.getpid()),
                                    daemon=True, name="overmem-tracker")
@@ -192,8 +212,14 @@ class OverlapTracker:
                 if os.environ.get("OVERMEM_DEBUG"):
                     print(message[2], file=sys.stderr)
                 raise TrackerFailed(f"tracking checkpoints in a second process failed: {message[1]}")
-            _, name, new = message
-            self.pending.remove(name)
+            if message[0] == "finished":
+                self.finished = True
+                continue
+            kind, name, new = message
+            if kind == "rows":
+                self.pending.remove(name)
+            else:  # "taken": the handed splits of a job the worker took back in `close`
+                self.taken += 1
             rows.extend(new)
             self.seconds += sum(r.get("seconds") or 0.0 for r in new)
             if not self.quiet:
@@ -203,9 +229,10 @@ class OverlapTracker:
                     tqdm.write(summary_line(row))
             if not self.process.is_alive() and self.results.empty():
                 break
-        if not rows and self.pending and not self.process.is_alive():
+        if not rows and (self.pending or self.closing and not self.finished) and not self.process.is_alive():
+            left = ", ".join(self.pending) or "the checkpoints it took over"
             raise TrackerFailed(f"the tracking process exited (code {self.process.exitcode}) before evaluating "
-                                f"{', '.join(self.pending)}; resume the run to evaluate them")
+                                f"{left}; resume the run to evaluate them")
         return rows
 
     def close(self, progress: bool = False) -> list[dict[str, Any]]:
@@ -214,23 +241,35 @@ class OverlapTracker:
 
         Training is over, so this process helps: it takes over the `handed` splits (the largest,
         about half of the examples) of the jobs whose handed splits the worker has not started, and
-        evaluates them in order while the worker goes on with the other splits. Each split's
-        checkpoints are still evaluated in order by one process, so its drafts are the previous
-        checkpoint's generations as without the help (the same rows, draft counts included). The
-        rows are then put back in the order one process writes them (`_reorder`)."""
+        evaluates them in checkpoint order while the worker goes on with the other splits. A worker
+        done with those takes the handed splits back from the last job backwards, until the two
+        meet: each (checkpoint, split) is evaluated once, by one of them. Drafts are the
+        generations of the checkpoint evaluated last on the split
+        (`overmem.dynamics.previous_generations`): where the worker takes a job back, a later or
+        an earlier one than the previous checkpoint, whose draft counts may then differ from one
+        process's; the generations, the model's own greedy ones, do not. The rows are then put
+        back in the order one process writes them (`_reorder`)."""
         rows: list[dict[str, Any]] = []
-        with self.shared[0]:
-            self.shared[1].value = first = self.shared[2].value + 1
+        lock, handed_from, started, front, back = self.shared
+        with lock:
+            handed_from.value = front.value = first = started.value + 1
+            back.value = len(self.submitted) if self.handed else first
+        self.closing = True
+        self.jobs.put(None)  # no more jobs: the worker takes back what is left once its own are done
         mine = self.submitted[first:] if self.handed else []
         with tqdm(total=len(self.pending) + len(mine), desc="tracking", disable=not progress) as bar:
             def drain(timeout: float) -> None:
-                before = len(self.pending)
+                left = len(self.pending) - self.taken  # one less per job finished or taken back
                 rows.extend(self.poll(timeout))
-                bar.update(before - len(self.pending))
+                bar.update(left - (len(self.pending) - self.taken))
 
             evaluate = _Evaluator(self.cfg, self.tracked, quiet=self.quiet) if mine else None
             previous = self.submitted[first - 1] if first else None
             for job in mine:
+                with lock:
+                    if job[0] >= back.value:  # the worker has taken this one and those after it
+                        break
+                    front.value = job[0] + 1
                 # Its drafts are the previous job's generations, which the worker may still be writing.
                 while previous is not None and not all((previous[1], s) in evaluate.run.done() for s in self.handed):
                     drain(0.1)
@@ -241,9 +280,8 @@ class OverlapTracker:
                 bar.update(1)
                 drain(0.0)
                 previous = job
-            while self.pending:
+            while self.pending or not self.finished:
                 drain(1.0)
-        self.jobs.put(None)
         self.process.join(STOP_GRACE_S)
         self.stop()
         self._reorder()
