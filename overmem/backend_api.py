@@ -132,12 +132,15 @@ class EvalBackend(ABC):
 
     @abstractmethod
     def decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,
-               answer_line: Sequence[bool], carried: Sequence[int] | None = None, batch_size: int,
-               cache: str = "auto", num_samples: int = 1, sampling: tuple[float, float] | None = None,
-               seed: int = 0, progress: Progress | None = None) -> list[list[list[int]]]:
+               answer_line: Sequence[bool], carried: Sequence[int] | None = None,
+               expected: Sequence[int | None] | None = None, batch_size: int, cache: str = "auto",
+               num_samples: int = 1, sampling: tuple[float, float] | None = None, seed: int = 0,
+               progress: Progress | None = None) -> list[list[list[int]]]:
         """`num_samples` continuations (new token ids) of each of `inputs`, in input order: greedy,
         or sampled at (temperature, top_p), seeded so the same call gives the same tokens. Each
         stops at EOS or after `limits[i]` tokens; one whose `answer_line[i]` may also stop after its
         answer line (the last `carried[i]` tokens of input i already belong to it). A backend may
         run on past those stops (padding, or the text after the answer line): the caller cuts
-        (`overmem.stops.StopRule`). `cache`: the Hugging Face KV cache (`generation.cache`)."""
+        (`overmem.stops.StopRule`). `cache`: the Hugging Face KV cache (`generation.cache`).
+        `expected[i]` (None: unknown): about how many new tokens input i's continuation takes (a
+        draft's length), a hint a backend may size its work by; the tokens are the same without it."""

@@ -175,8 +175,10 @@ def generate_greedy(
         progress(len(out))
     todo = [i for i in range(len(prompts)) if i not in out]
     known = {i: heads[i][0] if i in heads else [] for i in todo}
+    # The previous checkpoint's continuation is about as long as this one's.
     new = backend.decode(tokenizer, [encoded[i] + known[i] for i in todo], [limits[i] - len(known[i]) for i in todo],
                          answer_line=[stops[i] for i in todo], carried=[len(known[i]) for i in todo],
+                         expected=[max(len(given[i]) - len(known[i]), 1) if i in given else None for i in todo],
                          batch_size=batch_size, cache=cache, progress=progress)
     for i, (tail,) in zip(todo, new):  # a backend that runs past the answer line is cut by `_continuation`
         out[i] = known[i] + tail

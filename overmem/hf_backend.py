@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from .backend_api import EvalBackend, Progress, TokenScores, TokenStats
 from .data.encoding import IGNORE, pad_id_of, pad_right
 from .models import context_length, load_checkpoint, load_model
-from .stops import AnswerLineStop, RowLimit
+from .stops import AnswerLineStop, RowLimit, StopRule
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 _LOGPROB_FLOOR = -1e4
 VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
 VERIFY_LOGITS = 2**27  # logits one verification pass holds at most (rows x positions x vocabulary): 512 MiB in float32
+# New tokens a static cache holds beyond a batch's longest expected continuation (`HfBackend.decode`).
+EXPECTED_SLACK = 16
 
 # generation_config fields whose logits processors make a greedy token other than the logits' argmax,
 # with their neutral values; verifying a draft by argmax is exact only when all are neutral.
@@ -159,16 +161,23 @@ class HfBackend(EvalBackend):
 
     @_evaluating
     def decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,
-               answer_line: Sequence[bool], carried: Sequence[int] | None = None, batch_size: int,
-               cache: str = "auto", num_samples: int = 1, sampling: tuple[float, float] | None = None,
-               seed: int = 0, progress: Progress | None = None) -> list[list[list[int]]]:
+               answer_line: Sequence[bool], carried: Sequence[int] | None = None,
+               expected: Sequence[int | None] | None = None, batch_size: int, cache: str = "auto",
+               num_samples: int = 1, sampling: tuple[float, float] | None = None, seed: int = 0,
+               progress: Progress | None = None) -> list[list[list[int]]]:
         """`model.generate`: left padding, longest inputs first, each row stopped at EOS, at its
         answer line (`AnswerLineStop`) or after `limits[i]` new tokens (`RowLimit`). A row's ids run
         on to its batch's end (padding after its stop). Sampling seeds batch b with `seed + b`.
         `cache="static"` has transformers preallocate the KV cache for prompt + the longest limit
         instead of growing it every token (faster for small models on the CPU; the attention over
         the unused slots is masked, so outputs are the same); `"auto"` takes it on the CPU and the
-        dynamic cache on GPUs."""
+        dynamic cache on GPUs.
+
+        Greedy with the static cache, a batch whose rows all have an `expected` length is decoded
+        for at most `EXPECTED_SLACK` tokens beyond the longest: every step's attention reads the
+        whole preallocated cache, and most continuations are far shorter than their limit (the
+        demo's, at most 64 tokens of 160). The rows still going then are decoded on from there, as
+        a draft's accepted prefix is (`overmem.generation.generate_greedy`)."""
         if cache not in ("dynamic", "static", "auto"):
             raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
         model = self.model
@@ -177,22 +186,31 @@ class HfBackend(EvalBackend):
             cache = "static" if device.type == "cpu" else "dynamic"
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
         out: list[list[list[int]]] = [[] for _ in inputs]
+        caps = list(limits)  # new tokens each row is decoded for in this call
+        capped = expected is not None and cache == "static" and sampling is None and num_samples == 1
         pad_id = pad_id_of(tokenizer)
         for b, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
+            if capped and all(expected[i] is not None for i in idx):
+                cap = max(expected[i] for i in idx) + EXPECTED_SLACK
+                for i in idx:
+                    caps[i] = min(caps[i], cap)
             width = max(len(inputs[i]) for i in idx)
             ids = torch.tensor([[pad_id] * (width - len(inputs[i])) + inputs[i] for i in idx], device=device)
             mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in idx], device=device)
             rows = [answer_line[i] for i in idx for _ in range(num_samples)]  # generate's rows: samples of a prompt together
             kept = None if carried is None else [carried[i] for i in idx for _ in range(num_samples)]
             criteria = StoppingCriteriaList([AnswerLineStop(tokenizer, width, rows, kept)] if any(rows) else [])
-            budget = [limits[i] for i in idx for _ in range(num_samples)]
+            budget = [caps[i] for i in idx for _ in range(num_samples)]
             if min(budget) < max(budget):
                 criteria.append(RowLimit(width, budget))
             options = {"do_sample": True, "temperature": sampling[0], "top_p": sampling[1]} if sampling else {
                 "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             if sampling:
                 torch.manual_seed(seed + b)
+            # transformers sizes a static cache for the longest call so far, which spares torch.compile
+            # a recompilation; eager decoding reads every slot at every step, so each call sizes its own.
+            vars(model).pop("_previous_max_cache_length", None)
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -209,6 +227,17 @@ class HfBackend(EvalBackend):
                 out[i] = new[j * num_samples : (j + 1) * num_samples]
             if progress:
                 progress(len(idx))
+        if any(c < n for c, n in zip(caps, limits)):
+            kept = [0] * len(inputs) if carried is None else list(carried)
+            rule = StopRule(tokenizer, max(k + n for k, n in zip(kept, limits)))
+            going = [i for i in range(len(inputs)) if caps[i] < limits[i] and rule.end(
+                inputs[i][len(inputs[i]) - kept[i]:] + out[i][0][: caps[i]], answer_line[i], kept[i] + limits[i]) is None]
+            if going:
+                tails = self.decode(tokenizer, [inputs[i] + out[i][0][: caps[i]] for i in going],
+                                    [limits[i] - caps[i] for i in going], answer_line=[answer_line[i] for i in going],
+                                    carried=[kept[i] + caps[i] for i in going], batch_size=batch_size, cache=cache)
+                for i, (tail,) in zip(going, tails):
+                    out[i] = [out[i][0][: caps[i]] + tail]
         return out
 
 

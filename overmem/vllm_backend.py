@@ -258,11 +258,12 @@ class VllmModel(EvalBackend):
         return dict(zip(keys, tops))
 
     def decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,
-               answer_line: Sequence[bool], carried: Sequence[int] | None = None, batch_size: int,
-               cache: str = "auto", num_samples: int = 1, sampling: tuple[float, float] | None = None,
-               seed: int = 0, progress: Progress | None = None) -> list[list[list[int]]]:
+               answer_line: Sequence[bool], carried: Sequence[int] | None = None,
+               expected: Sequence[int | None] | None = None, batch_size: int, cache: str = "auto",
+               num_samples: int = 1, sampling: tuple[float, float] | None = None, seed: int = 0,
+               progress: Progress | None = None) -> list[list[list[int]]]:
         """EOS is the one stop token: a continuation runs on past its answer line (vLLM has no stop
-        rule of ours; `answer_line`, `carried` and `cache` are moot). Greedy at temperature 0;
+        rule of ours; `answer_line`, `carried`, `expected` and `cache` are moot). Greedy at temperature 0;
         sampling seeds prompt i with `seed + i`."""
         temperature, top_p = sampling if sampling else (0.0, 1.0)
         stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

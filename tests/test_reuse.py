@@ -18,6 +18,7 @@ from overmem.config import EvalConfig, GenerationConfig
 from overmem.data.example import Example, format_prompt
 from overmem.dynamics import evaluate_examples
 from overmem.generation import StopRule, Verified, drafts_are_exact, generate, generate_greedy
+from overmem import hf_backend
 from overmem.hf_backend import HfBackend
 from overmem.results import read_jsonl
 from tests.conftest import make_tiny_llama
@@ -148,6 +149,38 @@ def test_batch_order_and_size_change_nothing(checkpoints, char_tokenizer):
     for batch_size in (1, 3, 10):
         got = generate_greedy(b, char_tokenizer, order, drafts=[drafts[p] for p in order], batch_size=batch_size, **kw)
         assert [c.ids for c in got] == [want[p] for p in order]
+
+
+@pytest.mark.parametrize(("limit", "stop_at_answer"), [(40, True), (40, False), (6, False)])
+def test_a_static_cache_sized_by_the_expected_lengths_gives_the_same_tokens(checkpoints, char_tokenizer, monkeypatch,
+                                                                            limit, stop_at_answer):
+    """`HfBackend.decode(expected=...)`: a batch whose rows all have an expected length is decoded
+    for `EXPECTED_SLACK` tokens past the longest, the rows still going then decoded on from there:
+    the continuations are those decoded in one go, whatever the expectation; the answer line, EOS
+    and the token limit stop them as before, tokens carried from a draft included."""
+    _, b = checkpoints
+    monkeypatch.setattr(hf_backend, "EXPECTED_SLACK", 2)
+    rule = StopRule(char_tokenizer, limit + 3)
+    prompts = [char_tokenizer(p)["input_ids"] for p in PROMPTS]
+    backend = HfBackend(b)
+    kw = dict(answer_line=[stop_at_answer] * len(PROMPTS), batch_size=3, cache="static")
+    plain = [ids for (ids,) in backend.decode(char_tokenizer, prompts, [limit] * len(PROMPTS), **kw)]
+    want = [ids[: rule.end(ids, stop_at_answer, limit)] for ids in plain]
+    assert max(map(len, want)) > 3  # continuations longer than the shortest caps below
+    calls: list[int] = []
+    real = b.generate
+    monkeypatch.setattr(b, "generate", lambda **k: calls.append(k["max_new_tokens"]) or real(**k))
+    for expected in ([1] * 5, [3, 1, 0, 2, 1], [None, 1, 1, 1, 1], [limit] * 5, [1, 1, 1, 1, None]):
+        calls.clear()
+        got = backend.decode(char_tokenizer, prompts, [limit] * len(PROMPTS), expected=expected, **kw)
+        assert [ids[: rule.end(ids, stop_at_answer, limit)] for (ids,) in got] == want, expected
+        if expected == [1] * 5 and limit > 6:  # two batches decoded for 3 tokens, then the rows going on
+            assert calls[:2] == [3, 3] and calls[2:] and set(calls[2:]) == {limit - 3}, calls
+    # Tokens carried from a draft: the first 3 of each continuation are in the input already.
+    head = 3
+    got = backend.decode(char_tokenizer, [p + w[:head] for p, w in zip(prompts, want)],
+                         [limit - head] * len(PROMPTS), carried=[head] * len(PROMPTS), expected=[1] * 5, **kw)
+    assert [(w[:head] + ids)[: rule.end(w[:head] + ids, stop_at_answer, limit)] for w, (ids,) in zip(want, got)] == want
 
 
 def test_no_drafts_where_greedy_is_not_the_argmax(checkpoints, char_tokenizer):
