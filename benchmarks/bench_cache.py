@@ -2,14 +2,16 @@
 decoding batch sizes), on a run's checkpoints.
 
     python benchmarks/bench_cache.py RUN [--names epoch-1 epoch-6 ...] [--split test] [--rounds 3]
-                                         [--drafts] [--batch-sizes 16 64 ...]
+                                         [--drafts [--sizing]] [--batch-sizes 16 64 ...]
 
 RUN is a finished run folder (e.g. one `overmem demo` wrote). Each named checkpoint (the base model
 for `base`) generates greedily for the split's prompts with the run's generation settings, once
 with `generation.cache: static` and once with `dynamic` (with `--batch-sizes`: once per
 `generation.batch_size` given, with the run's cache), rotating which goes first, `--rounds` times;
 with `--drafts`, the previous checkpoint's generations in RUN are its drafts, so that only the
-rows that disagree are decoded (from where they disagree), as tracking decodes. Printed per
+rows that disagree are decoded (from where they disagree), as tracking decodes; with `--sizing`
+too, the static cache sized by the drafts' lengths (`hf_backend.EXPECTED_SLACK`, as tracking
+decodes) against the static cache sized for `max_new_tokens`. Printed per
 checkpoint: the median wall time of each setting, each one's ratio to the first, the rows decoded,
 and whether every round's outputs are identical.
 Timings are wall times on whatever cores the machine has (set `OMP_NUM_THREADS`); compare the
@@ -30,6 +32,7 @@ from overmem.config import config_from_dict, read_yaml  # noqa: E402
 from overmem.data.example import format_prompt  # noqa: E402
 from overmem.data.splits import derive_splits  # noqa: E402
 from overmem.generation import generate_greedy  # noqa: E402
+from overmem import hf_backend  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
 from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
 from overmem.results import BASE, RunDir, find_checkpoints, read_jsonl  # noqa: E402
@@ -57,7 +60,12 @@ def main() -> None:
     ap.add_argument("--drafts", action="store_true", help="the previous checkpoint's generations as drafts")
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[],
                     help="compare these decoding batch sizes (with the run's cache) instead of the two caches")
+    ap.add_argument("--sizing", action="store_true",
+                    help="with --drafts: the static cache sized by the drafts' lengths against one sized for "
+                         "max_new_tokens, instead of the two caches")
     args = ap.parse_args()
+    if args.sizing and not args.drafts:
+        ap.error("--sizing compares what the drafts' lengths do: add --drafts")
     count_decoded_rows()
     cfg = config_from_dict(read_yaml(args.run / "config.yaml"), "bench config")
     tokenizer = load_tokenizer(cfg.model)
@@ -69,6 +77,10 @@ def main() -> None:
     gen = cfg.generation
     settings = ({f"batch {b}": {"batch_size": b, "cache": gen.cache} for b in args.batch_sizes} if args.batch_sizes
                 else {cache: {"batch_size": gen.batch_size, "cache": cache} for cache in CACHES})
+    slack = {label: hf_backend.EXPECTED_SLACK for label in settings}
+    if args.sizing:  # a slack past every limit: each batch's cache is sized for max_new_tokens
+        settings = {label: {"batch_size": gen.batch_size, "cache": "static"} for label in ("sized", "full")}
+        slack = {"sized": hf_backend.EXPECTED_SLACK, "full": gen.max_new_tokens + 1}
     labels = list(settings)
     print(f"{len(prompts)} {args.split} prompts, up to {gen.max_new_tokens} new tokens, "
           + (f"cache {gen.cache}" if args.batch_sizes else f"batches of {gen.batch_size}"))
@@ -94,6 +106,7 @@ def main() -> None:
         for r in range(args.rounds):
             for label in labels[r % len(labels):] + labels[: r % len(labels)]:  # each goes first in turn
                 DECODED[0] = 0
+                hf_backend.EXPECTED_SLACK = slack[label]
                 t0 = time.perf_counter()
                 got = [c.ids for c in generate_greedy(model, tokenizer, prompts, **settings[label], **kw)]
                 times[label].append(time.perf_counter() - t0)

@@ -178,6 +178,14 @@ class HfBackend(EvalBackend):
         whole preallocated cache, and most continuations are far shorter than their limit (the
         demo's, at most 64 tokens of 160). The rows still going then are decoded on from there, as
         a draft's accepted prefix is (`overmem.generation.generate_greedy`)."""
+        return self._decode(tokenizer, inputs, limits, answer_line=answer_line, carried=carried, expected=expected,
+                            batch_size=batch_size, cache=cache, num_samples=num_samples, sampling=sampling,
+                            seed=seed, progress=progress)
+
+    def _decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,
+                answer_line: Sequence[bool], carried: Sequence[int] | None, expected: Sequence[int | None] | None,
+                batch_size: int, cache: str, num_samples: int, sampling: tuple[float, float] | None, seed: int,
+                progress: Progress | None) -> list[list[list[int]]]:
         if cache not in ("dynamic", "static", "auto"):
             raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
         model = self.model
@@ -228,14 +236,16 @@ class HfBackend(EvalBackend):
             if progress:
                 progress(len(idx))
         if any(c < n for c, n in zip(caps, limits)):
-            kept = [0] * len(inputs) if carried is None else list(carried)
-            rule = StopRule(tokenizer, max(k + n for k, n in zip(kept, limits)))
+            held = [0] * len(inputs) if carried is None else list(carried)  # continuation tokens in each input
+            rule = StopRule(tokenizer, max(h + n for h, n in zip(held, limits)))
             going = [i for i in range(len(inputs)) if caps[i] < limits[i] and rule.end(
-                inputs[i][len(inputs[i]) - kept[i]:] + out[i][0][: caps[i]], answer_line[i], kept[i] + limits[i]) is None]
+                inputs[i][len(inputs[i]) - held[i]:] + out[i][0][: caps[i]], answer_line[i], held[i] + limits[i]) is None]
             if going:
-                tails = self.decode(tokenizer, [inputs[i] + out[i][0][: caps[i]] for i in going],
-                                    [limits[i] - caps[i] for i in going], answer_line=[answer_line[i] for i in going],
-                                    carried=[kept[i] + caps[i] for i in going], batch_size=batch_size, cache=cache)
+                tails = self._decode(tokenizer, [inputs[i] + out[i][0][: caps[i]] for i in going],
+                                     [limits[i] - caps[i] for i in going], answer_line=[answer_line[i] for i in going],
+                                     carried=[held[i] + caps[i] for i in going], expected=None,
+                                     batch_size=batch_size, cache=cache, num_samples=1, sampling=None, seed=seed,
+                                     progress=None)
                 for i, (tail,) in zip(going, tails):
                     out[i] = [out[i][0][: caps[i]] + tail]
         return out
