@@ -8,9 +8,10 @@ instead of their sum.
 
 The results are those of tracking inside the training process: the worker loads the weights the
 Trainer saved (safetensors keep every bit), runs the same `evaluate_checkpoint` on the same
-examples with the same number of torch threads, in checkpoint order (so the draft reuse of
-`overmem.generation.generate_greedy` sees the same previous generations). The base model is
-evaluated there too, while the first epoch trains.
+examples with the same number of torch threads, in checkpoint order while training goes on (so
+the draft reuse of `overmem.generation.generate_greedy` sees the same previous generations; after
+training, see below, only draft counts may differ). The base model is evaluated there too, while
+the first epoch trains.
 
 Once training is over, the training process helps with the checkpoints left: it takes over the
 largest splits (about half of the examples), in checkpoint order from the first the worker has not
