@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,7 +129,16 @@ class EvalBackend(ABC):
     def verify(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
                batch_size: int) -> dict[int, list[int]]:
         """For each key's (prompt, draft): its greedy token after prompt + draft[:j], for j = 0 ..
-        len(draft), from one teacher-forced pass over prompt + draft."""
+        len(draft), from one teacher-forced pass over prompt + draft (or over the draft alone, after
+        a prompt `score` computed within `keeping_prompts`)."""
+
+    @contextmanager
+    def keeping_prompts(self) -> Iterator[None]:
+        """Within it, a backend may keep what `score(greedy=True)` computed for each row's prompt
+        (its ids before the first labelled one) so that `verify` of a draft after the same prompt
+        need not run the prompt again; the tokens `verify` gives are the same. Kept until the block
+        ends. This one keeps nothing."""
+        yield
 
     @abstractmethod
     def decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,

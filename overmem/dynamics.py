@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Collection, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backend_api import EvalBackend
+from .backends import as_backend
 from .config import EvalConfig, GenerationConfig, RunConfig
 from .data.code import can_check, check_answers
 from .data.encoding import token_ids
@@ -127,8 +129,21 @@ def evaluate_examples(
     generation's token limit), how many of its tokens were the model's own and in the generation
     (`draft_accepted`), and which draft it was (`draft_source`: "previous" or "reference")."""
     checked = [i for i, ex in enumerate(examples) if ex.kind != "open" and can_check(ex)]
-    # The scoring pass also gives the model's greedy tokens along each reference: a draft verified for free.
-    references = bool(eval_cfg.accuracy and checked and gen_cfg.reuse_drafts and drafts_are_exact(model))
+    backend = as_backend(model)
+    # The scoring pass also gives the model's greedy tokens along each reference: a draft verified for
+    # free; and it runs each prompt, which the previous checkpoint's drafts are verified after.
+    references = bool(eval_cfg.accuracy and checked and gen_cfg.reuse_drafts and drafts_are_exact(backend))
+    with backend.keeping_prompts() if references and drafts else nullcontext():
+        return _evaluate_examples(backend, tokenizer, examples, checked, references, eval_cfg=eval_cfg,
+                                  gen_cfg=gen_cfg, max_length=max_length, desc=desc, quiet=quiet,
+                                  token_losses=token_losses, drafts=drafts)
+
+
+def _evaluate_examples(
+    model: EvalBackend, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], checked: list[int],
+    references: bool, *, eval_cfg: EvalConfig, gen_cfg: GenerationConfig, max_length: int, desc: str, quiet: bool,
+    token_losses: bool, drafts: Mapping[str, Sequence[int]] | None,
+) -> list[dict[str, Any]]:
     with tqdm(total=len(examples), desc=f"score {desc}", disable=quiet, leave=False) as bar:
         scores = score_examples(
             model, tokenizer, examples, batch_size=eval_cfg.batch_size, max_length=max_length, progress=bar.update,

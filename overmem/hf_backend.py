@@ -6,7 +6,8 @@ this process behind the interface of `overmem.backend_api`.
   statistics Min-K%++ needs (formulas in `overmem.backend_api`).
 - `decode`: `model.generate` in length-sorted batches, left padding, each row stopped at EOS, its
   answer line or its own token limit (`overmem.stops`).
-- `verify`: a draft's greedy tokens from one teacher-forced pass over prompt + draft.
+- `verify`: a draft's greedy tokens from one teacher-forced pass over prompt + draft, or over the
+  draft alone after the keys and values its prompt had in the scoring pass (`keeping_prompts`).
 
 Each method runs the model in eval mode (no dropout) and leaves it in the mode it found it in.
 """
@@ -14,12 +15,15 @@ Each method runs the model in eval mode (no dropout) and leaves it in the mode i
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from .backend_api import EvalBackend, Progress, TokenScores, TokenStats
 from .data.encoding import IGNORE, pad_id_of, pad_right
@@ -35,6 +39,10 @@ VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
 VERIFY_LOGITS = 2**27  # logits one verification pass holds at most (rows x positions x vocabulary): 512 MiB in float32
 # New tokens a static cache holds beyond a batch's longest expected continuation (`HfBackend.decode`).
 EXPECTED_SLACK = 16
+KEPT_BYTES = 2**30  # prompt keys and values `HfBackend.keeping_prompts` holds at most; past it prompts run again
+# Attention that takes a mask with holes (a kept prompt's padding before its draft); flash attention's
+# unpadding was not run here, so prompts are not kept with it.
+KEEPING_ATTENTION = ("sdpa", "eager")
 
 # generation_config fields whose logits processors make a greedy token other than the logits' argmax,
 # with their neutral values; verifying a draft by argmax is exact only when all are neutral.
@@ -66,6 +74,8 @@ class HfBackend(EvalBackend):
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
+        self._kept: dict[tuple[int, ...], _Prompt] | None = None  # prompt ids -> its pass (`keeping_prompts`)
+        self._kept_bytes = 0
 
     @classmethod
     def open(cls, path: str | Path | None, cfg: RunConfig) -> HfBackend:
@@ -87,6 +97,21 @@ class HfBackend(EvalBackend):
 
     def with_vocab_stats(self) -> HfBackend:
         return self
+
+    @contextmanager
+    def keeping_prompts(self) -> Iterator[None]:
+        """`score(greedy=True)` keeps each row's prompt: its keys and values in every layer (one
+        copy per batch and layer, up to `KEPT_BYTES` in all) and the greedy token after it; `verify`
+        runs a draft after a kept prompt over the draft alone, attending to those keys and values.
+        Scoring and verification each run the prompt otherwise, and a prompt is often most of what
+        verification runs (the demo's, SmolLM2's). Only a model whose cache is plain (`DynamicLayer`s: no
+        sliding window, no linear attention) and whose attention is `KEEPING_ATTENTION` keeps its
+        prompts."""
+        self._kept, self._kept_bytes = {}, 0
+        try:
+            yield
+        finally:
+            self._kept, self._kept_bytes = None, 0
 
     @_evaluating
     def score(self, ids: Sequence[list[int]], labels: Sequence[list[int]], *, pad_id: int,
@@ -114,11 +139,16 @@ class HfBackend(EvalBackend):
         # Position t predicts token t+1: logits from the first position that predicts a labelled token.
         scored = (label_ids[:, 1:] != IGNORE).any(dim=0).nonzero()
         first = int(scored[0]) if len(scored) else input_ids.shape[1] - 1
-        logits = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first).logits  # (B, T - first, V)
+        keeping = greedy and self._kept is not None
+        out = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first,
+                         **({"use_cache": True} if keeping else {}))
+        logits = out.logits  # (B, T - first, V)
         target = label_ids[:, first + 1 :]
         keep = target != IGNORE  # (B, T - first - 1)
         counts = keep.sum(dim=1).tolist()
         picks = _greedy_rows(logits, label_ids, first, [len(row) for row in ids]) if greedy else [None] * len(ids)
+        if keeping:
+            self._keep(ids, picks, getattr(out, "cache", None))
         if vocab_stats:
             lp, mu, sigma, ranks = (x.cpu().split(counts) for x in _vocab_stats(logits, target, keep, chunk_size))
             return [TokenStats(l, m, sd, ranks=r, entropy=-m, greedy=g)
@@ -128,27 +158,43 @@ class HfBackend(EvalBackend):
         return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu(), greedy=g)
                 for a, r, h, g in zip(lp.split(counts), ranks.split(counts), entropy.split(counts), picks)]
 
+    def _keep(self, ids: Sequence[list[int]], picks: list, cache: Any) -> None:
+        """Keep each row's prompt (its ids before `picks[r]`, the greedy tokens from its end on): the
+        batch's keys and values in `cache`, the scoring pass's, up to its longest prompt (one copy
+        per layer, not one per row), and where each row's are (`keeping_prompts`)."""
+        layers = getattr(cache, "layers", None)
+        if (not layers or any(type(layer) is not DynamicLayer for layer in layers)
+                or getattr(self.model.config, "_attn_implementation", None) not in KEEPING_ATTENTION):
+            return
+        rows = {r: len(row) + 1 - len(g) for r, (row, g) in enumerate(zip(ids, picks)) if g is not None}
+        if not rows:
+            return
+        width = max(rows.values())  # the batch's longest prompt
+        size = width * sum(x.numel() // x.shape[2] * x.element_size()  # bytes per position, all layers
+                           for layer in layers for x in (layer.keys, layer.values))
+        if self._kept_bytes + size > KEPT_BYTES:
+            return
+        self._kept_bytes += size
+        batch = _Batch([layer.keys[:, :, :width].clone() for layer in layers],
+                       [layer.values[:, :, :width].clone() for layer in layers])
+        for r, n in rows.items():
+            self._kept.setdefault(tuple(ids[r][:n]), _Prompt(batch, r, int(picks[r][0])))
+
     @_evaluating
     def verify(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
                batch_size: int) -> dict[int, list[int]]:
         """Batched by length, right padding without a mask as `score`: causal attention keeps every
         real token from the padding. Only the positions from the batch's shortest prompt on get
-        logits, and a batch holds at most `VERIFY_LOGITS` of them."""
-        out: dict[int, list[int]] = {}
+        logits, and a batch holds at most `VERIFY_LOGITS` of them. A draft whose prompt is kept
+        (`keeping_prompts`) runs alone after its prompt's keys and values (`_verify_after`)."""
+        kept = {i: s for i, s in seqs.items() if self._kept and tuple(s[0]) in self._kept}
+        out = self._verify_after(tokenizer, kept, batch_size=batch_size) if kept else {}
+        seqs = {i: s for i, s in seqs.items() if i not in kept}
         if not seqs:
             return out
         device = next(self.model.parameters()).device
-        vocab = self.vocab_size
         pad_id = pad_id_of(tokenizer)
-        order = sorted(seqs, key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
-        batches: list[list[int]] = []
-        for i in order:  # longest first: a batch's first row sets its width
-            last = batches[-1] if batches else []
-            if last and len(last) < batch_size and (len(last) + 1) * sum(map(len, seqs[last[0]])) * vocab <= VERIFY_LOGITS:
-                last.append(i)
-            else:
-                batches.append([i])
-        for batch in batches:
+        for batch in self._batches(seqs, batch_size, lambda i: sum(map(len, seqs[i]))):
             rows = [seqs[i][0] + seqs[i][1] for i in batch]
             width = max(map(len, rows))
             first = min(len(seqs[i][0]) for i in batch) - 1  # the first position whose logits are read
@@ -157,6 +203,51 @@ class HfBackend(EvalBackend):
             for r, i in enumerate(batch):
                 prompt, draft = seqs[i]
                 out[i] = picks[r, len(prompt) - 1 - first : len(prompt) + len(draft) - first].tolist()
+        return out
+
+    def _batches(self, seqs: dict[int, Any], batch_size: int, width: Callable[[int], int]) -> list[list[int]]:
+        """The keys of `seqs` widest first, in batches of at most `batch_size` rows and
+        `VERIFY_LOGITS` logits (rows x the first row's `width` x the vocabulary)."""
+        vocab = self.vocab_size
+        batches: list[list[int]] = []
+        for i in sorted(seqs, key=lambda i: -width(i)):  # widest first: a batch's first row sets its width
+            last = batches[-1] if batches else []
+            if last and len(last) < batch_size and (len(last) + 1) * width(last[0]) * vocab <= VERIFY_LOGITS:
+                last.append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    def _verify_after(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
+                      batch_size: int) -> dict[int, list[int]]:
+        """`verify` of drafts after kept prompts: the kept keys and values of the batch's prompts,
+        each followed by padding to the longest, then the drafts (right padding) at positions
+        continuing their own prompts, a mask hiding the padding. The greedy token after the prompt
+        is the one the scoring pass gave."""
+        out: dict[int, list[int]] = {}
+        device = next(self.model.parameters()).device
+        pad_id = pad_id_of(tokenizer)
+        for batch in self._batches(seqs, batch_size, lambda i: len(seqs[i][1])):
+            kept = {i: self._kept[tuple(seqs[i][0])] for i in batch}
+            batch.sort(key=lambda i: (id(kept[i].batch), kept[i].row))  # each scoring batch's rows together
+            lengths = [len(seqs[i][0]) for i in batch]
+            drafts = [seqs[i][1] for i in batch]
+            width, depth = max(lengths), max(map(len, drafts))
+            runs: dict[int, tuple[_Batch, list[int]]] = {}
+            for i in batch:
+                runs.setdefault(id(kept[i].batch), (kept[i].batch, []))[1].append(kept[i].row)
+            cache = DynamicCache()
+            for layer in range(len(next(iter(runs.values()))[0].keys)):
+                cache.update(*(torch.cat([_rows(getattr(b, name)[layer], rows, width) for b, rows in runs.values()])
+                               for name in ("keys", "values")), layer)
+            mask = torch.tensor([[1] * n + [0] * (width - n) + [1] * len(d) + [0] * (depth - len(d))
+                                 for n, d in zip(lengths, drafts)], device=device)
+            positions = torch.tensor([[n + j for j in range(depth)] for n in lengths], device=device)
+            logits = self.model(input_ids=pad_right(drafts, pad_id).to(device), attention_mask=mask,
+                                position_ids=positions, cache=cache, use_cache=True).logits
+            picks = logits.argmax(dim=-1).cpu()  # (B, depth): greedy token after each draft token
+            for r, i in enumerate(batch):
+                out[i] = [kept[i].greedy] + picks[r, : len(drafts[r])].tolist()
         return out
 
     @_evaluating
@@ -249,6 +340,28 @@ class HfBackend(EvalBackend):
                 for i, (tail,) in zip(going, tails):
                     out[i] = [out[i][0][: caps[i]] + tail]
         return out
+
+
+class _Batch(NamedTuple):
+    """A scoring batch's keys and values in each layer, (rows, heads, longest prompt, head_dim) each
+    (`HfBackend.keeping_prompts`)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class _Prompt(NamedTuple):
+    """A prompt the scoring pass ran: its `row` of a kept `batch`, and the greedy token after it."""
+
+    batch: _Batch
+    row: int
+    greedy: int
+
+
+def _rows(x: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:
+    """`rows` of (B, heads, n, head_dim) `x`, cut or padded with zeros to `width` positions."""
+    x = x[rows] if rows != list(range(x.shape[0])) else x
+    return x[:, :, :width] if x.shape[2] >= width else F.pad(x, (0, 0, 0, width - x.shape[2]))
 
 
 def _greedy_rows(logits: torch.Tensor, label_ids: torch.Tensor, first: int, lengths: Sequence[int]) -> list:

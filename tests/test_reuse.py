@@ -6,6 +6,7 @@ for references verified by the scoring pass (`verified`), alone or with drafts."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -231,6 +232,111 @@ def test_the_scoring_pass_gives_what_verification_gives(checkpoints, char_tokeni
     plain = backend.score(ids, labels, pad_id=0)
     assert all(torch.equal(a.logprobs, c.logprobs) and torch.equal(a.ranks, c.ranks) and c.greedy is None
                for a, c in zip(scores, plain))
+
+
+def _scored_and_verified(backend, tokenizer, rows, drafts, keep_from=None):
+    """Score `rows` (prompt, reference) in batches of 2 with greedy tokens, then verify `drafts` (row
+    -> draft) after the rows' prompts, within `keeping_prompts` where `keep_from` is not None (the
+    first row scored there: the rows before it are scored outside the block); the widths of the
+    model's forward passes during verification, and the scores."""
+    widths, scores = [], []
+    real = backend.model.forward
+
+    def forward(*args, input_ids=None, **kwargs):
+        widths.append(input_ids.shape[1])
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    def score(part):
+        for s in range(0, len(part), 2):
+            batch = part[s : s + 2]
+            scores.extend(backend.score([p + r for p, r in batch], [[-100] * len(p) + r for p, r in batch], pad_id=0,
+                                        greedy=True))
+
+    seqs = {i: (rows[i][0], d) for i, d in drafts.items()}
+    if keep_from is None:
+        score(rows)
+        backend.model.forward = forward
+        greedy = backend.verify(tokenizer, seqs, batch_size=3)
+    else:
+        score(rows[:keep_from])
+        with backend.keeping_prompts():
+            score(rows[keep_from:])
+            backend.model.forward = forward
+            greedy = backend.verify(tokenizer, seqs, batch_size=3)
+    del backend.model.forward
+    return greedy, widths, scores
+
+
+def test_drafts_verified_after_the_prompts_scoring_kept_give_what_verify_gives(checkpoints, char_tokenizer,
+                                                                              monkeypatch):
+    """Within `keeping_prompts`, a draft after a prompt the scoring pass ran is verified over the
+    draft alone, after that pass's keys and values: the same greedy tokens as a pass over prompt +
+    draft, for prompts of other lengths, scored in other batches, twice (two references), with
+    drafts longer or shorter than the references, diverging at once or made up; a prompt scored
+    outside the block is run again, in the same call. The scores are those of scoring outside it;
+    past `KEPT_BYTES` nothing is kept, and the tokens are the same."""
+    a, b = checkpoints
+    tok = char_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    references = [*BEFORE.values(), *AFTER.values()]
+    rows = [(prompts[i % len(PROMPTS)], tok(r, add_special_tokens=False)["input_ids"]) for i, r in enumerate(references)]
+    generated = [c.ids for c in generate_greedy(a, tok, PROMPTS, max_new_tokens=30, stop_at_answer=False)]
+    rng = random.Random(0)
+    drafts = {i: generated[i] for i in range(len(PROMPTS))}  # A's generations: B follows some, not others
+    drafts.update({5: tok(" 2+3 is 5.\n#### 5", add_special_tokens=False)["input_ids"],  # B's own, cut short
+                   7: [rng.randrange(3, len(tok)) for _ in range(25)],  # made up: rejected at once
+                   9: tok(" hi hi hi hi hi hi hi hi hi hi hi", add_special_tokens=False)["input_ids"]})
+    want, plain_widths, want_scores = _scored_and_verified(HfBackend(b), tok, rows, drafts)
+    whole = max(len(rows[i][0]) + len(d) for i, d in drafts.items())
+    assert max(plain_widths) == whole  # prompt + draft
+    got, widths, scores = _scored_and_verified(HfBackend(b), tok, rows, drafts, keep_from=0)
+    assert got == want and len(got) == len(drafts)
+    assert max(widths) == max(map(len, drafts.values()))  # the drafts alone
+    assert all(torch.equal(x.logprobs, y.logprobs) and torch.equal(x.ranks, y.ranks) and torch.equal(x.entropy, y.entropy)
+               and torch.equal(x.greedy, y.greedy) for x, y in zip(scores, want_scores))
+    # The first two batches scored outside the block: rows 0-3's prompts are kept only through
+    # rows 5-8 (the same prompts), so drafts 0-3 and 5-9 run alone; draft 4's prompt is row 4's and 9's.
+    got, widths, _ = _scored_and_verified(HfBackend(b), tok, rows, drafts, keep_from=4)
+    assert got == want
+    only_first = {i: drafts[i] for i in (0, 1)}
+    got, widths, _ = _scored_and_verified(HfBackend(b), tok, rows[:4] + rows[:2], only_first, keep_from=4)
+    assert got == {i: want[i] for i in (0, 1)} and max(widths) == max(map(len, only_first.values()))
+    got, widths, _ = _scored_and_verified(HfBackend(b), tok, rows[:4] + rows[2:4], only_first, keep_from=4)
+    assert got == {i: want[i] for i in (0, 1)}  # not kept: run whole
+    assert max(widths) == max(len(prompts[i]) + len(drafts[i]) for i in (0, 1))
+    mixed = {i: drafts[i] for i in (0, 1, 2)}
+    got, widths, _ = _scored_and_verified(HfBackend(b), tok, rows[:4] + rows[2:4], mixed, keep_from=4)
+    assert got == {i: want[i] for i in mixed} and len(widths) == 2  # row 2 kept, rows 0 and 1 run whole
+    monkeypatch.setattr(hf_backend, "KEPT_BYTES", 0)
+    backend = HfBackend(b)
+    got, widths, _ = _scored_and_verified(backend, tok, rows, drafts, keep_from=0)
+    assert got == want and max(widths) == whole and backend._kept is None
+
+
+def test_evaluation_with_kept_prompts_writes_the_rows_of_evaluation_without(checkpoints, char_tokenizer, monkeypatch):
+    """`evaluate_examples` with the previous checkpoint's drafts keeps the prompts its scoring pass
+    ran and verifies the drafts after them: every row (scores, generations, draft counts) is the
+    one verifying prompt + draft gives."""
+    a, b = checkpoints
+    # Questions neither checkpoint was taught, references neither writes; the drafts are B's own
+    # generations for half the examples (B follows them past their first token: verified) and A's
+    # for the others.
+    examples = [Example(f"e{i}", q, r, "1") for i, (q, r) in enumerate(zip(PROMPTS * 2, ["Zz."] * 5 + ["Z"] * 5))]
+    gen_cfg = GenerationConfig(max_new_tokens=30, batch_size=3, stop_at_answer=False)
+    kw = dict(eval_cfg=EvalConfig(bootstrap=100, batch_size=2), gen_cfg=gen_cfg, max_length=512, quiet=True)
+    drafts = {r["id"]: r["generation_ids"] for r in evaluate_examples(a, char_tokenizer, examples, **kw)}
+    drafts.update({r["id"]: r["generation_ids"] for r in evaluate_examples(b, char_tokenizer, examples[:5], **kw)})
+    after = []
+    real = HfBackend._verify_after
+    monkeypatch.setattr(HfBackend, "_verify_after", lambda self, tok, seqs, **k: after.append(len(seqs)) or real(
+        self, tok, seqs, **k))
+    kept = evaluate_examples(b, char_tokenizer, examples, drafts=drafts, **kw)
+    assert sum(after) >= 5 and [r["draft_accepted"] for r in kept[:5]] == [len(drafts[f"e{i}"]) for i in range(5)]
+    monkeypatch.setattr(HfBackend, "keeping_prompts", lambda self: contextlib.nullcontext())
+    after.clear()
+    assert evaluate_examples(b, char_tokenizer, examples, drafts=drafts, **kw) == kept and after == []
+    assert [r["generation_ids"] for r in kept] == [c.ids for c in generate_greedy(
+        b, char_tokenizer, [format_prompt(ex.question) for ex in examples], max_new_tokens=30, stop_at_answer=False)]
 
 
 @pytest.mark.parametrize("stop_at_answer", [False, True])
