@@ -76,6 +76,7 @@ class HfBackend(EvalBackend):
         self.model = model
         self._kept: dict[tuple[int, ...], _Prompt] | None = None  # prompt ids -> its pass (`keeping_prompts`)
         self._kept_bytes = 0
+        self._plain: bool | None = None  # whether this model's prompts can be kept (`_prompts`)
 
     @classmethod
     def open(cls, path: str | Path | None, cfg: RunConfig) -> HfBackend:
@@ -139,16 +140,15 @@ class HfBackend(EvalBackend):
         # Position t predicts token t+1: logits from the first position that predicts a labelled token.
         scored = (label_ids[:, 1:] != IGNORE).any(dim=0).nonzero()
         first = int(scored[0]) if len(scored) else input_ids.shape[1] - 1
-        keeping = greedy and self._kept is not None
-        out = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first,
-                         **({"use_cache": True} if keeping else {}))
-        logits = out.logits  # (B, T - first, V)
+        prompts = self._prompts(ids, label_ids) if greedy and self._kept is not None else None
+        logits = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first,
+                            **({"cache": prompts, "use_cache": True} if prompts is not None else {})).logits  # (B, T - first, V)
         target = label_ids[:, first + 1 :]
         keep = target != IGNORE  # (B, T - first - 1)
         counts = keep.sum(dim=1).tolist()
         picks = _greedy_rows(logits, label_ids, first, [len(row) for row in ids]) if greedy else [None] * len(ids)
-        if keeping:
-            self._keep(ids, picks, getattr(out, "cache", None))
+        if prompts is not None:
+            self._keep(ids, picks, prompts)
         if vocab_stats:
             lp, mu, sigma, ranks = (x.cpu().split(counts) for x in _vocab_stats(logits, target, keep, chunk_size))
             return [TokenStats(l, m, sd, ranks=r, entropy=-m, greedy=g)
@@ -158,27 +158,29 @@ class HfBackend(EvalBackend):
         return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu(), greedy=g)
                 for a, r, h, g in zip(lp.split(counts), ranks.split(counts), entropy.split(counts), picks)]
 
-    def _keep(self, ids: Sequence[list[int]], picks: list, cache: Any) -> None:
-        """Keep each row's prompt (its ids before `picks[r]`, the greedy tokens from its end on): the
-        batch's keys and values in `cache`, the scoring pass's, up to its longest prompt (one copy
-        per layer, not one per row), and where each row's are (`keeping_prompts`)."""
-        layers = getattr(cache, "layers", None)
-        if (not layers or any(type(layer) is not DynamicLayer for layer in layers)
-                or getattr(self.model.config, "_attn_implementation", None) not in KEEPING_ATTENTION):
-            return
-        rows = {r: len(row) + 1 - len(g) for r, (row, g) in enumerate(zip(ids, picks)) if g is not None}
-        if not rows:
-            return
-        width = max(rows.values())  # the batch's longest prompt
-        size = width * sum(x.numel() // x.shape[2] * x.element_size()  # bytes per position, all layers
-                           for layer in layers for x in (layer.keys, layer.values))
-        if self._kept_bytes + size > KEPT_BYTES:
+    def _prompts(self, ids: Sequence[list[int]], label_ids: torch.Tensor) -> _Prompts | None:
+        """A cache that keeps the keys and values of the batch's prompts (its ids before their first
+        labelled token) as the scoring pass computes them, where this model's can be kept and room
+        is left (`keeping_prompts`); None where not."""
+        if self._plain is None:
+            config = self.model.config
+            self._plain = (getattr(config, "_attn_implementation", None) in KEEPING_ATTENTION
+                           and all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers))
+        labelled = (label_ids != IGNORE).any(dim=1)
+        width = int(label_ids.ne(IGNORE).int().argmax(dim=1)[labelled].max()) if labelled.any() else 0
+        return _Prompts(width) if self._plain and width > 0 and self._kept_bytes < KEPT_BYTES else None
+
+    def _keep(self, ids: Sequence[list[int]], picks: list, prompts: _Prompts) -> None:
+        """Keep each row's prompt (its ids before `picks[r]`, the greedy tokens from its end on) from
+        `prompts`, the scoring pass's (`keeping_prompts`), while `KEPT_BYTES` is not reached."""
+        size = sum(x.numel() * x.element_size() for x in prompts.keys + prompts.values)
+        if not prompts.keys or self._kept_bytes + size > KEPT_BYTES:
             return
         self._kept_bytes += size
-        batch = _Batch([layer.keys[:, :, :width].clone() for layer in layers],
-                       [layer.values[:, :, :width].clone() for layer in layers])
-        for r, n in rows.items():
-            self._kept.setdefault(tuple(ids[r][:n]), _Prompt(batch, r, int(picks[r][0])))
+        batch = _Batch(prompts.keys, prompts.values)
+        for r, (row, greedy) in enumerate(zip(ids, picks)):
+            if greedy is not None:
+                self._kept.setdefault(tuple(row[: len(row) + 1 - len(greedy)]), _Prompt(batch, r, int(greedy[0])))
 
     @_evaluating
     def verify(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
@@ -340,6 +342,26 @@ class HfBackend(EvalBackend):
                 for i, (tail,) in zip(going, tails):
                     out[i] = [out[i][0][: caps[i]] + tail]
         return out
+
+
+class _Prompts(DynamicCache):
+    """A cache for one forward pass from the first position (`HfBackend.score` within
+    `keeping_prompts`): it keeps a copy of the keys and values of every layer up to `width`
+    positions and hands the pass its own, unstored, as no cache would (nothing is concatenated)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx != len(self.keys):
+            raise RuntimeError(f"layer {layer_idx} after {len(self.keys)} layers: a cache for one pass only")
+        self.keys.append(key_states[:, :, : self.width].clone())
+        self.values.append(value_states[:, :, : self.width].clone())
+        return key_states, value_states
 
 
 class _Batch(NamedTuple):
