@@ -76,7 +76,7 @@ class HfBackend(EvalBackend):
         self.model = model
         self._kept: dict[tuple[int, ...], _Prompt] | None = None  # prompt ids -> its pass (`keeping_prompts`)
         self._kept_bytes = 0
-        self._plain: bool | None = None  # whether this model's prompts can be kept (`_prompts`)
+        self._layers: int | None = None  # layers whose prompts `_prompts` keeps (0: none; None: not yet looked at)
 
     @classmethod
     def open(cls, path: str | Path | None, cfg: RunConfig) -> HfBackend:
@@ -140,9 +140,10 @@ class HfBackend(EvalBackend):
         # Position t predicts token t+1: logits from the first position that predicts a labelled token.
         scored = (label_ids[:, 1:] != IGNORE).any(dim=0).nonzero()
         first = int(scored[0]) if len(scored) else input_ids.shape[1] - 1
-        prompts = self._prompts(ids, label_ids) if greedy and self._kept is not None else None
-        logits = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first,
-                            **({"cache": prompts, "use_cache": True} if prompts is not None else {})).logits  # (B, T - first, V)
+        prompts = self._prompts(label_ids) if greedy and self._kept is not None else None
+        kept = {"cache": prompts, "use_cache": True} if prompts is not None else {}
+        logits = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first, **kept).logits
+        # logits: (B, T - first, V)
         target = label_ids[:, first + 1 :]
         keep = target != IGNORE  # (B, T - first - 1)
         counts = keep.sum(dim=1).tolist()
@@ -158,23 +159,29 @@ class HfBackend(EvalBackend):
         return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu(), greedy=g)
                 for a, r, h, g in zip(lp.split(counts), ranks.split(counts), entropy.split(counts), picks)]
 
-    def _prompts(self, ids: Sequence[list[int]], label_ids: torch.Tensor) -> _Prompts | None:
-        """A cache that keeps the keys and values of the batch's prompts (its ids before their first
-        labelled token) as the scoring pass computes them, where this model's can be kept and room
-        is left (`keeping_prompts`); None where not."""
-        if self._plain is None:
+    def _prompts(self, label_ids: torch.Tensor) -> _Prompts | None:
+        """A cache that keeps the keys and values of the batch's prompts (each row's ids before its
+        first labelled token) as the scoring pass computes them, where this model's can be kept and
+        room is left (`keeping_prompts`); None where not."""
+        if self._layers is None:  # the layers of a plain cache for this model, 0 where it would not be plain
             config = self.model.config
-            self._plain = (getattr(config, "_attn_implementation", None) in KEEPING_ATTENTION
-                           and all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers))
+            try:
+                layers = DynamicCache(config=config).layers
+            except Exception:  # a config the cache cannot read: nothing is kept
+                layers = []
+            plain = (getattr(config, "_attn_implementation", None) in KEEPING_ATTENTION
+                     and all(type(layer) is DynamicLayer for layer in layers))
+            self._layers = len(layers) if plain else 0
         labelled = (label_ids != IGNORE).any(dim=1)
         width = int(label_ids.ne(IGNORE).int().argmax(dim=1)[labelled].max()) if labelled.any() else 0
-        return _Prompts(width) if self._plain and width > 0 and self._kept_bytes < KEPT_BYTES else None
+        return _Prompts(width) if self._layers and width > 0 and self._kept_bytes < KEPT_BYTES else None
 
     def _keep(self, ids: Sequence[list[int]], picks: list, prompts: _Prompts) -> None:
         """Keep each row's prompt (its ids before `picks[r]`, the greedy tokens from its end on) from
-        `prompts`, the scoring pass's (`keeping_prompts`), while `KEPT_BYTES` is not reached."""
+        `prompts`, the scoring pass's (`keeping_prompts`), where every layer handed it its keys and
+        values once, in order, and while `KEPT_BYTES` is not reached."""
         size = sum(x.numel() * x.element_size() for x in prompts.keys + prompts.values)
-        if not prompts.keys or self._kept_bytes + size > KEPT_BYTES:
+        if prompts.seen != list(range(self._layers)) or self._kept_bytes + size > KEPT_BYTES:
             return
         self._kept_bytes += size
         batch = _Batch(prompts.keys, prompts.values)
@@ -352,13 +359,13 @@ class _Prompts(DynamicCache):
     def __init__(self, width: int):
         super().__init__()
         self.width = width
+        self.seen: list[int] = []  # the layer of each copy, in the order they came
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx != len(self.keys):
-            raise RuntimeError(f"layer {layer_idx} after {len(self.keys)} layers: a cache for one pass only")
+        self.seen.append(layer_idx)
         self.keys.append(key_states[:, :, : self.width].clone())
         self.values.append(value_states[:, :, : self.width].clone())
         return key_states, value_states

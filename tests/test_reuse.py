@@ -273,8 +273,8 @@ def test_drafts_verified_after_the_prompts_scoring_kept_give_what_verify_gives(c
     draft alone, after that pass's keys and values: the same greedy tokens as a pass over prompt +
     draft, for prompts of other lengths, scored in other batches, twice (two references), with
     drafts longer or shorter than the references, diverging at once or made up; a prompt scored
-    outside the block is run again, in the same call. The scores are those of scoring outside it;
-    past `KEPT_BYTES` nothing is kept, and the tokens are the same."""
+    outside the block is run again, in the same call. The scores are those of scoring outside it.
+    Where nothing can be kept the tokens are the same."""
     a, b = checkpoints
     tok = char_tokenizer
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
@@ -307,10 +307,19 @@ def test_drafts_verified_after_the_prompts_scoring_kept_give_what_verify_gives(c
     mixed = {i: drafts[i] for i in (0, 1, 2)}
     got, widths, _ = _scored_and_verified(HfBackend(b), tok, rows[:4] + rows[2:4], mixed, keep_from=4)
     assert got == {i: want[i] for i in mixed} and len(widths) == 2  # row 2 kept, rows 0 and 1 run whole
-    monkeypatch.setattr(hf_backend, "KEPT_BYTES", 0)
-    backend = HfBackend(b)
-    got, widths, _ = _scored_and_verified(backend, tok, rows, drafts, keep_from=0)
-    assert got == want and max(widths) == whole and backend._kept is None
+    # Nothing kept, and the same tokens: past KEPT_BYTES, with an attention not in KEEPING_ATTENTION,
+    # and where a layer did not hand its keys and values to the scoring pass's cache.
+    real_update = hf_backend._Prompts.update
+    for attr, value in (("KEPT_BYTES", 0), ("KEEPING_ATTENTION", ()),
+                        ("_Prompts.update", lambda self, k, v, layer, *a, **kw: (k, v) if layer == 1 else
+                         real_update(self, k, v, layer, *a, **kw))):
+        with monkeypatch.context() as patch:
+            if attr == "_Prompts.update":
+                patch.setattr(hf_backend._Prompts, "update", value)
+            else:
+                patch.setattr(hf_backend, attr, value)
+            got, widths, _ = _scored_and_verified(HfBackend(b), tok, rows, drafts, keep_from=0)
+        assert got == want and max(widths) == whole, attr
 
 
 def test_evaluation_with_kept_prompts_writes_the_rows_of_evaluation_without(checkpoints, char_tokenizer, monkeypatch):
