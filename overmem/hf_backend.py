@@ -184,10 +184,9 @@ class HfBackend(EvalBackend):
         if prompts.seen != list(range(self._layers)) or self._kept_bytes + size > KEPT_BYTES:
             return
         self._kept_bytes += size
-        batch = _Batch(prompts.keys, prompts.values)
         for r, (row, greedy) in enumerate(zip(ids, picks)):
             if greedy is not None:
-                self._kept.setdefault(tuple(row[: len(row) + 1 - len(greedy)]), _Prompt(batch, r, int(greedy[0])))
+                self._kept.setdefault(tuple(row[: len(row) + 1 - len(greedy)]), _Prompt(prompts, r, int(greedy[0])))
 
     @_evaluating
     def verify(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
@@ -196,8 +195,9 @@ class HfBackend(EvalBackend):
         real token from the padding. Only the positions from the batch's shortest prompt on get
         logits, and a batch holds at most `VERIFY_LOGITS` of them. A draft whose prompt is kept
         (`keeping_prompts`) runs alone after its prompt's keys and values (`_verify_after`)."""
-        kept = {i: s for i, s in seqs.items() if self._kept and tuple(s[0]) in self._kept}
-        out = self._verify_after(tokenizer, kept, batch_size=batch_size) if kept else {}
+        kept = {i: p for i, s in seqs.items() if (p := (self._kept or {}).get(tuple(s[0]))) is not None}
+        out = self._verify_after(tokenizer, {i: (seqs[i], p) for i, p in kept.items()},
+                                 batch_size=batch_size) if kept else {}
         seqs = {i: s for i, s in seqs.items() if i not in kept}
         if not seqs:
             return out
@@ -227,22 +227,24 @@ class HfBackend(EvalBackend):
                 batches.append([i])
         return batches
 
-    def _verify_after(self, tokenizer: PreTrainedTokenizerBase, seqs: dict[int, tuple[list[int], list[int]]], *,
+    def _verify_after(self, tokenizer: PreTrainedTokenizerBase,
+                      rows: dict[int, tuple[tuple[list[int], list[int]], _Prompt]], *,
                       batch_size: int) -> dict[int, list[int]]:
-        """`verify` of drafts after kept prompts: the kept keys and values of the batch's prompts,
-        each followed by padding to the longest, then the drafts (right padding) at positions
-        continuing their own prompts, a mask hiding the padding. The greedy token after the prompt
-        is the one the scoring pass gave."""
+        """`verify` of drafts after kept prompts (`rows[i]`: (prompt, draft) and its prompt's
+        `_Prompt`): the kept keys and values of the batch's prompts, each followed by padding to the
+        longest, then the drafts (right padding) at positions continuing their own prompts, a mask
+        hiding the padding. The greedy token after the prompt is the one the scoring pass gave."""
         out: dict[int, list[int]] = {}
+        seqs = {i: seq for i, (seq, _) in rows.items()}
         device = next(self.model.parameters()).device
         pad_id = pad_id_of(tokenizer)
         for batch in self._batches(seqs, batch_size, lambda i: len(seqs[i][1])):
-            kept = {i: self._kept[tuple(seqs[i][0])] for i in batch}
+            kept = {i: rows[i][1] for i in batch}
             batch.sort(key=lambda i: (id(kept[i].batch), kept[i].row))  # each scoring batch's rows together
             lengths = [len(seqs[i][0]) for i in batch]
             drafts = [seqs[i][1] for i in batch]
             width, depth = max(lengths), max(map(len, drafts))
-            runs: dict[int, tuple[_Batch, list[int]]] = {}
+            runs: dict[int, tuple[_Prompts, list[int]]] = {}
             for i in batch:
                 runs.setdefault(id(kept[i].batch), (kept[i].batch, []))[1].append(kept[i].row)
             cache = DynamicCache()
@@ -371,18 +373,11 @@ class _Prompts(DynamicCache):
         return key_states, value_states
 
 
-class _Batch(NamedTuple):
-    """A scoring batch's keys and values in each layer, (rows, heads, longest prompt, head_dim) each
-    (`HfBackend.keeping_prompts`)."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-
 class _Prompt(NamedTuple):
-    """A prompt the scoring pass ran: its `row` of a kept `batch`, and the greedy token after it."""
+    """A prompt the scoring pass ran: its `row` of a kept `batch` (its scoring batch's copies, each
+    layer's (rows, heads, longest prompt, head_dim)), and the greedy token after it."""
 
-    batch: _Batch
+    batch: _Prompts
     row: int
     greedy: int
 
