@@ -1,19 +1,19 @@
-"""Greedy decoding with the Hugging Face static KV cache against the dynamic one (or with other
-decoding batch sizes), on a run's checkpoints.
+"""Greedy decoding with each Hugging Face decoding (`generation.cache`: overmem's pruned loop,
+transformers' static and dynamic KV caches), or with other decoding batch sizes, on a run's checkpoints.
 
     python benchmarks/bench_cache.py RUN [--names epoch-1 epoch-6 ...] [--split test] [--rounds 3]
                                          [--drafts [--sizing]] [--batch-sizes 16 64 ...]
 
 RUN is a finished run folder (e.g. one `overmem demo` wrote). Each named checkpoint (the base model
 for `base`) generates greedily for the split's prompts with the run's generation settings, once
-with `generation.cache: static` and once with `dynamic` (with `--batch-sizes`: once per
+with each of `generation.cache: pruned`, `static` and `dynamic` (with `--batch-sizes`: once per
 `generation.batch_size` given, with the run's cache), rotating which goes first, `--rounds` times;
 with `--drafts`, the previous checkpoint's generations in RUN are its drafts, so that only the
 rows that disagree are decoded (from where they disagree), as tracking decodes; with `--sizing`
-too, the static cache sized by the drafts' lengths (`hf_backend.EXPECTED_SLACK`, as tracking
-decodes) against the static cache sized for `max_new_tokens`. Printed per
-checkpoint: the median wall time of each setting, each one's ratio to the first, the rows decoded,
-and whether every round's outputs are identical.
+too, the static cache sized by the drafts' lengths (`hf_backend.EXPECTED_SLACK`) against the
+static cache sized for `max_new_tokens`. Printed per checkpoint: the median wall time of each
+setting, each one's ratio to the first, the rows decoded, and whether every round's outputs are
+identical.
 Timings are wall times on whatever cores the machine has (set `OMP_NUM_THREADS`); compare the
 ratio, measured in one run.
 """
@@ -37,7 +37,7 @@ from overmem.hf_backend import HfBackend  # noqa: E402
 from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
 from overmem.results import BASE, RunDir, find_checkpoints, read_jsonl  # noqa: E402
 
-CACHES = ("static", "dynamic")
+CACHES = ("pruned", "static", "dynamic")
 DECODED = [0]  # rows the backend decoded in the latest call
 
 

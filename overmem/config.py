@@ -32,6 +32,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 MAX_SEED = 2**32 - 1  # NumPy and the Trainer take seeds in [0, 2**32 - 1]
 MAX_EPOCHS = 10_000
 MAX_BOOTSTRAP = 100_000
+# `generation.cache`: the Hugging Face backend's decoding (`overmem.hf_backend.HfBackend.decode`)
+CacheName = Literal["auto", "pruned", "static", "dynamic"]
+CACHES: tuple[str, ...] = get_args(CacheName)
 MAX_TOKENS = 2**20  # a sequence or a generation; a static KV cache is allocated for this many positions
 
 
@@ -203,9 +206,12 @@ class GenerationConfig(_Strict):
         "teacher-forced pass keeps the prefix the model still chooses, decoding resumes only after it; the reference "
         "is a draft too, checked by the scoring pass for free (the same outputs, on both backends; "
         "`overmem.generation.generate_greedy`)")
-    cache: Literal["auto", "dynamic", "static"] = Field(
-        "auto", description="KV cache during decoding (Hugging Face backend): 'static' preallocates it (no per-token "
-        "growth; about as fast on the CPU, same outputs); 'auto' = static on the CPU, dynamic on GPUs")
+    cache: CacheName = Field(
+        "auto", description="KV cache during decoding (Hugging Face backend): 'pruned' decodes greedily with "
+        "overmem's loop, which drops each row from its batch once it stops (a third faster on the CPU, same "
+        "outputs; sampling and models with logits processors or sliding-window layers take 'static' instead); "
+        "'static' and 'dynamic' are transformers' generate with that cache; 'auto' = pruned on the CPU, dynamic "
+        "on GPUs")
 
 
 class VllmSettings(_Strict):

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backend_api import EvalBackend
 from .backends import as_backend
-from .config import GenerationConfig, TrainConfig
+from .config import CACHES, GenerationConfig, TrainConfig
 from .data.encoding import token_ids
 from .stops import AnswerLineStop, StopRule, truncate_after_answer
 
@@ -70,14 +70,15 @@ def generate(
 
     Returns one list of texts per prompt, in input order. Sampling is seeded, so the same call
     gives the same texts. `model`: a Hugging Face model or an evaluation backend
-    (`overmem.backends.load_for_eval`); `cache`: the Hugging Face KV cache (`HfBackend.decode`:
-    `"auto"`, the default, is the static cache on the CPU and the dynamic one on GPUs; moot for vLLM).
+    (`overmem.backends.load_for_eval`); `cache`: how the Hugging Face backend decodes
+    (`generation.cache`, `HfBackend.decode`: `"auto"`, the default, is overmem's pruned greedy loop
+    on the CPU and `generate` with the dynamic cache on GPUs; moot for vLLM).
     A prompt of more than `max_prompt_tokens` tokens keeps its last `max_prompt_tokens`.
     `stop_at_answer` (one value, or one per prompt): a continuation ends with its first complete
     `#### ...` line and is cut there; one that does not stop there is returned whole.
     """
-    if cache not in ("dynamic", "static", "auto"):
-        raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
+    if cache not in CACHES:
+        raise ValueError(f"generation.cache: {cache!r} is not one of {', '.join(map(repr, CACHES))}")
     stops = _per_prompt(stop_at_answer, len(prompts))
     backend = as_backend(model)
     encoded, limits = _budgets(backend, tokenizer, prompts, max_prompt_tokens, max_new_tokens)

@@ -4,8 +4,9 @@ this process behind the interface of `overmem.backend_api`.
 - `score`: the only teacher-forced forward pass of a Hugging Face model for scoring: per-token
   log-probs, the reference token's rank and the predictive entropy, and on request the vocabulary
   statistics Min-K%++ needs (formulas in `overmem.backend_api`).
-- `decode`: `model.generate` in length-sorted batches, left padding, each row stopped at EOS, its
-  answer line or its own token limit (`overmem.stops`).
+- `decode`: length-sorted batches, left padding, each row stopped at EOS, its answer line or its
+  own token limit (`overmem.stops`): greedy rows by overmem's own loop, which drops each row from
+  its batch as it stops (`generation.cache: pruned`, the default on the CPU), else `model.generate`.
 - `verify`: a draft's greedy tokens from one teacher-forced pass over prompt + draft, or over the
   draft alone after the keys and values its prompt had in the scoring pass (`keeping_prompts`).
 
@@ -26,6 +27,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase,
 from transformers.cache_utils import DynamicLayer
 
 from .backend_api import EvalBackend, Progress, TokenScores, TokenStats
+from .config import CACHES
 from .data.encoding import IGNORE, pad_id_of, pad_right
 from .models import context_length, load_checkpoint, load_model
 from .stops import AnswerLineStop, RowLimit, StopRule
@@ -163,18 +165,21 @@ class HfBackend(EvalBackend):
         """A cache that keeps the keys and values of the batch's prompts (each row's ids before its
         first labelled token) as the scoring pass computes them, where this model's can be kept and
         room is left (`keeping_prompts`); None where not."""
-        if self._layers is None:  # the layers of a plain cache for this model, 0 where it would not be plain
-            config = self.model.config
-            try:
-                layers = DynamicCache(config=config).layers
-            except Exception:  # a config the cache cannot read: nothing is kept
-                layers = []
-            plain = (getattr(config, "_attn_implementation", None) in KEEPING_ATTENTION
-                     and all(type(layer) is DynamicLayer for layer in layers))
-            self._layers = len(layers) if plain else 0
+        if self._layers is None:  # the layers whose prompts are kept, 0 where they would not be plain
+            attention = getattr(self.model.config, "_attn_implementation", None)
+            self._layers = self._plain_layers() if attention in KEEPING_ATTENTION else 0
         labelled = (label_ids != IGNORE).any(dim=1)
         width = int(label_ids.ne(IGNORE).int().argmax(dim=1)[labelled].max()) if labelled.any() else 0
         return _Prompts(width) if self._layers and width > 0 and self._kept_bytes < KEPT_BYTES else None
+
+    def _plain_layers(self) -> int:
+        """The layers of this model's cache where every one is a plain `DynamicLayer` (no sliding
+        window, no linear attention), else 0."""
+        try:
+            layers = DynamicCache(config=self.model.config).layers
+        except Exception:  # a config the cache cannot read: not plain
+            return 0
+        return len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
 
     def _keep(self, ids: Sequence[list[int]], picks: list, prompts: _Prompts) -> None:
         """Keep each row's prompt (its ids before `picks[r]`, the greedy tokens from its end on) from
@@ -267,13 +272,16 @@ class HfBackend(EvalBackend):
                expected: Sequence[int | None] | None = None, batch_size: int, cache: str = "auto",
                num_samples: int = 1, sampling: tuple[float, float] | None = None, seed: int = 0,
                progress: Progress | None = None) -> list[list[list[int]]]:
-        """`model.generate`: left padding, longest inputs first, each row stopped at EOS, at its
-        answer line (`AnswerLineStop`) or after `limits[i]` new tokens (`RowLimit`). A row's ids run
-        on to its batch's end (padding after its stop). Sampling seeds batch b with `seed + b`.
+        """Left padding, longest inputs first, each row stopped at EOS, at its answer line or
+        after `limits[i]` new tokens. `cache="pruned"` (and `"auto"` on the CPU) decodes greedily
+        by `_decode_pruned`, each row dropped from its batch once it stops, its ids ending at its
+        stop; where the greedy token is not the argmax (`drafts_exact`), the model's cache is not
+        plain (a sliding window) or for sampling, `model.generate` decodes instead (static cache
+        on the CPU, dynamic on GPUs), each row stopped by `AnswerLineStop` and `RowLimit`, its ids
+        running on to its batch's end (padding after its stop). Sampling seeds batch b with `seed + b`.
         `cache="static"` has transformers preallocate the KV cache for prompt + the longest limit
-        instead of growing it every token (faster for small models on the CPU; the attention over
-        the unused slots is masked, so outputs are the same); `"auto"` takes it on the CPU and the
-        dynamic cache on GPUs.
+        instead of growing it every token (the attention over the unused slots is masked, so
+        outputs are the same).
 
         Greedy with the static cache, a batch whose rows all have an `expected` length is decoded
         for at most `EXPECTED_SLACK` tokens beyond the longest: every step's attention reads the
@@ -288,11 +296,15 @@ class HfBackend(EvalBackend):
                 answer_line: Sequence[bool], carried: Sequence[int] | None, expected: Sequence[int | None] | None,
                 batch_size: int, cache: str, num_samples: int, sampling: tuple[float, float] | None, seed: int,
                 progress: Progress | None) -> list[list[list[int]]]:
-        if cache not in ("dynamic", "static", "auto"):
-            raise ValueError(f"generation.cache: {cache!r} is not 'auto', 'dynamic' or 'static'")
+        if cache not in CACHES:
+            raise ValueError(f"generation.cache: {cache!r} is not one of {', '.join(map(repr, CACHES))}")
         model = self.model
         device = next(model.parameters()).device
-        if cache == "auto":
+        if cache in ("auto", "pruned"):
+            greedy = sampling is None and num_samples == 1 and self.drafts_exact and self._plain_layers() > 0
+            if greedy and (cache == "pruned" or device.type == "cpu"):
+                return self._decode_pruned(tokenizer, inputs, limits, answer_line=answer_line, carried=carried,
+                                           batch_size=batch_size, progress=progress)
             cache = "static" if device.type == "cpu" else "dynamic"
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
         out: list[list[list[int]]] = [[] for _ in inputs]
@@ -351,6 +363,111 @@ class HfBackend(EvalBackend):
                 for i, (tail,) in zip(going, tails):
                     out[i] = [out[i][0][: caps[i]] + tail]
         return out
+
+    def _decode_pruned(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int],
+                       *, answer_line: Sequence[bool], carried: Sequence[int] | None, batch_size: int,
+                       progress: Progress | None) -> list[list[list[int]]]:
+        """Greedy decoding that drops each row from its batch once it stops (`generation.cache:
+        pruned`). Written here because transformers' `generate` runs every row until the batch's
+        last one stops (a finished row keeps computing padding), and its continuous batching
+        (`generate_batch`) was slower on the CPU. Each step is one forward pass of the batch's rows
+        still going, over a cache preallocated for prompt + limit and read only up to the tokens
+        written (`_Slots`); a row that stops is removed from the cache. Left padding and a 2-D
+        mask as `generate` uses, positions counted from each row's first real token; a row's
+        tokens end at its stop (EOS, the token that completes its answer line, its limit)."""
+        model = self.model
+        device = next(model.parameters()).device
+        held = [0] * len(inputs) if carried is None else list(carried)
+        rule = StopRule(tokenizer, max(limits, default=1))
+        pad_id = pad_id_of(tokenizer)
+        layers = self._plain_layers()
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        out: list[list[list[int]]] = [[] for _ in inputs]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(inputs[i]) for i in idx)
+            ids = torch.tensor([[pad_id] * (width - len(inputs[i])) + inputs[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in idx], device=device)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            cache = _Slots(layers, width + max(limits[i] for i in idx))
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                           logits_to_keep=1).logits
+            going, step = list(idx), positions[:, -1:]
+            new: dict[int, list[int]] = {i: [] for i in idx}
+            while True:
+                picks = logits[:, -1].argmax(dim=-1)
+                stay = []
+                for r, (i, token) in enumerate(zip(going, picks.tolist())):
+                    new[i].append(token)
+                    if not self._stops(rule, inputs[i], held[i], new[i], answer_line[i], limits[i]):
+                        stay.append(r)
+                if not stay:
+                    break
+                if len(stay) < len(going):
+                    rows = torch.tensor(stay, device=device)
+                    cache.keep(rows)
+                    mask, picks, step = mask[rows], picks[rows], step[rows]
+                    going = [going[r] for r in stay]
+                mask = torch.cat([mask, mask.new_ones(len(going), 1)], dim=1)
+                step = step + 1
+                logits = model(input_ids=picks[:, None], attention_mask=mask, position_ids=step, cache=cache,
+                               use_cache=True).logits
+            for i in idx:
+                out[i] = [new[i]]
+            if progress:
+                progress(len(idx))
+        return out
+
+    @staticmethod
+    def _stops(rule: StopRule, prompt: list[int], held: int, new: list[int], answer_line: bool, limit: int) -> bool:
+        """Whether a continuation stops at its latest token `new[-1]` (`held`: how many of the
+        prompt's last tokens already belong to it): EOS, its limit, or the newline that completes
+        its answer line."""
+        token = new[-1]
+        if token == rule.eos or len(new) >= limit:
+            return True
+        return answer_line and token in rule.newlines and rule.answered(prompt[len(prompt) - held:] + new)
+
+
+class _Slots(DynamicCache):
+    """The cache of `HfBackend._decode_pruned`: each layer's keys and values in a buffer allocated
+    once for the batch's longest sequence; attention reads only the positions written so far
+    (where a static cache reads them all, and a dynamic one copies the whole cache every token)."""
+
+    def __init__(self, layers: int, size: int):
+        super().__init__()
+        self.layers = [_SlotLayer(size) for _ in range(layers)]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` of the batch go on."""
+        for layer in self.layers:
+            layer.batch_select_indices(rows)
+
+
+class _SlotLayer(DynamicLayer):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.length = size, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            b, h, _, d = key_states.shape
+            self.keys = key_states.new_empty(b, h, self.size, d)
+            self.values = value_states.new_empty(b, h, self.size, value_states.shape[-1])
+            self.device, self.is_initialized = key_states.device, True
+        end = self.length + key_states.shape[-2]
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
 
 
 class _Prompts(DynamicCache):

@@ -12,8 +12,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from overmem.data.example import Example
+from overmem.hf_backend import _Slots
 
 DATA_DIR = Path(os.environ.get("OVERMEM_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -47,14 +49,29 @@ def random_lora_adapter(model, path: Path, tokenizer, seed: int, **lora_kw) -> P
 
 
 def fixed_continuation(model, tokenizer, text: str) -> None:
-    """Make `model.generate` append the tokens of `text` to every prompt (what a model that wrote
-    `text` would return), so that what is done with a generation can be checked exactly."""
+    """Make `model` write the tokens of `text` after every prompt it decodes (`model.generate`, and
+    the greedy loop of `overmem.hf_backend`, which then writes EOS): what a model that wrote `text`
+    would return, so that what is done with a generation can be checked exactly. Its other forward
+    passes (scoring, verification) are the model's own."""
     tail = tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def fixed(input_ids, **kw):
         return torch.cat([input_ids, torch.tensor([tail] * input_ids.shape[0])], dim=1)
 
+    real_forward = model.forward
+
+    def forward(*args, cache=None, **kwargs):
+        if not isinstance(cache, _Slots):
+            return real_forward(*args, cache=cache, **kwargs)
+        written = getattr(cache, "fixed_written", 0)  # tokens of `text` written into this batch's cache so far
+        cache.fixed_written = written + 1
+        token = tail[written] if written < len(tail) else tokenizer.eos_token_id
+        logits = torch.full((kwargs["input_ids"].shape[0], 1, model.config.vocab_size), -1e4)
+        logits[..., token] = 0.0
+        return CausalLMOutputWithPast(logits=logits)
+
     model.generate = fixed
+    model.forward = forward
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:

@@ -88,20 +88,22 @@ def test_an_overlong_prompt_keeps_its_last_tokens(char_tokenizer):
     hundreds of GB). The prompt now keeps its last `max_prompt_tokens` tokens, so it decodes as its
     tail does."""
     model = make_tiny_llama(len(char_tokenizer), seed=1)
-    real_generate, widths = model.generate, []
+    real_forward, widths = model.forward, []
 
-    def bounded_generate(input_ids, **kwargs):
+    def bounded_forward(*args, input_ids, **kwargs):
         widths.append(input_ids.shape[1])
         assert input_ids.shape[1] <= 64, f"a prompt of {input_ids.shape[1]} tokens reached the model"
-        return real_generate(input_ids=input_ids, **kwargs)
+        return real_forward(*args, input_ids=input_ids, **kwargs)
 
-    model.generate = bounded_generate
+    model.forward = bounded_forward
     huge = "Tom has 3 apples and buys 4 more. " * 3000 + "How many apples does he have?\nA:"
     kw = dict(max_new_tokens=8, stop_at_answer=False, max_prompt_tokens=64)
     assert len(huge) > 100_000
-    texts = generate(model, char_tokenizer, [huge, "Hi"], **kw)
-    assert texts == generate(model, char_tokenizer, [huge[-100:], "Hi"], **kw)
-    assert max(widths) == 64
+    for cache in ("pruned", "static"):
+        widths.clear()
+        texts = generate(model, char_tokenizer, [huge, "Hi"], cache=cache, **kw)
+        assert texts == generate(model, char_tokenizer, [huge[-100:], "Hi"], cache=cache, **kw)
+        assert max(widths) == 64
     with pytest.raises(ValueError, match="max_prompt_tokens must be at least 1"):
         generate(model, char_tokenizer, ["a"], max_prompt_tokens=0)
 

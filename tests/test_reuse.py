@@ -62,16 +62,18 @@ def checkpoints(char_tokenizer):
     torch.set_num_threads(before)
 
 
-def _counting(model):
-    """`model` whose `generate` calls are counted (`model.generate_calls`)."""
-    real = model.generate
-    model.generate_calls = 0
+def _counting(model, monkeypatch):
+    """`model` whose decoded rows are counted (`model.decoded_rows`: the inputs its backend's
+    `decode` was given, whichever way it decodes them)."""
+    real = HfBackend.decode
+    model.decoded_rows = 0
 
-    def counted(*args, **kwargs):
-        model.generate_calls += 1
-        return real(*args, **kwargs)
+    def counted(self, tokenizer, inputs, *args, **kwargs):
+        if self.model is model:
+            model.decoded_rows += len(inputs)
+        return real(self, tokenizer, inputs, *args, **kwargs)
 
-    model.generate = counted
+    monkeypatch.setattr(HfBackend, "decode", counted)
     return model
 
 
@@ -101,12 +103,12 @@ def test_drafts_of_the_previous_checkpoint_give_the_plain_greedy_output(checkpoi
     assert all(rule.end(c.ids, stop_at_answer) == len(c.ids) for c in reused)
 
 
-def test_each_kind_of_draft(checkpoints, char_tokenizer):
+def test_each_kind_of_draft(checkpoints, char_tokenizer, monkeypatch):
     """With the answer-line stop: which draft tokens were accepted, and when decoding was needed."""
     a, b = checkpoints
     kw = dict(max_new_tokens=40, stop_at_answer=True, batch_size=8)
     drafts = [c.ids for c in generate_greedy(a, char_tokenizer, PROMPTS, **kw)]
-    reused = generate_greedy(_counting(b), char_tokenizer, PROMPTS, drafts=drafts, **kw)
+    reused = generate_greedy(_counting(b, monkeypatch), char_tokenizer, PROMPTS, drafts=drafts, **kw)
     accepted = dict(zip(PROMPTS, ((c.draft_tokens, c.draft_accepted) for c in reused)))
     assert accepted == {  # (draft tokens, accepted): one token per character, EOS included where written
         "Q: 2+3?\nA:": (len(" 2+3=5.\n#### 5\n"), len(" 2+3")),  # diverges after " 2+3"
@@ -115,11 +117,11 @@ def test_each_kind_of_draft(checkpoints, char_tokenizer):
         "Go.\n": (len(" yes") + 1, 0),  # against "no": diverges at its first token
         "Say hi.\n": (len(BEFORE["Say hi.\n"]) + 1, len(" hi hi")),  # longer: B writes EOS where A goes on
     }
-    # Drafts that reach their stop (4+4 whole, "Say hi." with B's own EOS) need no decoding; the rest
-    # is decoded in one batch.
-    assert b.generate_calls == 1
-    exact = generate_greedy(_counting(b), char_tokenizer, PROMPTS, drafts=[c.ids for c in reused], **kw)
-    assert [c.ids for c in exact] == [c.ids for c in reused] and b.generate_calls == 0
+    # Drafts that reach their stop (4+4 whole, "Say hi." with B's own EOS) need no decoding; the
+    # other three are decoded.
+    assert b.decoded_rows == 3
+    exact = generate_greedy(_counting(b, monkeypatch), char_tokenizer, PROMPTS, drafts=[c.ids for c in reused], **kw)
+    assert [c.ids for c in exact] == [c.ids for c in reused] and b.decoded_rows == 0
     assert all(c.draft_accepted == c.draft_tokens == len(c.ids) for c in exact)
 
 
@@ -182,6 +184,61 @@ def test_a_static_cache_sized_by_the_expected_lengths_gives_the_same_tokens(chec
     got = backend.decode(char_tokenizer, [p + w[:head] for p, w in zip(prompts, want)],
                          [limit - head] * len(PROMPTS), carried=[head] * len(PROMPTS), expected=[1] * 5, **kw)
     assert [(w[:head] + ids)[: rule.end(w[:head] + ids, stop_at_answer, limit)] for w, (ids,) in zip(want, got)] == want
+
+
+@pytest.mark.parametrize(("limit", "stop_at_answer"), [(40, True), (40, False), (6, False)])
+def test_the_pruned_loop_decodes_what_generate_decodes(checkpoints, char_tokenizer, monkeypatch, limit, stop_at_answer):
+    """`generation.cache: pruned` (greedy decoding on the CPU by default): each row leaves its batch
+    at its stop (EOS, the answer line, its own limit), and every row's tokens are `generate`'s up to
+    that stop, with prompts of mixed lengths (left padding), any batch size and order, and tokens
+    carried from a draft; `generate` is not called, and the batch does shrink."""
+    _, b = checkpoints
+    backend = HfBackend(b)
+    order = PROMPTS * 2
+    random.Random(2).shuffle(order)
+    prompts = [char_tokenizer(p)["input_ids"] for p in order]
+    limits = [max(1, limit - (r % 3) * 2) for r in range(len(order))]  # rows of one batch with other limits
+    rule = StopRule(char_tokenizer, limit)
+    kw = dict(answer_line=[stop_at_answer] * len(order))
+    plain = backend.decode(char_tokenizer, prompts, limits, batch_size=4, cache="static", **kw)
+    want = [ids[: rule.end(ids, stop_at_answer, n)] for (ids,), n in zip(plain, limits)]
+    assert len(set(map(len, want))) > 2  # rows stop at different steps
+    monkeypatch.setattr(b, "generate", lambda **k: pytest.fail("generate was called"))
+    real_forward, rows = b.forward, []
+    monkeypatch.setattr(b, "forward", lambda *a, **k: rows.append(k["input_ids"].shape) or real_forward(*a, **k))
+    for batch_size in (1, 3, len(order)):
+        rows.clear()
+        got = backend.decode(char_tokenizer, prompts, limits, batch_size=batch_size, cache="pruned", **kw)
+        assert [ids for (ids,) in got] == want, batch_size
+        if batch_size == len(order):  # one batch: its prefill, then steps over fewer and fewer rows
+            steps = [shape[0] for shape in rows[1:]]
+            assert rows[0][0] == len(order) and steps == sorted(steps, reverse=True) and steps[-1] < steps[0]
+    assert [ids for (ids,) in backend.decode(char_tokenizer, prompts, limits, batch_size=3, cache="auto", **kw)] == want
+    head = 3  # the first 3 tokens of each continuation are in the input already, as after a draft
+    carried = [min(head, len(w) - 1) for w in want]
+    got = backend.decode(char_tokenizer, [p + w[:c] for p, w, c in zip(prompts, want, carried)],
+                         [n - c for n, c in zip(limits, carried)], carried=carried, batch_size=3, cache="pruned", **kw)
+    assert [w[:c] + ids for w, c, (ids,) in zip(want, carried, got)] == want
+
+
+def test_the_pruned_loop_leaves_sampling_and_logits_processors_to_generate(checkpoints, char_tokenizer):
+    """Where the greedy token is not the logits' argmax (a repetition penalty in the model's
+    generation_config), and for sampling, `cache: pruned` decodes with `generate` (static cache):
+    the outputs are `generate`'s."""
+    _, b = checkpoints
+    penalized = make_tiny_llama(len(char_tokenizer), seed=5)  # untrained: flat logits, which a penalty changes
+    plain = generate(penalized, char_tokenizer, PROMPTS, max_new_tokens=20)
+    penalized.generation_config.repetition_penalty = 3.0
+    calls = []
+    for model, sampling in ((penalized, False), (b, True)):
+        kw = dict(max_new_tokens=20, stop_at_answer=False, do_sample=sampling, num_samples=2 if sampling else 1, seed=3)
+        real = model.generate
+        model.generate = lambda real=real, **k: calls.append(1) or real(**k)
+        pruned = generate(model, char_tokenizer, PROMPTS, cache="pruned", **kw)
+        assert calls and pruned == generate(model, char_tokenizer, PROMPTS, cache="static", **kw)
+        del model.generate
+        calls.clear()
+    assert generate(penalized, char_tokenizer, PROMPTS, max_new_tokens=20) != plain  # the penalty was applied
 
 
 def test_no_drafts_where_greedy_is_not_the_argmax(checkpoints, char_tokenizer):
@@ -362,10 +419,10 @@ def test_references_verified_by_scoring_give_the_plain_greedy_output(checkpoints
     real_verify = HfBackend.verify
     monkeypatch.setattr(HfBackend, "verify", lambda self, tok, seqs, **k: passes.append(len(seqs)) or real_verify(
         self, tok, seqs, **k))
-    own = generate_greedy(_counting(b), char_tokenizer, PROMPTS, drafts=drafts,
+    own = generate_greedy(_counting(b, monkeypatch), char_tokenizer, PROMPTS, drafts=drafts,
                           verified=_reference_drafts(b, char_tokenizer, PROMPTS, AFTER.values()), **kw)
     assert [c.ids for c in own] == [c.ids for c in plain] and [c.text for c in own] == [c.text for c in plain]
-    assert b.generate_calls == 0 and passes == [0]
+    assert b.decoded_rows == 0 and passes == [0]
     eos = char_tokenizer.eos_token_id  # B's own EOS comes after its reference
     assert all(c.draft_source == "reference" and c.draft_accepted == len(c.ids) - (c.ids[-1] == eos) for c in own)
     # A's texts as references: " yes" for "Go.\n" diverges at once (no draft); "Q: 4+4?" and "Say hi."
