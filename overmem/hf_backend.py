@@ -41,6 +41,7 @@ VOCAB_CHUNK = 256  # scored tokens per step of the vocabulary statistics
 VERIFY_LOGITS = 2**27  # logits one verification pass holds at most (rows x positions x vocabulary): 512 MiB in float32
 # New tokens a static cache holds beyond a batch's longest expected continuation (`HfBackend.decode`).
 EXPECTED_SLACK = 16
+PRUNE_SHARE = 0.25  # stopped rows leave a batch once they are at least this share of it (`_decode_pruned`)
 KEPT_BYTES = 2**30  # prompt keys and values `HfBackend.keeping_prompts` holds at most; past it prompts run again
 # Attention that takes a mask with holes (a kept prompt's padding before its draft); flash attention's
 # unpadding was not run here, so prompts are not kept with it.
@@ -372,7 +373,8 @@ class HfBackend(EvalBackend):
         last one stops (a finished row keeps computing padding), and its continuous batching
         (`generate_batch`) was slower on the CPU. Each step is one forward pass of the batch's rows
         still going, over a cache preallocated for prompt + limit and read only up to the tokens
-        written (`_Slots`); a row that stops is removed from the cache. Left padding and a 2-D
+        written (`_Slots`); rows that stopped are removed from it once they are `PRUNE_SHARE` of
+        the batch (each removal copies the cache; until then their tokens are ignored). Left padding and a 2-D
         mask as `generate` uses, positions counted from each row's first real token; a row's
         tokens end at its stop (EOS, the token that completes its answer line, its limit)."""
         model = self.model
@@ -392,18 +394,21 @@ class HfBackend(EvalBackend):
             cache = _Slots(layers, width + max(limits[i] for i in idx))
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                            logits_to_keep=1).logits
-            going, step = list(idx), positions[:, -1:]
+            going: list[int | None] = list(idx)  # each row's input, None once it stopped
+            step = positions[:, -1:]
             new: dict[int, list[int]] = {i: [] for i in idx}
             while True:
                 picks = logits[:, -1].argmax(dim=-1)
-                stay = []
                 for r, (i, token) in enumerate(zip(going, picks.tolist())):
-                    new[i].append(token)
-                    if not self._stops(rule, inputs[i], held[i], new[i], answer_line[i], limits[i]):
-                        stay.append(r)
+                    if i is not None:
+                        new[i].append(token)
+                        if self._stops(rule, inputs[i], held[i], new[i], answer_line[i], limits[i]):
+                            going[r] = None
+                stay = [r for r, i in enumerate(going) if i is not None]
                 if not stay:
                     break
-                if len(stay) < len(going):
+                # Rows that stopped leave once they are a share of the batch: each removal copies the cache.
+                if len(going) - len(stay) >= max(1, len(going) * PRUNE_SHARE):
                     rows = torch.tensor(stay, device=device)
                     cache.keep(rows)
                     mask, picks, step = mask[rows], picks[rows], step[rows]
@@ -466,8 +471,12 @@ class _SlotLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.keys, self.values = self.keys[indices], self.values[indices]
+        if self.is_initialized:  # only the positions written so far are copied
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                kept = old.new_empty(len(indices), *old.shape[1:])
+                kept[:, :, : self.length] = old[indices, :, : self.length]
+                setattr(self, name, kept)
 
 
 class _Prompts(DynamicCache):

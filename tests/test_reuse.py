@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import random
 
@@ -206,10 +207,11 @@ def test_the_pruned_loop_decodes_what_generate_decodes(checkpoints, char_tokeniz
     monkeypatch.setattr(b, "generate", lambda **k: pytest.fail("generate was called"))
     real_forward, rows = b.forward, []
     monkeypatch.setattr(b, "forward", lambda *a, **k: rows.append(k["input_ids"].shape) or real_forward(*a, **k))
-    for batch_size in (1, 3, len(order)):
+    for batch_size, share in itertools.product((1, 3, len(order)), (0.0, hf_backend.PRUNE_SHARE)):
+        monkeypatch.setattr(hf_backend, "PRUNE_SHARE", share)  # stopped rows leave at once, or a share at a time
         rows.clear()
         got = backend.decode(char_tokenizer, prompts, limits, batch_size=batch_size, cache="pruned", **kw)
-        assert [ids for (ids,) in got] == want, batch_size
+        assert [ids for (ids,) in got] == want, (batch_size, share)
         if batch_size == len(order):  # one batch: its prefill, then steps over fewer and fewer rows
             steps = [shape[0] for shape in rows[1:]]
             assert rows[0][0] == len(order) and steps == sorted(steps, reverse=True) and steps[-1] < steps[0]
