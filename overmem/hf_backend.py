@@ -374,9 +374,10 @@ class HfBackend(EvalBackend):
         (`generate_batch`) was slower on the CPU. Each step is one forward pass of the batch's rows
         still going, over a cache preallocated for prompt + limit and read only up to the tokens
         written (`_Slots`); rows that stopped are removed from it once they are `PRUNE_SHARE` of
-        the batch (each removal copies the cache; until then their tokens are ignored). Left padding and a 2-D
-        mask as `generate` uses, positions counted from each row's first real token; a row's
-        tokens end at its stop (EOS, the token that completes its answer line, its limit)."""
+        the batch (each removal copies the cache; until then their tokens are ignored). Left
+        padding and a 2-D mask as `generate` uses, positions counted from each row's first real
+        token; a row's tokens end at its stop (EOS, the token that completes its answer line, its
+        limit)."""
         model = self.model
         device = next(model.parameters()).device
         held = [0] * len(inputs) if carried is None else list(carried)
