@@ -80,6 +80,7 @@ class HfBackend(EvalBackend):
         self._kept: dict[tuple[int, ...], _Prompt] | None = None  # prompt ids -> its pass (`keeping_prompts`)
         self._kept_bytes = 0
         self._layers: int | None = None  # layers whose prompts `_prompts` keeps (0: none; None: not yet looked at)
+        self._plain: int | None = None  # `_plain_layers` (None: not yet looked at)
 
     @classmethod
     def open(cls, path: str | Path | None, cfg: RunConfig) -> HfBackend:
@@ -175,12 +176,14 @@ class HfBackend(EvalBackend):
 
     def _plain_layers(self) -> int:
         """The layers of this model's cache where every one is a plain `DynamicLayer` (no sliding
-        window, no linear attention), else 0."""
-        try:
-            layers = DynamicCache(config=self.model.config).layers
-        except Exception:  # a config the cache cannot read: not plain
-            return 0
-        return len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
+        window, no linear attention), else 0; looked at once per backend."""
+        if self._plain is None:
+            try:
+                layers = DynamicCache(config=self.model.config).layers
+            except Exception:  # a config the cache cannot read: not plain
+                layers = []
+            self._plain = len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
+        return self._plain
 
     def _keep(self, ids: Sequence[list[int]], picks: list, prompts: _Prompts) -> None:
         """Keep each row's prompt (its ids before `picks[r]`, the greedy tokens from its end on) from
@@ -383,7 +386,6 @@ class HfBackend(EvalBackend):
         held = [0] * len(inputs) if carried is None else list(carried)
         rule = StopRule(tokenizer, max(limits, default=1))
         pad_id = pad_id_of(tokenizer)
-        layers = self._plain_layers()
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
         out: list[list[list[int]]] = [[] for _ in inputs]
         for start in range(0, len(order), batch_size):
@@ -392,7 +394,7 @@ class HfBackend(EvalBackend):
             ids = torch.tensor([[pad_id] * (width - len(inputs[i])) + inputs[i] for i in idx], device=device)
             mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in idx], device=device)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            cache = _Slots(layers, width + max(limits[i] for i in idx))
+            cache = _Slots(self._plain_layers(), width + max(limits[i] for i in idx))
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                            logits_to_keep=1).logits
             going: list[int | None] = list(idx)  # each row's input, None once it stopped
