@@ -131,9 +131,10 @@ def evaluate_examples(
     checked = [i for i, ex in enumerate(examples) if ex.kind != "open" and can_check(ex)]
     backend = as_backend(model)
     # The scoring pass also gives the model's greedy tokens along each reference: a draft verified for
-    # free; and it runs each prompt, which the previous checkpoint's drafts are verified after.
+    # free; and it runs each prompt, which the previous checkpoint's drafts are verified after and
+    # decoding resumes from.
     references = bool(eval_cfg.accuracy and checked and gen_cfg.reuse_drafts and drafts_are_exact(backend))
-    with backend.keeping_prompts() if references and drafts else nullcontext():
+    with backend.keeping_prompts() if references else nullcontext():
         return _evaluate_examples(backend, tokenizer, examples, checked, references, eval_cfg=eval_cfg,
                                   gen_cfg=gen_cfg, max_length=max_length, desc=desc, quiet=quiet,
                                   token_losses=token_losses, drafts=drafts)

@@ -43,6 +43,9 @@ VERIFY_LOGITS = 2**27  # logits one verification pass holds at most (rows x posi
 EXPECTED_SLACK = 16
 PRUNE_SHARE = 0.25  # stopped rows leave a batch once they are at least this share of it (`_decode_pruned`)
 KEPT_BYTES = 2**30  # prompt keys and values `HfBackend.keeping_prompts` holds at most; past it prompts run again
+# `_decode_pruned` resumes rows from the keys and values `keeping_prompts` kept (False: each row's
+# input runs again; benchmarks/bench_resume.py compares the two).
+RESUME_KEPT = True
 # Attention that takes a mask with holes (a kept prompt's padding before its draft); flash attention's
 # unpadding was not run here, so prompts are not kept with it.
 KEEPING_ATTENTION = ("sdpa", "eager")
@@ -78,6 +81,7 @@ class HfBackend(EvalBackend):
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self._kept: dict[tuple[int, ...], _Prompt] | None = None  # prompt ids -> its pass (`keeping_prompts`)
+        self._drafted: dict[tuple[int, ...], _Known] = {}  # prompt ids -> a rejected draft's pass (`keeping_prompts`)
         self._kept_bytes = 0
         self._layers: int | None = None  # layers whose prompts `_prompts` keeps (0: none; None: not yet looked at)
         self._plain: int | None = None  # `_plain_layers` (None: not yet looked at)
@@ -107,16 +111,18 @@ class HfBackend(EvalBackend):
     def keeping_prompts(self) -> Iterator[None]:
         """`score(greedy=True)` keeps each row's prompt: its keys and values in every layer (one
         copy per batch and layer, up to `KEPT_BYTES` in all) and the greedy token after it; `verify`
-        runs a draft after a kept prompt over the draft alone, attending to those keys and values.
+        runs a draft after a kept prompt over the draft alone, attending to those keys and values, and
+        keeps those of each prompt + the part of a draft accepted before its first rejected token;
+        the pruned greedy loop (`decode`) resumes a row from them instead of running its input again.
         Scoring and verification each run the prompt otherwise, and a prompt is often most of what
         verification runs (the demo's, SmolLM2's). Only a model whose cache is plain (`DynamicLayer`s: no
         sliding window, no linear attention) and whose attention is `KEEPING_ATTENTION` keeps its
         prompts."""
-        self._kept, self._kept_bytes = {}, 0
+        self._kept, self._drafted, self._kept_bytes = {}, {}, 0
         try:
             yield
         finally:
-            self._kept, self._kept_bytes = None, 0
+            self._kept, self._drafted, self._kept_bytes = None, {}, 0
 
     @_evaluating
     def score(self, ids: Sequence[list[int]], labels: Sequence[list[int]], *, pad_id: int,
@@ -268,7 +274,39 @@ class HfBackend(EvalBackend):
             picks = logits.argmax(dim=-1).cpu()  # (B, depth): greedy token after each draft token
             for r, i in enumerate(batch):
                 out[i] = [kept[i].greedy] + picks[r, : len(drafts[r])].tolist()
+                k = next((j for j, t in enumerate(drafts[r]) if t != out[i][j]), 0)  # 0: none rejected, or the first
+                if k:  # decoding resumes after prompt + draft[:k] (after the prompt: its scoring pass's)
+                    self._keep_drafted(seqs[i][0], drafts[r][:k], cache, r, width)
         return out
+
+    def _keep_drafted(self, prompt: list[int], accepted: list[int], cache: DynamicCache, row: int,
+                      width: int) -> None:
+        """Keep the keys and values of `prompt` + `accepted` (the draft before its first rejected
+        token) from `row` of a `_verify_after` pass's `cache` (prompts padded to `width`, then the
+        drafts), while `KEPT_BYTES` is not reached."""
+        n, k = len(prompt), len(accepted)
+        parts = [[torch.cat([x[row, :, :n], x[row, :, width : width + k]], dim=1) for x in xs]
+                 for xs in ([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])]
+        size = sum(x.numel() * x.element_size() for xs in parts for x in xs)
+        if self._kept_bytes + size <= KEPT_BYTES:
+            self._kept_bytes += size
+            self._drafted[tuple(prompt)] = _Known(tuple(prompt) + tuple(accepted), *parts)
+
+    def _known(self, ids: list[int], held: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Each layer's kept keys and values (heads, len(ids) - 1, head_dim) of all but the last of
+        `ids` (a prompt, then `held` tokens of its continuation), from a draft's verification or
+        the prompt's scoring pass (`keeping_prompts`); None where none are kept."""
+        if self._kept is None or len(ids) < 2:
+            return None
+        prompt, need = tuple(ids[: len(ids) - held]), len(ids) - 1
+        drafted = self._drafted.get(prompt)
+        if drafted is not None and len(drafted.ids) >= need and drafted.ids[:need] == tuple(ids[:need]):
+            return [x[:, :need] for x in drafted.keys], [x[:, :need] for x in drafted.values]
+        kept = self._kept.get(prompt)
+        if kept is not None and need <= len(prompt):
+            return ([x[kept.row, :, :need] for x in kept.batch.keys],
+                    [x[kept.row, :, :need] for x in kept.batch.values])
+        return None
 
     @_evaluating
     def decode(self, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[list[int]], limits: Sequence[int], *,
@@ -387,18 +425,29 @@ class HfBackend(EvalBackend):
         rule = StopRule(tokenizer, max(limits, default=1))
         pad_id = pad_id_of(tokenizer)
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        known = {i: k for i in order if RESUME_KEPT and (k := self._known(inputs[i], held[i])) is not None}
         out: list[list[list[int]]] = [[] for _ in inputs]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = max(len(inputs[i]) for i in idx)
-            ids = torch.tensor([[pad_id] * (width - len(inputs[i])) + inputs[i] for i in idx], device=device)
             mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in idx], device=device)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             cache = _Slots(self._plain_layers(), width + max(limits[i] for i in idx))
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                           logits_to_keep=1).logits
+            if any(i in known for i in idx) and min(len(inputs[i]) for i in idx) > 1:
+                # The keys and values of all but each row's last token are kept (the others' run first):
+                # the last tokens alone run.
+                missing = [i for i in idx if i not in known]
+                known.update(zip(missing, self._prefix_states([inputs[i][:-1] for i in missing], pad_id)))
+                cache.fill([known[i] for i in idx], width - 1)
+                step = torch.tensor([[len(inputs[i]) - 1] for i in idx], device=device)
+                logits = model(input_ids=torch.tensor([[inputs[i][-1]] for i in idx], device=device),
+                               attention_mask=mask, position_ids=step, cache=cache, use_cache=True).logits
+            else:
+                ids = torch.tensor([[pad_id] * (width - len(inputs[i])) + inputs[i] for i in idx], device=device)
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True, logits_to_keep=1).logits
+                step = positions[:, -1:]
             going: list[int | None] = list(idx)  # each row's input, None once it stopped
-            step = positions[:, -1:]
             new: dict[int, list[int]] = {i: [] for i in idx}
             while True:
                 picks = logits[:, -1].argmax(dim=-1)
@@ -426,6 +475,21 @@ class HfBackend(EvalBackend):
                 progress(len(idx))
         return out
 
+    def _prefix_states(self, inputs: list[list[int]], pad_id: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Each layer's keys and values (heads, len(inputs[r]), head_dim) of each of `inputs`, from
+        one left-padded pass, as `_decode_pruned` runs a batch's inputs."""
+        if not inputs:
+            return []
+        device = next(self.model.parameters()).device
+        width = max(map(len, inputs))
+        ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in inputs], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=device)
+        cache = DynamicCache()
+        self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                   cache=cache, use_cache=True, logits_to_keep=1)
+        return [([layer.keys[r, :, width - len(x) :] for layer in cache.layers],
+                 [layer.values[r, :, width - len(x) :] for layer in cache.layers]) for r, x in enumerate(inputs)]
+
     @staticmethod
     def _stops(rule: StopRule, prompt: list[int], held: int, new: list[int], answer_line: bool, limit: int) -> bool:
         """Whether a continuation stops at its latest token `new[-1]` (`held`: how many of the
@@ -451,6 +515,12 @@ class _Slots(DynamicCache):
         for layer in self.layers:
             layer.batch_select_indices(rows)
 
+    def fill(self, known: list[tuple[list[torch.Tensor], list[torch.Tensor]]], width: int) -> None:
+        """Start from kept keys and values (`known[r]`: row r's, per layer (heads, n_r, head_dim)),
+        each row's right-aligned at `width` positions, zeros before them (masked: left padding)."""
+        for l, layer in enumerate(self.layers):
+            layer.fill([k[l] for k, _ in known], [v[l] for _, v in known], width)
+
 
 class _SlotLayer(DynamicLayer):
     def __init__(self, size: int):
@@ -469,6 +539,16 @@ class _SlotLayer(DynamicLayer):
         self.values[:, :, self.length : end] = value_states
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
+        for name, rows in (("keys", keys), ("values", values)):
+            h, _, d = rows[0].shape
+            x = rows[0].new_empty(len(rows), h, self.size, d)
+            x[:, :, :width] = 0
+            for r, row in enumerate(rows):
+                x[r, :, width - row.shape[1] : width] = row
+            setattr(self, name, x)
+        self.device, self.is_initialized, self.length = keys[0].device, True, width
 
     def get_seq_length(self) -> int:
         return self.length
@@ -500,6 +580,14 @@ class _Prompts(DynamicCache):
         self.keys.append(key_states[:, :, : self.width].clone())
         self.values.append(value_states[:, :, : self.width].clone())
         return key_states, value_states
+
+
+class _Known(NamedTuple):
+    """Kept keys and values of token `ids` (each layer's (heads, len(ids), head_dim))."""
+
+    ids: tuple[int, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
 
 
 class _Prompt(NamedTuple):

@@ -20,7 +20,7 @@ from overmem.config import EvalConfig, GenerationConfig
 from overmem.data.example import Example, format_prompt
 from overmem.dynamics import evaluate_examples
 from overmem.generation import StopRule, Verified, drafts_are_exact, generate, generate_greedy
-from overmem import hf_backend
+from overmem import generation, hf_backend
 from overmem.hf_backend import HfBackend
 from overmem.results import read_jsonl
 from tests.conftest import make_tiny_llama
@@ -405,6 +405,77 @@ def test_evaluation_with_kept_prompts_writes_the_rows_of_evaluation_without(chec
     assert evaluate_examples(b, char_tokenizer, examples, drafts=drafts, **kw) == kept and after == []
     assert [r["generation_ids"] for r in kept] == [c.ids for c in generate_greedy(
         b, char_tokenizer, [format_prompt(ex.question) for ex in examples], max_new_tokens=30, stop_at_answer=False)]
+
+
+def _widths(model, monkeypatch, into: list):
+    """Record (rows, positions) of each forward pass of `model` in `into`."""
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: into.append(tuple(k["input_ids"].shape)) or real(*a, **k))
+
+
+@pytest.mark.parametrize("limit", [40, 6])
+def test_decoding_resumes_from_the_kept_keys_and_values(checkpoints, char_tokenizer, monkeypatch, limit):
+    """Within `keeping_prompts`, the pruned loop starts a row from the keys and values of all but
+    its last input token where the scoring pass (its prompt) or a verification (its prompt and the
+    draft's accepted prefix) kept them, and runs the others' in one pass first: every row's tokens
+    are those of decoding its whole input, in one batch of kept and new rows or in several, rows of
+    one input token included; a kept row's input never runs again."""
+    _, b = checkpoints
+    tok = char_tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    references = [tok(r, add_special_tokens=False)["input_ids"] for r in AFTER.values()]
+    backend = HfBackend(b)
+    scored = backend.score([p + r for p, r in zip(prompts, references)],
+                           [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+    after = [int(s.greedy[0]) for s in scored]  # the greedy token after each prompt
+    limits = [limit] * 6
+    # Rows 0-2: a prompt and its greedy token (kept by scoring), row 3 a prompt not scored (runs
+    # again), row 4 a prompt kept with 3 tokens of a continuation (not kept: runs again), row 5 one token.
+    inputs = [p + [g] for p, g in zip(prompts[:3], after[:3])] + [
+        tok("Q: 9+9?\nA:")["input_ids"], prompts[3] + references[3][:3], [prompts[4][0]]]
+    carried = [1, 1, 1, 0, 3, 0]
+    kw = dict(answer_line=[False] * 6, carried=carried, cache="pruned")
+    want = backend.decode(tok, inputs, limits, batch_size=6, **kw)
+    widths = []
+    _widths(b, monkeypatch, widths)
+    for batch_size, rows in ((6, slice(0, 5)), (2, slice(0, 5)), (6, slice(0, 6))):
+        with backend.keeping_prompts():
+            backend.score([p + r for p, r in zip(prompts, references)],
+                          [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+            widths.clear()
+            got = backend.decode(tok, inputs[rows], limits[rows], batch_size=batch_size,
+                                 **{k: v[rows] if isinstance(v, list) else v for k, v in kw.items()})
+        assert got == want[rows], (batch_size, rows)
+        if rows.stop == 5 and batch_size == 6:  # one batch: rows 3 and 4 run (all but their last token), then steps
+            assert widths[0] == (2, max(len(inputs[3]), len(inputs[4])) - 1) and all(w[1] == 1 for w in widths[1:])
+        if rows.stop == 6:  # a row of one token: the batch runs as it would without kept keys and values
+            assert widths[0] == (6, max(map(len, inputs)))
+    # A draft's accepted prefix: B follows A's " 2+3" and "ok", then rejects the rest.
+    picked = (0, 2)
+    a_says = [c.ids for c in generate_greedy(checkpoints[0], tok, [PROMPTS[i] for i in picked], max_new_tokens=30,
+                                             stop_at_answer=False)]
+    with backend.keeping_prompts():
+        backend.score([p + r for p, r in zip(prompts, references)],
+                      [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+        greedy = backend.verify(tok, {r: (prompts[i], a_says[r]) for r, i in enumerate(picked)}, batch_size=2)
+        heads = [generation._accepted(a_says[r], greedy[r])[0] for r in range(2)]
+        assert all(1 < len(h) <= len(d) and h != d[: len(h)] for h, d in zip(heads, a_says))  # accepted in part
+        widths.clear()
+        resumed = [prompts[i] + h for i, h in zip(picked, heads)]
+        got = backend.decode(tok, resumed, [limit] * 2, answer_line=[False] * 2, carried=[len(h) for h in heads],
+                             batch_size=2, cache="pruned")
+    assert widths and all(w[1] == 1 for w in widths)  # prompt and accepted prefix never run again
+    assert got == HfBackend(b).decode(tok, resumed, [limit] * 2, answer_line=[False] * 2,
+                                      carried=[len(h) for h in heads], batch_size=2, cache="pruned")
+    # Off: the inputs run again, with the same tokens.
+    monkeypatch.setattr(hf_backend, "RESUME_KEPT", False)
+    with backend.keeping_prompts():
+        backend.score([p + r for p, r in zip(prompts, references)],
+                      [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+        widths.clear()
+        assert backend.decode(tok, inputs[:5], limits[:5], batch_size=6,
+                              **{k: v[:5] if isinstance(v, list) else v for k, v in kw.items()}) == want[:5]
+    assert widths[0] == (5, max(map(len, inputs[:5])))
 
 
 @pytest.mark.parametrize("stop_at_answer", [False, True])
