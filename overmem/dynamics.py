@@ -8,6 +8,7 @@ Accuracy comes with a percentile-bootstrap confidence interval over examples.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -98,6 +99,13 @@ def token_signals(scores: TokenScores) -> dict[str, float]:
     return out
 
 
+@functools.lru_cache(maxsize=2**16)
+def _pieces(tokenizer: PreTrainedTokenizerBase, response: str, n_tokens: int) -> tuple[str, ...]:
+    """`response_pieces`, worked out once per tokenizer and response: every checkpoint of a run
+    scores the same references."""
+    return tuple(response_pieces(tokenizer, response, n_tokens))
+
+
 def evaluate_examples(
     model: PreTrainedModel | EvalBackend,
     tokenizer: PreTrainedTokenizerBase,
@@ -158,7 +166,7 @@ def _evaluate_examples(
     if token_losses:
         for row, ex, s in zip(rows, examples, scores):
             row.update(
-                question=ex.question, tokens=response_pieces(tokenizer, ex.response, s.n_tokens),
+                question=ex.question, tokens=list(_pieces(tokenizer, ex.response, s.n_tokens)),
                 token_nll=[round(-x, TOKEN_DECIMALS) for x in s.logprobs.tolist()],
             )
     # Open-ended answers ("open") and code without tests (a CodeFeedback training set) have no

@@ -322,8 +322,9 @@ def scan_checkpoints(
         release_memory(dropped)
     for ckpt in tqdm(todo, desc="checkpoints", disable=cfg.quiet or not is_main()):
         model = load_for_eval(ckpt.path, cfg)
-        tok = tokenizer or load_tokenizer(cfg.model)
-        evaluate_checkpoint(model, tok, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step, **ev)
+        tokenizer = tokenizer or load_tokenizer(cfg.model)
+        evaluate_checkpoint(model, tokenizer, tracked, run_dir, checkpoint=ckpt.name, epoch=ckpt.epoch, step=ckpt.step,
+                            **ev)
         dropped = module_ref(model)
         del model
         release_memory(dropped)
