@@ -136,8 +136,9 @@ class EvalBackend(ABC):
     def keeping_prompts(self) -> Iterator[None]:
         """Within it, a backend may keep what `score(greedy=True)` computed for each row's prompt
         (its ids before the first labelled one) so that `verify` of a draft after the same prompt
-        need not run the prompt again; the tokens `verify` gives are the same. Kept until the block
-        ends. This one keeps nothing."""
+        need not run the prompt again, and what `verify` computed so that `decode` need not run a
+        prompt + accepted draft again; the tokens given are the same. Kept until the block ends.
+        This one keeps nothing."""
         yield
 
     @abstractmethod
