@@ -429,24 +429,21 @@ class HfBackend(EvalBackend):
         out: list[list[list[int]]] = [[] for _ in inputs]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(inputs[i]) for i in idx)
-            mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in idx], device=device)
+            ids, mask, positions = _left_padded([inputs[i] for i in idx], pad_id, device)
+            width = ids.shape[1]
             cache = _Slots(self._plain_layers(), width + max(limits[i] for i in idx))
+            step = positions[:, -1:]  # each row's last input token
             if any(i in known for i in idx) and min(len(inputs[i]) for i in idx) > 1:
                 # The keys and values of all but each row's last token are kept (the others' run first):
                 # the last tokens alone run.
                 missing = [i for i in idx if i not in known]
                 known.update(zip(missing, self._prefix_states([inputs[i][:-1] for i in missing], pad_id)))
                 cache.fill([known[i] for i in idx], width - 1)
-                step = torch.tensor([[len(inputs[i]) - 1] for i in idx], device=device)
                 logits = model(input_ids=torch.tensor([[inputs[i][-1]] for i in idx], device=device),
                                attention_mask=mask, position_ids=step, cache=cache, use_cache=True).logits
             else:
-                ids = torch.tensor([[pad_id] * (width - len(inputs[i])) + inputs[i] for i in idx], device=device)
-                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                use_cache=True, logits_to_keep=1).logits
-                step = positions[:, -1:]
             going: list[int | None] = list(idx)  # each row's input, None once it stopped
             new: dict[int, list[int]] = {i: [] for i in idx}
             while True:
@@ -480,13 +477,11 @@ class HfBackend(EvalBackend):
         one left-padded pass, as `_decode_pruned` runs a batch's inputs."""
         if not inputs:
             return []
-        device = next(self.model.parameters()).device
-        width = max(map(len, inputs))
-        ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in inputs], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=device)
+        ids, mask, positions = _left_padded(inputs, pad_id, next(self.model.parameters()).device)
+        width = ids.shape[1]
         cache = DynamicCache()
-        self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-                   cache=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1)
         return [([layer.keys[r, :, width - len(x) :] for layer in cache.layers],
                  [layer.values[r, :, width - len(x) :] for layer in cache.layers]) for r, x in enumerate(inputs)]
 
@@ -597,6 +592,16 @@ class _Prompt(NamedTuple):
     batch: _Prompts
     row: int
     greedy: int
+
+
+def _left_padded(inputs: Sequence[list[int]], pad_id: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`inputs` left-padded to the longest: ids, the 2-D attention mask, and positions counted
+    from each row's first real token (as `generate` gives them)."""
+    width = max(map(len, inputs))
+    ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in inputs], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=device)
+    return ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def _rows(x: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:

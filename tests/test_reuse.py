@@ -425,8 +425,11 @@ def test_decoding_resumes_from_the_kept_keys_and_values(checkpoints, char_tokeni
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     references = [tok(r, add_special_tokens=False)["input_ids"] for r in AFTER.values()]
     backend = HfBackend(b)
-    scored = backend.score([p + r for p, r in zip(prompts, references)],
-                           [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+    def score():  # each prompt with B's reference, greedy tokens too
+        return backend.score([p + r for p, r in zip(prompts, references)],
+                             [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+
+    scored = score()
     after = [int(s.greedy[0]) for s in scored]  # the greedy token after each prompt
     limits = [limit] * 6
     # Rows 0-2: a prompt and its greedy token (kept by scoring), row 3 a prompt not scored (runs
@@ -440,8 +443,7 @@ def test_decoding_resumes_from_the_kept_keys_and_values(checkpoints, char_tokeni
     _widths(b, monkeypatch, widths)
     for batch_size, rows in ((6, slice(0, 5)), (2, slice(0, 5)), (6, slice(0, 6))):
         with backend.keeping_prompts():
-            backend.score([p + r for p, r in zip(prompts, references)],
-                          [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+            score()
             widths.clear()
             got = backend.decode(tok, inputs[rows], limits[rows], batch_size=batch_size,
                                  **{k: v[rows] if isinstance(v, list) else v for k, v in kw.items()})
@@ -455,8 +457,7 @@ def test_decoding_resumes_from_the_kept_keys_and_values(checkpoints, char_tokeni
     a_says = [c.ids for c in generate_greedy(checkpoints[0], tok, [PROMPTS[i] for i in picked], max_new_tokens=30,
                                              stop_at_answer=False)]
     with backend.keeping_prompts():
-        backend.score([p + r for p, r in zip(prompts, references)],
-                      [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+        score()
         greedy = backend.verify(tok, {r: (prompts[i], a_says[r]) for r, i in enumerate(picked)}, batch_size=2)
         heads = [generation._accepted(a_says[r], greedy[r])[0] for r in range(2)]
         assert all(1 < len(h) <= len(d) and h != d[: len(h)] for h, d in zip(heads, a_says))  # accepted in part
@@ -470,8 +471,7 @@ def test_decoding_resumes_from_the_kept_keys_and_values(checkpoints, char_tokeni
     # Off: the inputs run again, with the same tokens.
     monkeypatch.setattr(hf_backend, "RESUME_KEPT", False)
     with backend.keeping_prompts():
-        backend.score([p + r for p, r in zip(prompts, references)],
-                      [[-100] * len(p) + r for p, r in zip(prompts, references)], pad_id=0, greedy=True)
+        score()
         widths.clear()
         assert backend.decode(tok, inputs[:5], limits[:5], batch_size=6,
                               **{k: v[:5] if isinstance(v, list) else v for k, v in kw.items()}) == want[:5]
