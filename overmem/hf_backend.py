@@ -43,6 +43,9 @@ VERIFY_LOGITS = 2**27  # logits one verification pass holds at most (rows x posi
 EXPECTED_SLACK = 16
 PRUNE_SHARE = 0.25  # stopped rows leave a batch once they are at least this share of it (`_decode_pruned`)
 KEPT_BYTES = 2**30  # prompt keys and values `HfBackend.keeping_prompts` holds at most; past it prompts run again
+# `HfBackend.score` runs the tokens every row of a batch begins with (a prompt template's opening, ...)
+# once, where they are at least this many: below it the extra pass costs about what it spares.
+SHARED_MIN = 8
 # `_decode_pruned` resumes rows from the keys and values `keeping_prompts` kept (False: each row's
 # input runs again; benchmarks/bench_resume.py compares the two).
 RESUME_KEPT = True
@@ -136,6 +139,11 @@ class HfBackend(EvalBackend):
         the scores are exact and the model takes its fastest (purely causal) attention path. Only
         the positions from the batch's first scored one on go through the output layer (a large
         share of a small model's pass); each logit is the one the whole pass gives, bit for bit.
+
+        The tokens every row begins with (the prompt template's opening: 24 of SmolLM2's tokens),
+        where they are at least `SHARED_MIN` and come before the first scored position, run once in
+        a pass of their own, and the batch runs after their keys and values (`_Pass`): computed
+        once, not once per row, and each logit within float32 rounding of the whole pass's.
         """
         chunk_size = VOCAB_CHUNK if chunk_size is None else chunk_size
         if len(ids) != len(labels) or any(len(i) != len(y) for i, y in zip(ids, labels)):
@@ -150,16 +158,20 @@ class HfBackend(EvalBackend):
         # Position t predicts token t+1: logits from the first position that predicts a labelled token.
         scored = (label_ids[:, 1:] != IGNORE).any(dim=0).nonzero()
         first = int(scored[0]) if len(scored) else input_ids.shape[1] - 1
-        prompts = self._prompts(label_ids) if greedy and self._kept is not None else None
-        kept = {"cache": prompts, "use_cache": True} if prompts is not None else {}
-        logits = self.model(input_ids=input_ids, logits_to_keep=input_ids.shape[1] - first, **kept).logits
+        shared = self._shared(ids, first)
+        prompts = self._prompts(label_ids) if greedy and self._kept is not None else 0
+        cache = None  # a cache only where the pass runs after the shared opening or keeps its prompts
+        if shared or prompts:
+            cache = _Pass(self._prefix(ids[0][:shared], len(ids)) if shared else None, prompts)
+        logits = self.model(input_ids=input_ids[:, shared:], logits_to_keep=input_ids.shape[1] - first,
+                            **({"cache": cache, "use_cache": True} if cache is not None else {})).logits
         # logits: (B, T - first, V)
         target = label_ids[:, first + 1 :]
         keep = target != IGNORE  # (B, T - first - 1)
         counts = keep.sum(dim=1).tolist()
         picks = _greedy_rows(logits, label_ids, first, [len(row) for row in ids]) if greedy else [None] * len(ids)
-        if prompts is not None:
-            self._keep(ids, picks, prompts)
+        if prompts:
+            self._keep(ids, picks, cache)
         if vocab_stats:
             lp, mu, sigma, ranks = (x.cpu().split(counts) for x in _vocab_stats(logits, target, keep, chunk_size))
             return [TokenStats(l, m, sd, ranks=r, entropy=-m, greedy=g)
@@ -169,16 +181,40 @@ class HfBackend(EvalBackend):
         return [TokenScores(a.cpu(), ranks=r.cpu(), entropy=h.cpu(), greedy=g)
                 for a, r, h, g in zip(lp.split(counts), ranks.split(counts), entropy.split(counts), picks)]
 
-    def _prompts(self, label_ids: torch.Tensor) -> _Prompts | None:
-        """A cache that keeps the keys and values of the batch's prompts (each row's ids before its
-        first labelled token) as the scoring pass computes them, where this model's can be kept and
-        room is left (`keeping_prompts`); None where not."""
-        if self._layers is None:  # the layers whose prompts are kept, 0 where they would not be plain
-            attention = getattr(self.model.config, "_attn_implementation", None)
-            self._layers = self._plain_layers() if attention in KEEPING_ATTENTION else 0
+    def _prompts(self, label_ids: torch.Tensor) -> int:
+        """How many positions of each layer's keys and values the scoring pass keeps: the batch's
+        longest prompt (each row's ids before its first labelled token), where this model's can be
+        kept and room is left (`keeping_prompts`); 0 where not."""
         labelled = (label_ids != IGNORE).any(dim=1)
         width = int(label_ids.ne(IGNORE).int().argmax(dim=1)[labelled].max()) if labelled.any() else 0
-        return _Prompts(width) if self._layers and width > 0 and self._kept_bytes < KEPT_BYTES else None
+        return width if self._cached_layers() and self._kept_bytes < KEPT_BYTES else 0
+
+    def _cached_layers(self) -> int:
+        """The layers whose keys and values a scoring pass may take from, or keep for, another
+        pass: all of them where the model's cache is plain (`_plain_layers`) and its attention is
+        `KEEPING_ATTENTION`, else 0; looked at once per backend."""
+        if self._layers is None:
+            attention = getattr(self.model.config, "_attn_implementation", None)
+            self._layers = self._plain_layers() if attention in KEEPING_ATTENTION else 0
+        return self._layers
+
+    def _shared(self, ids: Sequence[list[int]], first: int) -> int:
+        """How many tokens every row of `ids` begins with, up to `first` (the first position
+        whose logits are read) and leaving each row a token of its own; 0 where fewer than
+        `SHARED_MIN` or where no pass may take keys and values from another (`_cached_layers`)."""
+        if len(ids) < 2:
+            return 0
+        bound = min(first, min(map(len, ids)) - 1)
+        n = next((j for j in range(bound) if any(row[j] != ids[0][j] for row in ids)), max(bound, 0))
+        return n if n >= SHARED_MIN and self._cached_layers() else 0
+
+    def _prefix(self, ids: list[int], rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values of `ids` (one pass over them alone), expanded to `rows`
+        rows without a copy: (rows, heads, len(ids), head_dim)."""
+        device = next(self.model.parameters()).device
+        cache = DynamicCache()
+        self.model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        return [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
 
     def _plain_layers(self) -> int:
         """The layers of this model's cache where every one is a plain `DynamicLayer` (no sliding
@@ -191,7 +227,7 @@ class HfBackend(EvalBackend):
             self._plain = len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
         return self._plain
 
-    def _keep(self, ids: Sequence[list[int]], picks: list, prompts: _Prompts) -> None:
+    def _keep(self, ids: Sequence[list[int]], picks: list, prompts: _Pass) -> None:
         """Keep each row's prompt (its ids before `picks[r]`, the greedy tokens from its end on) from
         `prompts`, the scoring pass's (`keeping_prompts`), where every layer handed it its keys and
         values once, in order, and while `KEPT_BYTES` is not reached."""
@@ -259,7 +295,7 @@ class HfBackend(EvalBackend):
             lengths = [len(seqs[i][0]) for i in batch]
             drafts = [seqs[i][1] for i in batch]
             width, depth = max(lengths), max(map(len, drafts))
-            runs: dict[int, tuple[_Prompts, list[int]]] = {}
+            runs: dict[int, tuple[_Pass, list[int]]] = {}
             for i in batch:
                 runs.setdefault(id(kept[i].batch), (kept[i].batch, []))[1].append(kept[i].row)
             cache = DynamicCache()
@@ -557,13 +593,15 @@ class _SlotLayer(DynamicLayer):
                 setattr(self, name, kept)
 
 
-class _Prompts(DynamicCache):
-    """A cache for one forward pass from the first position (`HfBackend.score` within
-    `keeping_prompts`): it keeps a copy of the keys and values of every layer up to `width`
-    positions and hands the pass its own, unstored, as no cache would (nothing is concatenated)."""
+class _Pass(DynamicCache):
+    """A cache for one scoring pass (`HfBackend.score`) that stores nothing: each layer's keys and
+    values of the batch's `shared` opening (computed once, `HfBackend._prefix`) go before the pass's
+    own, and with `width` (`keeping_prompts`) it keeps a copy of each layer's first `width`
+    positions (the batch's prompts), handing the pass its keys and values unstored."""
 
-    def __init__(self, width: int):
+    def __init__(self, shared: list[tuple[torch.Tensor, torch.Tensor]] | None, width: int):
         super().__init__()
+        self.shared = shared
         self.width = width
         self.seen: list[int] = []  # the layer of each copy, in the order they came
         self.keys: list[torch.Tensor] = []
@@ -571,10 +609,20 @@ class _Prompts(DynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        self.seen.append(layer_idx)
-        self.keys.append(key_states[:, :, : self.width].clone())
-        self.values.append(value_states[:, :, : self.width].clone())
+        if self.shared:
+            keys, values = self.shared[layer_idx]
+            key_states, value_states = torch.cat([keys, key_states], dim=2), torch.cat([values, value_states], dim=2)
+        if self.width:
+            self.seen.append(layer_idx)
+            self.keys.append(key_states[:, :, : self.width].clone())
+            self.values.append(value_states[:, :, : self.width].clone())
         return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.shared[layer_idx][0].shape[2] if self.shared else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
 
 
 class _Known(NamedTuple):
@@ -589,7 +637,7 @@ class _Prompt(NamedTuple):
     """A prompt the scoring pass ran: its `row` of a kept `batch` (its scoring batch's copies, each
     layer's (rows, heads, longest prompt, head_dim)), and the greedy token after it."""
 
-    batch: _Prompts
+    batch: _Pass
     row: int
     greedy: int
 

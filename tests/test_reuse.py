@@ -368,13 +368,13 @@ def test_drafts_verified_after_the_prompts_scoring_kept_give_what_verify_gives(c
     assert got == {i: want[i] for i in mixed} and len(widths) == 2  # row 2 kept, rows 0 and 1 run whole
     # Nothing kept, and the same tokens: past KEPT_BYTES, with an attention not in KEEPING_ATTENTION,
     # and where a layer did not hand its keys and values to the scoring pass's cache.
-    real_update = hf_backend._Prompts.update
+    real_update = hf_backend._Pass.update
     for attr, value in (("KEPT_BYTES", 0), ("KEEPING_ATTENTION", ()),
-                        ("_Prompts.update", lambda self, k, v, layer, *a, **kw: (k, v) if layer == 1 else
+                        ("_Pass.update", lambda self, k, v, layer, *a, **kw: (k, v) if layer == 1 else
                          real_update(self, k, v, layer, *a, **kw))):
         with monkeypatch.context() as patch:
-            if attr == "_Prompts.update":
-                patch.setattr(hf_backend._Prompts, "update", value)
+            if attr == "_Pass.update":
+                patch.setattr(hf_backend._Pass, "update", value)
             else:
                 patch.setattr(hf_backend, attr, value)
             got, widths, _ = _scored_and_verified(HfBackend(b), tok, rows, drafts, keep_from=0)

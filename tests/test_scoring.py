@@ -36,6 +36,81 @@ def test_perplexity_matches_unbatched_reference(char_tokenizer):
         assert math.isclose(s.ppl, math.exp(-sum(ref) / len(ref)), rel_tol=1e-4)
 
 
+def test_a_batch_runs_the_tokens_its_rows_begin_with_once(char_tokenizer, monkeypatch):
+    """The prompt template's opening, which every row begins with, runs in one pass of its own and
+    the batch after its keys and values: the same scores and greedy tokens as the whole pass, and
+    as one example at a time."""
+    from overmem import hf_backend
+    from overmem.hf_backend import HfBackend
+
+    model = make_tiny_llama(len(char_tokenizer), seed=2)
+    examples = toy_examples(4)
+    encoded = [encode_example(char_tokenizer, ex, max_length=4096, add_eos=False) for ex in examples]
+    ids, labels = [e.ids for e in encoded], [e.labels for e in encoded]
+    prompts = [len(char_tokenizer(format_prompt(ex.question))["input_ids"]) for ex in examples]
+    # Worked out here: the rows' common opening, which ends inside the questions ("... Instruction:\n").
+    shared = next(j for j in range(min(map(len, ids))) if len({row[j] for row in ids}) > 1)
+    assert hf_backend.SHARED_MIN <= shared < min(prompts)
+    widths = []
+    real = model.forward
+
+    def forward(*args, input_ids=None, **kwargs):
+        widths.append(input_ids.shape[1])
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "forward", forward)
+        got = HfBackend(model).score(ids, labels, pad_id=0, greedy=True)
+        assert widths == [shared, max(map(len, ids)) - shared]
+        patch.setattr(hf_backend, "SHARED_MIN", 10**9)
+        whole = HfBackend(model).score(ids, labels, pad_id=0, greedy=True)
+        assert widths[2:] == [max(map(len, ids))]
+    for ex, a, b in zip(examples, got, whole):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.entropy, b.entropy, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.ranks, b.ranks) and torch.equal(a.greedy, b.greedy)
+        ref = torch.tensor(reference_logprobs(model, char_tokenizer, ex), dtype=torch.float64)
+        assert torch.allclose(a.logprobs.double(), ref, atol=1e-4)
+
+
+def test_the_shared_opening_stops_before_the_scored_positions_and_each_rows_last_token(vocab50_model, monkeypatch):
+    from overmem import hf_backend
+    from overmem.hf_backend import HfBackend
+
+    monkeypatch.setattr(hf_backend, "SHARED_MIN", 2)
+    backend = HfBackend(vocab50_model)
+    assert backend._shared([[5, 6, 7, 8, 9], [5, 6, 7, 1]], first=10) == 3  # where they part
+    assert backend._shared([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9]], first=3) == 3  # the first position read
+    assert backend._shared([[5, 6, 7, 8], [5, 6, 7, 8, 9]], first=10) == 3  # a token of each row's own
+    assert backend._shared([[5, 6, 7, 8], [5, 9]], first=10) == 0  # fewer than SHARED_MIN
+    assert backend._shared([[5, 6, 7, 8]], first=10) == 0  # one row: nothing to share
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_backend, "KEEPING_ATTENTION", ())  # a pass may not run after another's keys
+        assert HfBackend(vocab50_model)._shared([[5, 6, 7, 8, 9], [5, 6, 7, 1]], first=10) == 0
+    # Scored from position 2 on (first read: 1), the opening is too short to share; from position
+    # 5 on, the first 4 tokens run once.
+    rows = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 11]]
+    widths = []
+    real = vocab50_model.forward
+
+    def forward(*args, input_ids=None, **kwargs):
+        widths.append(input_ids.shape[1])
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(vocab50_model, "forward", forward)
+    for start, want in ((2, [6]), (5, [4, 2])):
+        labels = [[IGNORE] * start + row[start:] for row in rows]
+        widths.clear()
+        got = HfBackend(vocab50_model).score(rows, labels, pad_id=0, greedy=True)
+        assert widths == want
+        with monkeypatch.context() as patch:
+            patch.setattr(hf_backend, "SHARED_MIN", 10**9)
+            whole = HfBackend(vocab50_model).score(rows, labels, pad_id=0, greedy=True)
+        for x, y in zip(got, whole):
+            torch.testing.assert_close(x.logprobs, y.logprobs, atol=1e-5, rtol=1e-5)
+            assert x.n_tokens == 6 - start and torch.equal(x.greedy, y.greedy)
+
+
 def test_encode_masks_prompt_and_appends_eos(char_tokenizer):
     ex = toy_examples(1)[0]
     ids, labels, _ = encode_example(char_tokenizer, ex, max_length=4096, add_eos=True)
