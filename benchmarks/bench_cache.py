@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import known_splits, run_checkpoints  # noqa: E402
 from overmem.config import config_from_dict, read_yaml  # noqa: E402
 from overmem.data.example import format_prompt  # noqa: E402
 from overmem.data.splits import derive_splits  # noqa: E402
@@ -35,7 +36,7 @@ from overmem.generation import generate_greedy  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
 from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
-from overmem.results import BASE, RunDir, find_checkpoints, read_jsonl  # noqa: E402
+from overmem.results import BASE, RunDir, read_jsonl  # noqa: E402
 
 CACHES = ("pruned", "static", "dynamic")
 DECODED = [0]  # rows the backend decoded in the latest call
@@ -69,11 +70,12 @@ def main() -> None:
     count_decoded_rows()
     cfg = config_from_dict(read_yaml(args.run / "config.yaml"), "bench config")
     tokenizer = load_tokenizer(cfg.model)
-    examples = derive_splits(cfg.data).tracked[args.split]
+    tracked = derive_splits(cfg.data).tracked
+    known_splits(ap, tracked, [args.split])
+    examples = tracked[args.split]
     prompts = [format_prompt(ex.question) for ex in examples]
     run = RunDir(args.run)
-    order = [BASE] + [c.name for c in find_checkpoints(args.run / "checkpoints")]
-    paths = {c.name: c.path for c in find_checkpoints(args.run / "checkpoints")}
+    order, paths, names = run_checkpoints(ap, args.run, args.names)
     gen = cfg.generation
     settings = ({f"batch {b}": {"batch_size": b, "cache": gen.cache} for b in args.batch_sizes} if args.batch_sizes
                 else {cache: {"batch_size": gen.batch_size, "cache": cache} for cache in CACHES})
@@ -86,10 +88,6 @@ def main() -> None:
           + (f"cache {gen.cache}" if args.batch_sizes else f"batches of {gen.batch_size}"))
     print("checkpoint  " + "  ".join(f"{label + ' s':>10}" for label in labels)
           + "  " + "  ".join(f"{label + '/' + labels[0]:>16}" for label in labels[1:]) + "  rows decoded  identical")
-    names = [BASE if name == "base" else name for name in args.names]
-    unknown = [name for name in names if name not in order]
-    if unknown:
-        ap.error(f"no checkpoint {', '.join(unknown)} in {args.run / 'checkpoints'} (have: base, {', '.join(order[1:])})")
     for name in names:
         model = (load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval()
         drafts = None

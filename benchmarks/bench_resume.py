@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import known_splits, run_checkpoints  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.backends import as_backend  # noqa: E402
 from overmem.config import config_from_dict, read_yaml  # noqa: E402
@@ -33,7 +34,7 @@ from overmem.data.splits import derive_splits  # noqa: E402
 from overmem.dynamics import evaluate_examples  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
 from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
-from overmem.results import BASE, RunDir, find_checkpoints, read_jsonl  # noqa: E402
+from overmem.results import BASE, RunDir, read_jsonl  # noqa: E402
 
 LABELS = ("resumed", "run again")
 DECODING = {"seconds": 0.0, "rows": 0}  # the backend's decoding in the latest evaluation
@@ -64,16 +65,9 @@ def main() -> None:
     cfg = config_from_dict(read_yaml(args.run / "config.yaml"), "bench config")
     tokenizer = load_tokenizer(cfg.model)
     tracked = derive_splits(cfg.data).tracked
-    unknown_splits = [s for s in args.splits if s not in tracked]
-    if unknown_splits:
-        ap.error(f"no tracked split {', '.join(unknown_splits)} (have: {', '.join(tracked)})")
+    known_splits(ap, tracked, args.splits)
     run = RunDir(args.run)
-    order = [BASE] + [c.name for c in find_checkpoints(args.run / "checkpoints")]
-    paths = {c.name: c.path for c in find_checkpoints(args.run / "checkpoints")}
-    names = [BASE if name == "base" else name for name in args.names]
-    unknown = [name for name in names if name not in order]
-    if unknown:
-        ap.error(f"no checkpoint {', '.join(unknown)} in {args.run / 'checkpoints'} (have: base, {', '.join(order[1:])})")
+    order, paths, names = run_checkpoints(ap, args.run, args.names)
     print(f"splits {', '.join(args.splits)}; batches of {cfg.generation.batch_size}; median of {args.rounds} rounds")
     print("checkpoint  " + "  ".join(f"{label + ' s':>12}" for label in LABELS) + "  ratio  "
           + "  ".join(f"{'decode ' + label + ' s':>19}" for label in LABELS) + "  ratio  rows decoded  identical")

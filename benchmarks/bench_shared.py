@@ -25,13 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import known_splits, run_checkpoints  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.backends import as_backend  # noqa: E402
 from overmem.config import config_from_dict, read_yaml  # noqa: E402
 from overmem.data.splits import derive_splits  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
 from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
-from overmem.results import BASE, find_checkpoints  # noqa: E402
+from overmem.results import BASE  # noqa: E402
 from overmem.scoring import score_examples  # noqa: E402
 
 LABELS = ("shared", "every row")
@@ -61,14 +62,8 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model)
     tracked = derive_splits(cfg.data).tracked
     splits = args.splits or list(tracked)
-    unknown_splits = [s for s in splits if s not in tracked]
-    if unknown_splits:
-        ap.error(f"no tracked split {', '.join(unknown_splits)} (have: {', '.join(tracked)})")
-    paths = {c.name: c.path for c in find_checkpoints(args.run / "checkpoints")}
-    names = [BASE if name == "base" else name for name in args.names]
-    unknown = [name for name in names if name != BASE and name not in paths]
-    if unknown:
-        ap.error(f"no checkpoint {', '.join(unknown)} in {args.run / 'checkpoints'} (have: base, {', '.join(paths)})")
+    known_splits(ap, tracked, splits)
+    _, paths, names = run_checkpoints(ap, args.run, args.names)
     examples = [ex for split in splits for ex in tracked[split]]
     minimum = hf_backend.SHARED_MIN
     print(f"splits {', '.join(splits)} ({len(examples)} examples); batches of {cfg.eval.batch_size}; "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,3 +35,25 @@ def paired_median_times(
             fn()
             acc.append(time.perf_counter() - t0)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def run_checkpoints(ap: argparse.ArgumentParser, run: Path,
+                    names: Sequence[str]) -> tuple[list[str], dict[str, Path], list[str]]:
+    """A finished run folder's checkpoints in order, the base first; their folders; and `names`
+    with "base" read as the base model. A name the run does not have is a usage error."""
+    from overmem.results import BASE, find_checkpoints
+
+    found = find_checkpoints(run / "checkpoints")
+    order = [BASE] + [c.name for c in found]
+    names = [BASE if name == "base" else name for name in names]
+    unknown = [name for name in names if name not in order]
+    if unknown:
+        ap.error(f"no checkpoint {', '.join(unknown)} in {run / 'checkpoints'} (have: base, {', '.join(order[1:])})")
+    return order, {c.name: c.path for c in found}, names
+
+
+def known_splits(ap: argparse.ArgumentParser, tracked: Sequence[str], splits: Sequence[str]) -> None:
+    """A split the run does not track is a usage error."""
+    unknown = [s for s in splits if s not in tracked]
+    if unknown:
+        ap.error(f"no tracked split {', '.join(unknown)} (have: {', '.join(tracked)})")
