@@ -28,14 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import known_splits, run_checkpoints  # noqa: E402
-from overmem.config import config_from_dict, read_yaml  # noqa: E402
+from benchmarks.common import known_splits, open_run, run_checkpoints  # noqa: E402
 from overmem.data.example import format_prompt  # noqa: E402
-from overmem.data.splits import derive_splits  # noqa: E402
 from overmem.generation import generate_greedy  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
-from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
+from overmem.models import load_checkpoint, load_model  # noqa: E402
 from overmem.results import BASE, RunDir, read_jsonl  # noqa: E402
 
 CACHES = ("pruned", "static", "dynamic")
@@ -68,9 +66,7 @@ def main() -> None:
     if args.sizing and not args.drafts:
         ap.error("--sizing compares what the drafts' lengths do: add --drafts")
     count_decoded_rows()
-    cfg = config_from_dict(read_yaml(args.run / "config.yaml"), "bench config")
-    tokenizer = load_tokenizer(cfg.model)
-    tracked = derive_splits(cfg.data).tracked
+    cfg, tokenizer, tracked = open_run(args.run)
     known_splits(ap, tracked, [args.split])
     examples = tracked[args.split]
     prompts = [format_prompt(ex.question) for ex in examples]

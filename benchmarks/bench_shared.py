@@ -25,13 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import known_splits, run_checkpoints  # noqa: E402
+from benchmarks.common import known_splits, open_run, run_checkpoints  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.backends import as_backend  # noqa: E402
-from overmem.config import config_from_dict, read_yaml  # noqa: E402
-from overmem.data.splits import derive_splits  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
-from overmem.models import load_checkpoint, load_model, load_tokenizer  # noqa: E402
+from overmem.models import load_checkpoint, load_model  # noqa: E402
 from overmem.results import BASE  # noqa: E402
 from overmem.scoring import score_examples  # noqa: E402
 
@@ -58,9 +56,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     count_shared()
-    cfg = config_from_dict(read_yaml(args.run / "config.yaml"), "bench config")
-    tokenizer = load_tokenizer(cfg.model)
-    tracked = derive_splits(cfg.data).tracked
+    cfg, tokenizer, tracked = open_run(args.run)
     splits = args.splits or list(tracked)
     known_splits(ap, tracked, splits)
     _, paths, names = run_checkpoints(ap, args.run, args.names)

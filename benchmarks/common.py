@@ -37,6 +37,16 @@ def paired_median_times(
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def open_run(run: Path) -> tuple:
+    """A finished run folder's config (its config.yaml), tokenizer and tracked splits."""
+    from overmem.config import config_from_dict, read_yaml
+    from overmem.data.splits import derive_splits
+    from overmem.models import load_tokenizer
+
+    cfg = config_from_dict(read_yaml(run / "config.yaml"), "bench config")
+    return cfg, load_tokenizer(cfg.model), derive_splits(cfg.data).tracked
+
+
 def run_checkpoints(ap: argparse.ArgumentParser, run: Path,
                     names: Sequence[str]) -> tuple[list[str], dict[str, Path], list[str]]:
     """A finished run folder's checkpoints in order, the base first; their folders; and `names`
