@@ -209,12 +209,10 @@ class HfBackend(EvalBackend):
         return n if n >= SHARED_MIN and self._cached_layers() else 0
 
     def _prefix(self, ids: list[int], rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's keys and values of `ids` (one pass over them alone), expanded to `rows`
-        rows without a copy: (rows, heads, len(ids), head_dim)."""
-        device = next(self.model.parameters()).device
-        cache = DynamicCache()
-        self.model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
-        return [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
+        """Each layer's keys and values of `ids` (one pass over them alone, `_prefix_states`),
+        expanded to `rows` rows without a copy: (rows, heads, len(ids), head_dim)."""
+        ((keys, values),) = self._prefix_states([ids], pad_id=0)  # one row: no padding
+        return [(k[None].expand(rows, -1, -1, -1), v[None].expand(rows, -1, -1, -1)) for k, v in zip(keys, values)]
 
     def _plain_layers(self) -> int:
         """The layers of this model's cache where every one is a plain `DynamicLayer` (no sliding
