@@ -73,7 +73,7 @@ def demo_config(
             "validation": "synthetic:validation", "validation_size": 100, "monitor_size": 50,
             "tests": {"test": "synthetic:test"}, "test_size": 200, "seed": seed,
         },
-        "generation": {"max_new_tokens": 160, "batch_size": 50},
+        "generation": {"max_new_tokens": 160, "batch_size": 100},
         "eval": {"batch_size": 50, "overlap": True},
         "out_dir": str(out_dir),
         "quiet": quiet,

@@ -111,6 +111,94 @@ def test_the_shared_opening_stops_before_the_scored_positions_and_each_rows_last
             assert x.n_tokens == 6 - start and torch.equal(x.greedy, y.greedy)
 
 
+def _brute_cut(widths, max_rows, max_slots, pass_tokens):
+    """Independent computation: every way to cut `widths` into consecutive batches, the cheapest."""
+    import itertools
+
+    n, best = len(widths), None
+    for ends in itertools.product((False, True), repeat=n - 1):
+        bounds = [0] + [i + 1 for i, e in enumerate(ends) if e] + [n]
+        parts = [widths[a:b] for a, b in zip(bounds, bounds[1:])]
+        if any(len(p) > max_rows or (len(p) > 1 and len(p) * max(p) > max_slots) for p in parts):
+            continue
+        cost = sum(pass_tokens + len(p) * max(p) for p in parts)
+        if best is None or cost < best[0]:
+            best = (cost, [len(p) for p in parts])
+    return best
+
+
+def test_rows_are_cut_into_the_batches_that_cost_least():
+    from overmem.hf_backend import _cut
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(1, 10))
+        widths = sorted(rng.integers(1, 120, size=n).tolist(), reverse=bool(trial % 2))
+        max_rows, max_slots, pass_tokens = int(rng.integers(1, 6)), int(rng.integers(100, 400)), int(rng.integers(0, 80))
+        sizes = _cut(widths, max_rows, max_slots=max_slots, pass_tokens=pass_tokens)
+        cost, _ = _brute_cut(widths, max_rows, max_slots, pass_tokens)
+        assert sum(sizes) == n and all(1 <= k <= max_rows for k in sizes)
+        bounds = np.cumsum([0] + sizes)
+        parts = [widths[a:b] for a, b in zip(bounds, bounds[1:])]
+        assert all(len(p) == 1 or len(p) * max(p) <= max_slots for p in parts)
+        assert sum(pass_tokens + len(p) * max(p) for p in parts) == cost
+    # Worked by hand: two short rows and two long ones, a pass worth 10 tokens: two batches
+    # (2 x 3 + 2 x 50 + 20 = 126) rather than one (4 x 50 + 10 = 210).
+    assert _cut([3, 3, 50, 50], 4, pass_tokens=10) == [2, 2]
+    assert _cut([3, 3, 50, 50], 4, pass_tokens=200) == [4]  # a pass costs more than the padding
+    assert _cut([], 4) == []
+
+
+def test_a_batch_of_rows_far_apart_in_length_runs_in_passes_of_similar_rows(char_tokenizer, monkeypatch):
+    """Long and short rows in one `score` call run in two passes, each padded to its own longest:
+    every row's scores within float32 rounding of one pass over the whole batch, and of one
+    example at a time; results in the order given."""
+    from overmem import hf_backend
+    from overmem.hf_backend import HfBackend
+
+    model = make_tiny_llama(len(char_tokenizer), seed=3)
+    examples = toy_examples(6)
+    for i in (1, 4):  # two rows much longer than the others
+        examples[i] = replace(examples[i], response=examples[i].response + " and so on" * 12)
+    encoded = [encode_example(char_tokenizer, ex, max_length=4096, add_eos=False) for ex in examples]
+    ids, labels = [e.ids for e in encoded], [e.labels for e in encoded]
+    lengths = [len(row) for row in ids]
+    shapes = []
+    real = model.forward
+
+    def forward(*args, input_ids=None, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(hf_backend, "SHARED_MIN", 10**9)  # one pass per batch: its shape is the batch's
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "forward", forward)
+        got = HfBackend(model).score(ids, labels, pad_id=0, greedy=True)
+        short = [n for i, n in enumerate(lengths) if i not in (1, 4)]
+        assert shapes == [(4, max(short)), (2, max(lengths[1], lengths[4]))]
+        patch.setattr(hf_backend, "PASS_TOKENS", 10**9)  # a pass costs more than any padding: one pass
+        whole = HfBackend(model).score(ids, labels, pad_id=0, greedy=True)
+        assert shapes[2:] == [(6, max(lengths))]
+    for ex, a, b in zip(examples, got, whole):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.entropy, b.entropy, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.ranks, b.ranks) and torch.equal(a.greedy, b.greedy)
+        assert a.n_tokens == len(ex.response)
+        ref = torch.tensor(reference_logprobs(model, char_tokenizer, ex), dtype=torch.float64)
+        assert torch.allclose(a.logprobs.double(), ref, atol=1e-4)
+
+
+def test_greedy_tokens_are_the_first_largest_logit():
+    from overmem.hf_backend import _argmax
+
+    logits = torch.randn(3, 5, 40)
+    logits[0, 0, [3, 7, 30]] = 100.0  # a tie: the first of them
+    logits[1, 2, [0, 39]] = 100.0
+    picks = _argmax(logits)
+    assert torch.equal(picks, logits.argmax(dim=-1))
+    assert int(picks[0, 0]) == 3 and int(picks[1, 2]) == 0
+
+
 def test_encode_masks_prompt_and_appends_eos(char_tokenizer):
     ex = toy_examples(1)[0]
     ids, labels, _ = encode_example(char_tokenizer, ex, max_length=4096, add_eos=True)
