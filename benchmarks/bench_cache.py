@@ -28,13 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import known_splits, open_run, run_checkpoints  # noqa: E402
+from benchmarks.common import known_splits, open_checkpoint, open_run, previous_generations, run_checkpoints  # noqa: E402
 from overmem.data.example import format_prompt  # noqa: E402
 from overmem.generation import generate_greedy  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
-from overmem.models import load_checkpoint, load_model  # noqa: E402
-from overmem.results import BASE, RunDir, read_jsonl  # noqa: E402
 
 CACHES = ("pruned", "static", "dynamic")
 DECODED = [0]  # rows the backend decoded in the latest call
@@ -70,7 +68,6 @@ def main() -> None:
     known_splits(ap, tracked, [args.split])
     examples = tracked[args.split]
     prompts = [format_prompt(ex.question) for ex in examples]
-    run = RunDir(args.run)
     order, paths, names = run_checkpoints(ap, args.run, args.names)
     gen = cfg.generation
     settings = ({f"batch {b}": {"batch_size": b, "cache": gen.cache} for b in args.batch_sizes} if args.batch_sizes
@@ -85,12 +82,9 @@ def main() -> None:
     print("checkpoint  " + "  ".join(f"{label + ' s':>10}" for label in labels)
           + "  " + "  ".join(f"{label + '/' + labels[0]:>16}" for label in labels[1:]) + "  rows decoded  identical")
     for name in names:
-        model = (load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval()
-        drafts = None
-        if args.drafts and order.index(name) > 0:
-            before = order[order.index(name) - 1]
-            ids = {r["id"]: r.get("generation_ids") for r in read_jsonl(run.samples(before, args.split))}
-            drafts = [ids.get(ex.id) for ex in examples]
+        model = open_checkpoint(cfg, paths, name)
+        previous = previous_generations(args.run, order, name, [args.split])[args.split] if args.drafts else None
+        drafts = [previous.get(ex.id) for ex in examples] if previous is not None else None
         kw = dict(drafts=drafts, max_new_tokens=gen.max_new_tokens,
                   stop_at_answer=[gen.stop_at_answer and ex.has_answer_line for ex in examples],
                   max_prompt_tokens=cfg.train.max_length)

@@ -31,12 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import open_run, run_checkpoints  # noqa: E402
+from benchmarks.common import open_checkpoint, open_run, previous_generations, run_checkpoints  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.backends import as_backend  # noqa: E402
 from overmem.dynamics import evaluate_examples  # noqa: E402
-from overmem.models import load_checkpoint, load_model  # noqa: E402
-from overmem.results import BASE, RunDir, read_jsonl  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +48,6 @@ def main() -> None:
     if args.generation_batch_size is not None and args.generation_batch_size < 1:
         ap.error(f"--generation-batch-size must be at least 1, got {args.generation_batch_size}")
     cfg, tokenizer, tracked = open_run(args.run)
-    run = RunDir(args.run)
     order, paths, names = run_checkpoints(ap, args.run, args.names)
     cut = hf_backend.PASS_TOKENS
     # label -> (PASS_TOKENS, generations a batch)
@@ -65,10 +62,8 @@ def main() -> None:
     totals = dict.fromkeys(labels, 0.0)
     same, first, drift = True, {}, 0.0
     for name in names:
-        backend = as_backend((load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval())
-        before = order[order.index(name) - 1] if order.index(name) > 0 else None
-        drafts = {split: {r["id"]: r["generation_ids"] for r in read_jsonl(run.samples(before, split))}
-                  if before else None for split in tracked}
+        backend = as_backend(open_checkpoint(cfg, paths, name))
+        drafts = previous_generations(args.run, order, name, list(tracked))
         times = {label: [] for label in labels}
         for r in range(args.rounds):
             for label in labels[r % len(labels):] + labels[: r % len(labels)]:  # each goes first in turn

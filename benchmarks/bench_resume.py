@@ -26,13 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import known_splits, open_run, run_checkpoints  # noqa: E402
+from benchmarks.common import known_splits, open_checkpoint, open_run, previous_generations, run_checkpoints  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.backends import as_backend  # noqa: E402
 from overmem.dynamics import evaluate_examples  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
-from overmem.models import load_checkpoint, load_model  # noqa: E402
-from overmem.results import BASE, RunDir, read_jsonl  # noqa: E402
 
 LABELS = ("resumed", "run again")
 DECODING = {"seconds": 0.0, "rows": 0}  # the backend's decoding in the latest evaluation
@@ -62,16 +60,13 @@ def main() -> None:
     time_decoding()
     cfg, tokenizer, tracked = open_run(args.run)
     known_splits(ap, tracked, args.splits)
-    run = RunDir(args.run)
     order, paths, names = run_checkpoints(ap, args.run, args.names)
     print(f"splits {', '.join(args.splits)}; batches of {cfg.generation.batch_size}; median of {args.rounds} rounds")
     print("checkpoint  " + "  ".join(f"{label + ' s':>12}" for label in LABELS) + "  ratio  "
           + "  ".join(f"{'decode ' + label + ' s':>19}" for label in LABELS) + "  ratio  rows decoded  identical")
     for name in names:
-        backend = as_backend((load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval())
-        before = order[order.index(name) - 1] if order.index(name) > 0 else None
-        drafts = {split: {r["id"]: r["generation_ids"] for r in read_jsonl(run.samples(before, split))}
-                  for split in args.splits} if before else {split: None for split in args.splits}
+        backend = as_backend(open_checkpoint(cfg, paths, name))
+        drafts = previous_generations(args.run, order, name, args.splits)
         times = {label: [] for label in LABELS}
         decoding = {label: [] for label in LABELS}
         first, same, rows = None, True, 0

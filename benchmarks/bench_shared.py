@@ -25,12 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import known_splits, open_run, run_checkpoints  # noqa: E402
+from benchmarks.common import known_splits, open_checkpoint, open_run, run_checkpoints  # noqa: E402
 from overmem import hf_backend  # noqa: E402
 from overmem.backends import as_backend  # noqa: E402
 from overmem.hf_backend import HfBackend  # noqa: E402
-from overmem.models import load_checkpoint, load_model  # noqa: E402
-from overmem.results import BASE  # noqa: E402
 from overmem.scoring import score_examples  # noqa: E402
 
 LABELS = ("shared", "every row")
@@ -67,7 +65,7 @@ def main() -> None:
     print("checkpoint  " + "  ".join(f"{label + ' s':>12}" for label in LABELS)
           + "  ratio  shared tokens per batch  max |logprob diff|  same greedy and ranks")
     for name in names:
-        backend = as_backend((load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval())
+        backend = as_backend(open_checkpoint(cfg, paths, name))
         times = {label: [] for label in LABELS}
         scores = {}
         shared = []

@@ -67,3 +67,24 @@ def known_splits(ap: argparse.ArgumentParser, tracked: Sequence[str], splits: Se
     unknown = [s for s in splits if s not in tracked]
     if unknown:
         ap.error(f"no tracked split {', '.join(unknown)} (have: {', '.join(tracked)})")
+
+
+def open_checkpoint(cfg, paths: dict[str, Path], name: str):
+    """Checkpoint `name` of a run (`run_checkpoints`; the base model for `BASE`) in eval mode."""
+    from overmem.models import load_checkpoint, load_model
+    from overmem.results import BASE
+
+    return (load_model(cfg.model) if name == BASE else load_checkpoint(paths[name], cfg.model)).eval()
+
+
+def previous_generations(run: Path, order: Sequence[str], name: str,
+                         splits: Sequence[str]) -> dict[str, dict[str, list[int]] | None]:
+    """Per split, the generation ids (by example id) that the checkpoint before `name` (in `order`,
+    `run_checkpoints`) wrote in the run folder: tracking's drafts for `name`; None for the base."""
+    from overmem.results import RunDir, read_jsonl
+
+    i = order.index(name)
+    if i == 0:
+        return dict.fromkeys(splits)
+    return {split: {r["id"]: r.get("generation_ids") for r in read_jsonl(RunDir(run).samples(order[i - 1], split))}
+            for split in splits}

@@ -159,12 +159,8 @@ class HfBackend(EvalBackend):
             raise ValueError("ids and labels must have the same number of rows and the same length per row")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        order = sorted(range(len(ids)), key=lambda r: len(ids[r]))
         out: list[TokenScores] = [None] * len(ids)  # type: ignore[list-item]
-        start = 0
-        for size in _cut([len(ids[r]) for r in order], len(ids)):
-            part = order[start : start + size]
-            start += size
+        for part in _passes(sorted(range(len(ids)), key=lambda r: len(ids[r])), lambda r: len(ids[r]), len(ids)):
             scores = self._score_pass([ids[r] for r in part], [labels[r] for r in part], pad_id=pad_id,
                                       vocab_stats=vocab_stats, chunk_size=chunk_size, greedy=greedy)
             for r, row in zip(part, scores):
@@ -289,13 +285,8 @@ class HfBackend(EvalBackend):
         """The keys of `seqs` widest first, in batches of at most `batch_size` rows and
         `VERIFY_LOGITS` logits (rows x the first row's `width` x the vocabulary), cut where the
         padding spared costs more than a pass (`_cut`)."""
-        order = sorted(seqs, key=lambda i: -width(i))  # widest first: a batch's first row sets its width
-        widths = [width(i) for i in order]
-        batches, start = [], 0
-        for size in _cut(widths, batch_size, max_slots=VERIFY_LOGITS // self.vocab_size):
-            batches.append(order[start : start + size])
-            start += size
-        return batches
+        return _passes(sorted(seqs, key=lambda i: -width(i)), width, batch_size,  # widest first
+                       max_slots=VERIFY_LOGITS // self.vocab_size)
 
     def _verify_after(self, tokenizer: PreTrainedTokenizerBase,
                       rows: dict[int, tuple[tuple[list[int], list[int]], _Prompt]], *,
@@ -715,6 +706,15 @@ def _cut(widths: Sequence[int], max_rows: int, *, max_slots: int | None = None,
         sizes.append(n - start[n])
         n = start[n]
     return sizes[::-1]
+
+
+def _passes(items: list, width: Callable[[Any], int], max_rows: int, *, max_slots: int | None = None) -> list[list]:
+    """`items` (sorted by `width`) in the consecutive batches `_cut` chooses."""
+    out, start = [], 0
+    for size in _cut([width(i) for i in items], max_rows, max_slots=max_slots):
+        out.append(items[start : start + size])
+        start += size
+    return out
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
